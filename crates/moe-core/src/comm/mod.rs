@@ -1,0 +1,63 @@
+//! Communication strategies: how routed tokens reach the ranks that own their experts and how
+//! partial outputs come back. Strategies never compute experts.
+//!
+//! Per chunk the scheduler calls, in order: [`Communication::prepare_dispatch`] (counts and
+//! metadata move before the payload), [`Communication::dispatch`] (payload: activations, maybe
+//! already quantized, plus routing), the backend's `run_moe`, then [`Communication::combine`]
+//! (partial outputs return to the token's home rank and are summed).
+
+use std::any::Any;
+use std::fmt;
+
+use crate::backend::BackendInput;
+use crate::config::MoeConfig;
+use crate::error::Result;
+use crate::routing::{Physical, TopK};
+use crate::tensor::Tensor;
+
+mod local;
+
+pub use local::LocalComm;
+
+/// What `prepare_dispatch` learned, carried to `dispatch` and `combine` of the same chunk.
+#[derive(Debug)]
+pub struct DispatchPlan {
+    /// Tokens this rank holds before dispatch (the chunk's local tokens).
+    pub local_tokens: usize,
+    /// Tokens this rank will compute on after dispatch.
+    pub received_tokens: usize,
+    /// Strategy-specific state (send/receive maps).
+    pub state: Box<dyn Any + Send>,
+}
+
+/// One communication strategy bound to one rank.
+pub trait Communication: Send + fmt::Debug {
+    /// Strategy name.
+    fn name(&self) -> &str;
+
+    /// This rank and the world size.
+    fn rank(&self) -> (usize, usize);
+
+    /// `Ok` or why this strategy cannot serve `tokens_per_rank` tokens of `cfg`.
+    fn is_workload_feasible(&self, cfg: &MoeConfig, tokens_per_rank: usize) -> std::result::Result<(), String>;
+
+    /// Whether quantized activations (payload + scales) may be dispatched (quantize first).
+    fn supports_post_quant_dispatch(&self) -> bool;
+
+    /// Largest local token count across ranks (every rank runs that many chunks).
+    fn max_tokens_across_ranks(&mut self, local_tokens: usize) -> Result<usize>;
+
+    /// Exchanges counts/metadata for this chunk's routing.
+    fn prepare_dispatch(&mut self, routing: &TopK<Physical>) -> Result<DispatchPlan>;
+
+    /// Moves activations and routing to the ranks that compute them.
+    fn dispatch(
+        &mut self,
+        plan: &DispatchPlan,
+        input: BackendInput,
+        routing: TopK<Physical>,
+    ) -> Result<(BackendInput, TopK<Physical>)>;
+
+    /// Returns partial outputs (f32 `[received, H]`) to their home ranks, summed: f32 `[local, H]`.
+    fn combine(&mut self, plan: &DispatchPlan, partial: Tensor) -> Result<Tensor>;
+}
