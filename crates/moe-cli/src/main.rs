@@ -1,1 +1,47 @@
-fn main() {}
+//! `moe`: run, inspect, check and benchmark MoE blocks.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod check;
+mod info;
+mod run;
+
+/// The MoE layer runtime: router, experts, combine, on CPUs and NVIDIA GPUs.
+#[derive(Debug, Parser)]
+#[command(name = "moe", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one MoE block (the embedded default, or a layer of a checkpoint) and time it.
+    Run(run::RunArgs),
+    /// Show the machine, the registered backends and the generated capability table.
+    Info(info::InfoArgs),
+    /// Check every available backend against `reference` on fresh random inputs.
+    Check(check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MOE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Check(a) => check::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

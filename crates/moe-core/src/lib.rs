@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod comm;
+pub mod compare;
 pub mod config;
 pub mod eplb;
 pub mod error;

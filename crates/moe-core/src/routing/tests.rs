@@ -1,1 +1,151 @@
+//! Routing against hand-computed cases and against straightforward f64 re-implementations.
 
+use super::*;
+use crate::config::{GroupMaskValue, MoeConfig, RoutingConfig, V2TopkMethod};
+
+fn cfg(e: usize, k: usize, routing: RoutingConfig) -> MoeConfig {
+    let mut c = MoeConfig::new(e, k, 8, 8);
+    c.routing = routing;
+    c.validate().unwrap();
+    c
+}
+
+fn run(c: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) -> (Vec<i32>, Vec<f32>) {
+    let t = logits.len() / c.num_experts;
+    let r = route_host(c, &Tensor::from_f32(vec![t, c.num_experts], logits.to_vec()).unwrap(), bias).unwrap();
+    (r.ids_host().unwrap().to_vec(), r.weights_host().unwrap().to_vec())
+}
+
+fn close(a: &[f32], b: &[f64], tol: f64) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (*x as f64 - y).abs() <= tol * (1.0 + y.abs()))
+}
+
+// ---------- hand-computed cases ----------
+
+#[test]
+fn softmax_topk_hand_case() {
+    let c = cfg(4, 2, RoutingConfig::SoftmaxTopk { renormalize: false });
+    let (ids, w) = run(&c, &[0.0, 2.0, 1.0, 2.0], None);
+    // tie between experts 1 and 3: the lower index wins the first place
+    assert_eq!(ids, vec![1, 3]);
+    let z = 1.0 + 2.0 * 2f64.exp() + 1f64.exp();
+    assert!(close(&w, &[2f64.exp() / z, 2f64.exp() / z], 1e-6));
+    let c = cfg(4, 2, RoutingConfig::SoftmaxTopk { renormalize: true });
+    let (_, w) = run(&c, &[0.0, 2.0, 1.0, 2.0], None);
+    assert!(close(&w, &[0.5, 0.5], 1e-6));
+}
+
+#[test]
+fn top_k_equal_to_experts_and_one() {
+    let c = cfg(3, 3, RoutingConfig::SoftmaxTopk { renormalize: true });
+    let (ids, w) = run(&c, &[0.1, 0.3, 0.2], None);
+    assert_eq!(ids, vec![1, 2, 0]);
+    assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    let c = cfg(3, 1, RoutingConfig::GptOss);
+    let (ids, w) = run(&c, &[0.1, 0.3, 0.2], None);
+    assert_eq!((ids, w), (vec![1], vec![1.0]));
+}
+
+#[test]
+fn all_equal_logits_pick_lowest_indices() {
+    let c = cfg(8, 3, RoutingConfig::SoftmaxTopk { renormalize: false });
+    let (ids, _) = run(&c, &[0.5; 8], None);
+    assert_eq!(ids, vec![0, 1, 2]);
+}
+
+#[test]
+fn deepseek_v3_hand_case_and_mask_conventions() {
+    // 4 experts in 2 groups, keep 1 group, top-2. Biases push group 0 ahead, but one of its
+    // biased scores is negative: with 0.0 masking a losing-group expert (0.0) outranks it.
+    let logits = [2.0f32, 0.0, -1.0, -1.0];
+    let bias = [0.0f32, -0.9, -0.55, -0.55];
+    let s: Vec<f64> = logits.iter().map(|&x| 1.0 / (1.0 + (-(x as f64)).exp())).collect();
+    // c = [0.881, -0.4, -0.281, -0.281]; group 0 sum 0.481 > group 1 sum -0.562
+    for (mask, want) in [(GroupMaskValue::Zero, vec![0, 2]), (GroupMaskValue::NegInf, vec![0, 1])] {
+        let c = cfg(
+            4,
+            2,
+            RoutingConfig::DeepseekV3 {
+                n_group: 2,
+                topk_group: 1,
+                norm_topk_prob: false,
+                routed_scaling_factor: 2.0,
+                group_mask: mask,
+            },
+        );
+        let (ids, w) = run(&c, &logits, Some(&bias));
+        assert_eq!(ids, want, "{mask:?}");
+        let expect: Vec<f64> = want.iter().map(|&i| 2.0 * s[i as usize]).collect();
+        assert!(close(&w, &expect, 1e-6), "{mask:?}: {w:?} vs {expect:?}");
+    }
+}
+
+#[test]
+fn deepseek_v2_renormalizes_or_scales() {
+    let logits = [1.0f32, 2.0, 3.0, 0.0];
+    let c = cfg(4, 2, RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: true, routed_scaling_factor: 16.0 });
+    let (ids, w) = run(&c, &logits, None);
+    assert_eq!(ids, vec![2, 1]);
+    let (a, b) = (3f64.exp(), 2f64.exp());
+    assert!(close(&w, &[a / (a + b), b / (a + b)], 1e-6));
+    let c = cfg(4, 2, RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: false, routed_scaling_factor: 16.0 });
+    let (_, w) = run(&c, &logits, None);
+    let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+    assert!(close(&w, &[16.0 * a / z, 16.0 * b / z], 1e-6));
+    // group-limited: groups {0,1} (max p(2.0)) and {2,3} (max p(3.0)); keep one group
+    let c = cfg(
+        4,
+        2,
+        RoutingConfig::DeepseekV2 {
+            method: V2TopkMethod::GroupLimitedGreedy { n_group: 2, topk_group: 1 },
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+        },
+    );
+    let (ids, _) = run(&c, &logits, None);
+    assert_eq!(ids, vec![2, 3]);
+}
+
+#[test]
+fn gpt_oss_and_llama4_hand_cases() {
+    let c = cfg(4, 2, RoutingConfig::GptOss);
+    let (ids, w) = run(&c, &[1.0, -2.0, 3.0, 0.0], None);
+    assert_eq!(ids, vec![2, 0]);
+    let (a, b) = (3f64.exp(), 1f64.exp());
+    assert!(close(&w, &[a / (a + b), b / (a + b)], 1e-6));
+    let c = cfg(4, 1, RoutingConfig::Llama4);
+    let r = route_host(&c, &Tensor::from_f32(vec![1, 4], vec![1.0, -2.0, 3.0, 0.0]).unwrap(), None).unwrap();
+    assert!(r.weights_on_input());
+    assert_eq!(r.ids_host().unwrap(), &[2]);
+    assert!(close(r.weights_host().unwrap(), &[1.0 / (1.0 + (-3f64).exp())], 1e-6));
+}
+
+#[test]
+fn non_finite_logits_are_rejected_naming_the_token() {
+    let c = cfg(4, 2, RoutingConfig::SoftmaxTopk { renormalize: true });
+    let t = Tensor::from_f32(vec![2, 4], vec![0.0, 1.0, 2.0, 3.0, 0.0, f32::NAN, 1.0, 1.0]).unwrap();
+    let err = route_host(&c, &t, None).unwrap_err().to_string();
+    assert!(err.contains("token 1 expert 1"), "{err}");
+    let t = Tensor::from_f32(vec![1, 4], vec![0.0, f32::INFINITY, 2.0, 3.0]).unwrap();
+    assert!(matches!(route_host(&c, &t, None), Err(MoeError::NonFinite { .. })));
+}
+
+#[test]
+fn missing_or_misshaped_correction_bias_is_an_error() {
+    let c = cfg(
+        4,
+        2,
+        RoutingConfig::DeepseekV3 {
+            n_group: 2,
+            topk_group: 1,
+            norm_topk_prob: true,
+            routed_scaling_factor: 1.0,
+            group_mask: GroupMaskValue::Zero,
+        },
+    );
+    let t = Tensor::from_f32(vec![1, 4], vec![0.0; 4]).unwrap();
+    assert!(route_host(&c, &t, None).is_err());
+    assert!(route_host(&c, &t, Some(&[0.0; 3])).is_err());
+    let wrong = Tensor::from_f32(vec![1, 3], vec![0.0; 3]).unwrap();
+    assert!(route_host(&c, &wrong, Some(&[0.0; 4])).is_err());
+}
