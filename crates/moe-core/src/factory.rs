@@ -231,3 +231,86 @@ pub fn capability_routings() -> Vec<RoutingConfig> {
         RoutingConfig::Llama4,
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::reference::ReferenceBackend;
+
+    #[derive(Debug)]
+    struct Fake {
+        name: &'static str,
+        priority: i32,
+        opt_in: bool,
+        refuse: Option<&'static str>,
+    }
+
+    impl BackendProvider for Fake {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn priority(&self) -> i32 {
+            self.priority
+        }
+        fn opt_in(&self) -> bool {
+            self.opt_in
+        }
+        fn description(&self) -> &'static str {
+            "test double"
+        }
+        fn can_implement(&self, _cfg: &MoeConfig, _hw: &Hardware) -> std::result::Result<(), String> {
+            self.refuse.map_or(Ok(()), |r| Err(r.to_string()))
+        }
+        fn create(&self, cfg: &MoeConfig, _hw: &Hardware) -> Result<Box<dyn ExpertBackend>> {
+            Ok(Box::new(ReferenceBackend::new(cfg.clone())))
+        }
+    }
+
+    fn registry() -> BackendRegistry {
+        let mut r = BackendRegistry::with_reference();
+        r.register(Box::new(Fake { name: "fast", priority: 50, opt_in: false, refuse: Some("needs a GPU") }));
+        r.register(Box::new(Fake { name: "experimental", priority: 99, opt_in: true, refuse: None }));
+        r.register(Box::new(Fake { name: "medium", priority: 10, opt_in: false, refuse: None }));
+        r
+    }
+
+    #[test]
+    fn auto_skips_opt_in_and_refusals_and_reports_them() {
+        let r = registry();
+        let (p, sel) = r.select("auto", &capability_base(), &Hardware::cpu_only()).unwrap();
+        assert_eq!(p.name(), "medium");
+        let reasons: std::collections::BTreeMap<_, _> = sel.rejected.iter().cloned().collect();
+        assert!(reasons["experimental"].contains("opt-in"));
+        assert_eq!(reasons["fast"], "needs a GPU");
+        assert_eq!(reasons["reference"], "lower priority");
+    }
+
+    #[test]
+    fn named_backends_are_used_or_refused_with_their_reason() {
+        let r = registry();
+        let hw = Hardware::cpu_only();
+        assert_eq!(r.select("experimental", &capability_base(), &hw).unwrap().0.name(), "experimental");
+        let err = r.select("fast", &capability_base(), &hw).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("needs a GPU"), "{err}");
+        assert!(matches!(r.select("nope", &capability_base(), &hw), Err(MoeError::UnknownBackend { .. })));
+    }
+
+    #[test]
+    fn no_backend_lists_every_rejection() {
+        let mut r = BackendRegistry::new();
+        r.register(Box::new(Fake { name: "a", priority: 1, opt_in: false, refuse: Some("reason a") }));
+        r.register(Box::new(Fake { name: "b", priority: 2, opt_in: true, refuse: None }));
+        let err = r.select("auto", &capability_base(), &Hardware::cpu_only()).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("a: reason a") && err.contains("b: opt-in"), "{err}");
+    }
+
+    #[test]
+    fn capability_table_is_generated_from_can_implement() {
+        let t = registry().capability_table(&Hardware::cpu_only());
+        let header = t.lines().next().unwrap();
+        assert!(header.contains("experimental") && header.contains("fast") && header.contains("reference"));
+        assert!(t.contains("needs a GPU"));
+        let rows = t.lines().filter(|l| l.starts_with("| routing")).count();
+        assert_eq!(rows, capability_routings().len());
+    }
+}
