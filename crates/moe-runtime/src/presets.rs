@@ -53,7 +53,7 @@ pub fn family_config(family: &str, s: Shape, dtype: DType) -> Result<MoeConfig> 
     c.act_dtype = dtype;
     let groups = |want: usize| {
         // The largest group count <= want that divides the experts into groups of at least 2.
-        (1..=want).rev().find(|g| s.experts % g == 0 && s.experts / g >= 2).unwrap_or(1)
+        (1..=want).rev().find(|g| s.experts.is_multiple_of(*g) && s.experts / g >= 2).unwrap_or(1)
     };
     match family {
         "qwen3_moe" => c.routing = RoutingConfig::SoftmaxTopk { renormalize: true },

@@ -3,8 +3,6 @@
 
 use moe_core::config::{GroupMaskValue, MoeConfig, RoutingConfig, V2TopkMethod};
 
-/// Routing of one row in f64: ids and weights.
-
 pub fn topk64(v: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
     // stable sort by value descending keeps lower indices first among ties
@@ -24,6 +22,7 @@ pub fn sig64(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// Routing of one row in f64: ids and weights.
 pub fn reference64(c: &MoeConfig, row: &[f64], bias: &[f64]) -> (Vec<usize>, Vec<f64>) {
     let (e, k) = (c.num_experts, c.top_k);
     match c.routing {
@@ -65,8 +64,9 @@ pub fn reference64(c: &MoeConfig, row: &[f64], bias: &[f64]) -> (Vec<usize>, Vec
                 V2TopkMethod::Greedy => topk64(&p, k),
                 V2TopkMethod::GroupLimitedGreedy { n_group, topk_group } => {
                     let g = e / n_group;
-                    let gm: Vec<f64> =
-                        (0..n_group).map(|gi| p[gi * g..(gi + 1) * g].iter().cloned().fold(f64::MIN, f64::max)).collect();
+                    let gm: Vec<f64> = (0..n_group)
+                        .map(|gi| p[gi * g..(gi + 1) * g].iter().cloned().fold(f64::MIN, f64::max))
+                        .collect();
                     let kept = topk64(&gm, topk_group);
                     let masked: Vec<f64> = (0..e).map(|i| if kept.contains(&(i / g)) { p[i] } else { 0.0 }).collect();
                     topk64(&masked, k)
@@ -94,7 +94,6 @@ pub fn reference64(c: &MoeConfig, row: &[f64], bias: &[f64]) -> (Vec<usize>, Vec
     }
 }
 
-
 fn act64(a: moe_core::Activation, g: f64, u: f64) -> f64 {
     match a {
         moe_core::Activation::Swiglu => g * sig64(g) * u,
@@ -117,7 +116,16 @@ fn matvec64(w: &[f32], x: &[f64], rows: usize) -> Vec<f64> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn mlp64(a: moe_core::Activation, inter: usize, hidden: usize, w13: &[f32], w2: &[f32], b13: Option<&[f32]>, b2: Option<&[f32]>, x: &[f64]) -> Vec<f64> {
+fn mlp64(
+    a: moe_core::Activation,
+    inter: usize,
+    hidden: usize,
+    w13: &[f32],
+    w2: &[f32],
+    b13: Option<&[f32]>,
+    b2: Option<&[f32]>,
+    x: &[f64],
+) -> Vec<f64> {
     let mut gu = matvec64(w13, x, 2 * inter);
     if let Some(b) = b13 {
         gu.iter_mut().zip(b).for_each(|(g, b)| *g += *b as f64);
@@ -185,7 +193,10 @@ pub fn naive_block64(c: &MoeConfig, w: &moe_core::MoeWeights, hidden: &[f32]) ->
                 None,
                 &x,
             );
-            let g = s.gate.as_ref().map_or(1.0, |g| sig64(g.to_f32_vec().unwrap().iter().zip(&x).map(|(a, b)| *a as f64 * b).sum()));
+            let g = s
+                .gate
+                .as_ref()
+                .map_or(1.0, |g| sig64(g.to_f32_vec().unwrap().iter().zip(&x).map(|(a, b)| *a as f64 * b).sum()));
             o.iter_mut().zip(&y).for_each(|(a, b)| *a += g * b);
         }
     }
@@ -202,5 +213,9 @@ pub fn rel_l2_64(out: &[f32], reference: &[f64]) -> f64 {
         num += (a as f64 - b).powi(2);
         den += b * b;
     }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
 }
