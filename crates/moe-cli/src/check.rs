@@ -49,7 +49,11 @@ pub fn run(args: CheckArgs) -> moe_core::Result<ExitCode> {
                     } else {
                         failed += 1;
                     }
-                    (format!("{rel_err:.2e}"), format!("{tol:.0e}"), if ok { "ok".to_string() } else { "MISS".to_string() })
+                    (
+                        format!("{rel_err:.2e}"),
+                        format!("{tol:.0e}"),
+                        if ok { "ok".to_string() } else { "MISS".to_string() },
+                    )
                 }
                 CheckOutcome::Skipped(r) => {
                     skipped += 1;

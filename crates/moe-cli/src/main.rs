@@ -4,8 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod bench_gpu;
 mod check;
+mod checkpoint_run;
+mod ep;
+mod eplb_cmd;
 mod info;
+mod quant_cmd;
 mod run;
 
 /// The MoE layer runtime: router, experts, combine, on CPUs and NVIDIA GPUs.
@@ -19,11 +25,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one MoE block (the embedded default, or a layer of a checkpoint) and time it.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Show the machine, the registered backends and the generated capability table.
     Info(info::InfoArgs),
     /// Check every available backend against `reference` on fresh random inputs.
     Check(check::CheckArgs),
+    /// Plan expert load balancing (EPLB) for a routing trace or a synthetic skew; plot per-rank load.
+    Eplb(eplb_cmd::EplbArgs),
+    /// Benchmark a backend over standard shapes and token counts against the machine's floor.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,9 +43,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run::run(a),
+        Command::Run(a) => run::run(*a),
         Command::Info(a) => info::run(a),
         Command::Check(a) => check::run(a),
+        Command::Eplb(a) => eplb_cmd::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

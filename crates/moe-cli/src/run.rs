@@ -4,7 +4,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use moe_core::weights::random_hidden;
 use moe_core::{BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, Tensor};
 use moe_runtime::presets::{family_config, shape, DEFAULT_SHAPE};
 use moe_runtime::{default_registry, probe_hardware};
@@ -25,9 +24,10 @@ pub struct RunArgs {
     /// Tokens per forward.
     #[arg(long, default_value_t = 64)]
     pub tokens: usize,
-    /// Weight and activation dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    /// Weight and activation dtype: f32, bf16 or f16 (default bf16; with --checkpoint, the
+    /// checkpoint's dtype for weights and the input's for activations).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Backend: auto or a registered name (see `moe info`).
     #[arg(long, default_value = "auto")]
     pub backend: String,
@@ -43,6 +43,19 @@ pub struct RunArgs {
     /// Scheduler chunk size in tokens (default: no chunking).
     #[arg(long)]
     pub chunk_size: Option<usize>,
+    /// Quantize the experts at load and report the error: fp8-block, fp8-tensor, mxfp4, nvfp4,
+    /// int4-group, int8-channel (default: keep the weights as they are).
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Expert parallelism (--ep N, --comm, --transport, multi-process rendezvous flags).
+    #[command(flatten)]
+    pub ep: crate::ep::EpArgs,
+    /// Expert load balancing (--eplb none|static|dynamic, --eplb-slots, --skew...).
+    #[command(flatten)]
+    pub eplb: crate::eplb_cmd::RunEplbArgs,
+    /// A Hugging Face checkpoint layer (--checkpoint DIR, --layer, --input, --output, --save-routing).
+    #[command(flatten)]
+    pub checkpoint: crate::checkpoint_run::CheckpointArgs,
 }
 
 /// A deterministic function of the output: a position-weighted sum in f64.
@@ -92,21 +105,45 @@ pub fn time_forwards(
 
 /// Runs the block.
 pub fn run(args: RunArgs) -> moe_core::Result<ExitCode> {
-    let dtype = DType::parse_float(&args.dtype)?;
+    if args.checkpoint.checkpoint.is_some() {
+        return crate::checkpoint_run::run(&args, &args.checkpoint);
+    }
+    let dtype = DType::parse_float(args.dtype.as_deref().unwrap_or("bf16"))?;
     let mut s = shape(&args.shape)?;
     if let Some(e) = args.experts {
         s.experts = e;
     }
     let mut cfg = family_config(&args.family, s, dtype)?;
     cfg.chunk_size = args.chunk_size;
+    let eplb = args.eplb.resolve(&mut cfg, args.ep.world_size.unwrap_or(args.ep.ep))?;
     cfg.validate()?;
+    if args.ep.enabled() {
+        println!("moe run: embedded default MoE block, expert parallel (seeded random weights, seed {})", args.seed);
+        println!("  family     {} ({})", args.family, describe(&cfg));
+        let job = crate::ep::EpJob {
+            cfg,
+            backend: args.backend.clone(),
+            tokens: args.tokens,
+            seed: args.seed,
+            warmup: args.warmup,
+            iters: args.iters,
+            check: true,
+            eplb,
+        };
+        return crate::ep::run(&args.ep, &job);
+    }
     let hw = probe_hardware();
     let registry = default_registry();
+    let t0 = Instant::now();
+    let weights = MoeWeights::random(&cfg, args.seed)?;
+    let (cfg, weights) = crate::quant_cmd::at_load(args.quant.as_deref(), cfg, weights)?;
+    let hidden = eplb.hidden(&cfg, &weights, args.tokens, args.seed + 1)?;
+    let balancer = eplb.build(&cfg, &weights, &hidden, None)?;
     let mut moe = ConfigurableMoe::build(
         cfg.clone(),
         &registry,
         &hw,
-        BuildOptions { backend: args.backend.clone(), ..Default::default() },
+        BuildOptions { backend: args.backend.clone(), eplb: balancer, ..Default::default() },
     )?;
     println!("moe run: embedded default MoE block (seeded random weights, seed {})", args.seed);
     println!("  family     {} ({})", args.family, describe(&cfg));
@@ -121,12 +158,13 @@ pub fn run(args: RunArgs) -> moe_core::Result<ExitCode> {
     for (name, reason) in &sel.rejected {
         println!("    not {name}: {reason}");
     }
-    let t0 = Instant::now();
-    let weights = MoeWeights::random(&cfg, args.seed)?;
     moe.load_weights(&weights)?;
     let weight_bytes = (cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size * dtype.size_bytes()) as f64;
-    println!("  weights    {:.1} MiB of experts, generated and loaded in {:.2} s", weight_bytes / 1048576.0, t0.elapsed().as_secs_f64());
-    let hidden = random_hidden(args.tokens, cfg.hidden_size, dtype, args.seed + 1)?;
+    println!(
+        "  weights    {:.1} MiB of experts, generated and loaded in {:.2} s",
+        weight_bytes / 1048576.0,
+        t0.elapsed().as_secs_f64()
+    );
     let (out, times) = time_forwards(&mut moe, &hidden, args.warmup, args.iters)?;
     let median = times[times.len() / 2];
     let flops = 6.0 * (args.tokens * cfg.top_k * cfg.hidden_size * cfg.intermediate_size) as f64;
@@ -141,6 +179,9 @@ pub fn run(args: RunArgs) -> moe_core::Result<ExitCode> {
     let v = out.to_f32_vec()?;
     let rms = (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len().max(1) as f64).sqrt() + 0.0;
     println!("  output     [{}, {}] {}, rms {:.4}", args.tokens, cfg.hidden_size, out.dtype(), rms);
+    if let Some(s) = moe.eplb().summary() {
+        println!("  eplb       {s}");
+    }
     println!("checksum: {:.6e}", checksum(&out)?);
     Ok(ExitCode::SUCCESS)
 }

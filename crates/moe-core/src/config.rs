@@ -90,12 +90,12 @@ pub fn gelu_tanh(x: f32) -> f32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupMaskValue {
-    /// Hugging Face transformers: losing groups' scores become 0.0. The default, because the
-    /// golden fixtures come from transformers.
-    #[default]
+    /// Hugging Face transformers 4.x: losing groups' scores become 0.0. Differs from `NegInf`
+    /// when a biased score in a winning group is negative (a masked 0.0 then outranks it).
     Zero,
-    /// DeepSeek's reference, vLLM and TensorRT-LLM: losing groups become -inf. Differs from
-    /// `Zero` when a biased score in a winning group is negative.
+    /// DeepSeek's reference, vLLM, TensorRT-LLM and transformers 5.x (measured against
+    /// transformers 5.23 by the golden fixtures): losing groups become -inf. The default.
+    #[default]
     NegInf,
 }
 

@@ -219,7 +219,7 @@ pub fn capability_routings() -> Vec<RoutingConfig> {
             topk_group: 2,
             norm_topk_prob: true,
             routed_scaling_factor: 2.5,
-            group_mask: GroupMaskValue::Zero,
+            group_mask: GroupMaskValue::NegInf,
         },
         RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: false, routed_scaling_factor: 1.0 },
         RoutingConfig::DeepseekV2 {

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod checkpoint;
 pub mod comm;
 pub mod compare;
 pub mod config;

@@ -77,6 +77,8 @@ impl ConfigurableMoe {
     /// Loads (or reloads) the block's weights: the local slots are cut out per the placement.
     pub fn load_weights(&mut self, weights: &MoeWeights) -> Result<()> {
         weights.validate(&self.cfg)?;
+        // A migrating balancer stages the experts it may move into slots later.
+        self.eplb.on_load_weights(&weights.experts)?;
         let slots = SlotRange::for_config(&self.cfg);
         let map = self.eplb.slot_to_expert();
         let local: Vec<usize> = map[slots.start..slots.start + slots.count].to_vec();

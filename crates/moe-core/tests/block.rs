@@ -33,7 +33,14 @@ fn routings() -> Vec<(RoutingConfig, usize)> {
             },
             3,
         ),
-        (RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: false, routed_scaling_factor: 16.0 }, 2),
+        (
+            RoutingConfig::DeepseekV2 {
+                method: V2TopkMethod::Greedy,
+                norm_topk_prob: false,
+                routed_scaling_factor: 16.0,
+            },
+            2,
+        ),
         (
             RoutingConfig::DeepseekV2 {
                 method: V2TopkMethod::GroupLimitedGreedy { n_group: 4, topk_group: 2 },
@@ -48,8 +55,13 @@ fn routings() -> Vec<(RoutingConfig, usize)> {
 }
 
 fn build(cfg: &MoeConfig, w: &MoeWeights) -> ConfigurableMoe {
-    let mut moe = ConfigurableMoe::build(cfg.clone(), &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default())
-        .unwrap();
+    let mut moe = ConfigurableMoe::build(
+        cfg.clone(),
+        &BackendRegistry::with_reference(),
+        &Hardware::cpu_only(),
+        BuildOptions::default(),
+    )
+    .unwrap();
     moe.load_weights(w).unwrap();
     moe
 }
@@ -63,7 +75,11 @@ fn base(routing: RoutingConfig, k: usize) -> MoeConfig {
 
 #[test]
 fn reference_equals_naive_f64_for_every_combination() {
-    let shareds = [None, Some(SharedExpertConfig { intermediate_size: 40, gated: false }), Some(SharedExpertConfig { intermediate_size: 16, gated: true })];
+    let shareds = [
+        None,
+        Some(SharedExpertConfig { intermediate_size: 40, gated: false }),
+        Some(SharedExpertConfig { intermediate_size: 16, gated: true }),
+    ];
     let mut n = 0;
     for (ri, (routing, k)) in routings().into_iter().enumerate() {
         for (ai, act) in Activation::all().into_iter().enumerate() {
@@ -187,7 +203,9 @@ fn wrong_hidden_size_is_a_shape_error() {
 #[test]
 fn top_k_above_experts_and_bad_groups_are_config_errors() {
     let c = MoeConfig::new(4, 5, 8, 8);
-    let err = ConfigurableMoe::build(c, &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default()).unwrap_err();
+    let err =
+        ConfigurableMoe::build(c, &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default())
+            .unwrap_err();
     assert!(matches!(err, MoeError::Config { field: "top_k", .. }), "{err}");
     let mut c = MoeConfig::new(10, 2, 8, 8);
     c.routing = RoutingConfig::DeepseekV3 {
@@ -197,7 +215,9 @@ fn top_k_above_experts_and_bad_groups_are_config_errors() {
         routed_scaling_factor: 1.0,
         group_mask: GroupMaskValue::Zero,
     };
-    let err = ConfigurableMoe::build(c, &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default()).unwrap_err();
+    let err =
+        ConfigurableMoe::build(c, &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default())
+            .unwrap_err();
     assert!(matches!(err, MoeError::Config { field: "n_group", .. }), "{err}");
 }
 
@@ -234,7 +254,9 @@ fn weights_that_do_not_fit_the_config_are_rejected() {
     let mut other = c.clone();
     other.intermediate_size = 20;
     let w = MoeWeights::random(&other, 1).unwrap();
-    let mut moe = ConfigurableMoe::build(c, &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default()).unwrap();
+    let mut moe =
+        ConfigurableMoe::build(c, &BackendRegistry::with_reference(), &Hardware::cpu_only(), BuildOptions::default())
+            .unwrap();
     let err = moe.load_weights(&w).unwrap_err();
     assert!(err.to_string().contains("experts.w13"), "{err}");
     let x = random_hidden(1, 48, DType::F32, 1).unwrap();

@@ -36,7 +36,11 @@ fn routing_strategy() -> impl Strategy<Value = MoeConfig> {
                     routed_scaling_factor: 2.5,
                     group_mask: if negmask { GroupMaskValue::NegInf } else { GroupMaskValue::Zero },
                 },
-                2 => RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: flag, routed_scaling_factor: 16.0 },
+                2 => RoutingConfig::DeepseekV2 {
+                    method: V2TopkMethod::Greedy,
+                    norm_topk_prob: flag,
+                    routed_scaling_factor: 16.0,
+                },
                 3 => RoutingConfig::DeepseekV2 {
                     method: V2TopkMethod::GroupLimitedGreedy { n_group: ng, topk_group: tg },
                     norm_topk_prob: flag,

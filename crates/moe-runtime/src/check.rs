@@ -77,7 +77,13 @@ impl CheckOutcome {
 }
 
 /// Runs `case` on `backend` and on `reference` with the same weights and input (seeded).
-pub fn check_case(registry: &BackendRegistry, hw: &Hardware, backend: &str, case: &CheckCase, seed: u64) -> CheckOutcome {
+pub fn check_case(
+    registry: &BackendRegistry,
+    hw: &Hardware,
+    backend: &str,
+    case: &CheckCase,
+    seed: u64,
+) -> CheckOutcome {
     let cfg = match case.config() {
         Ok(c) => c,
         Err(e) => return CheckOutcome::Failed(format!("bad case: {e}")),
@@ -95,18 +101,34 @@ pub fn check_case(registry: &BackendRegistry, hw: &Hardware, backend: &str, case
     }
 }
 
-fn run_pair(registry: &BackendRegistry, hw: &Hardware, backend: &str, cfg: &MoeConfig, tokens: usize, seed: u64) -> Result<f64> {
+fn run_pair(
+    registry: &BackendRegistry,
+    hw: &Hardware,
+    backend: &str,
+    cfg: &MoeConfig,
+    tokens: usize,
+    seed: u64,
+) -> Result<f64> {
     let weights = MoeWeights::random(cfg, seed)?;
     let hidden = random_hidden(tokens, cfg.hidden_size, cfg.act_dtype, seed + 1)?;
     // The oracle: same (rounded) weights and input, f32 activations and output.
     let mut ref_cfg = cfg.clone();
     ref_cfg.act_dtype = DType::F32;
     ref_cfg.chunk_size = None;
-    let mut reference =
-        ConfigurableMoe::build(ref_cfg, registry, hw, BuildOptions { backend: "reference".into(), ..Default::default() })?;
+    let mut reference = ConfigurableMoe::build(
+        ref_cfg,
+        registry,
+        hw,
+        BuildOptions { backend: "reference".into(), ..Default::default() },
+    )?;
     reference.load_weights(&weights)?;
     let expected = reference.forward(&hidden.to_dtype(DType::F32)?)?;
-    let mut moe = ConfigurableMoe::build(cfg.clone(), registry, hw, BuildOptions { backend: backend.into(), ..Default::default() })?;
+    let mut moe = ConfigurableMoe::build(
+        cfg.clone(),
+        registry,
+        hw,
+        BuildOptions { backend: backend.into(), ..Default::default() },
+    )?;
     moe.load_weights(&weights)?;
     let out = moe.forward(&hidden)?;
     if out.dtype() != cfg.act_dtype {
@@ -133,7 +155,14 @@ pub fn default_cases(quick: bool) -> Vec<CheckCase> {
                 }
                 v.push(CheckCase { family, shape, dtype, quant: QuantFormat::None, tokens, chunk_size: None });
             }
-            v.push(CheckCase { family, shape: small, dtype, quant: QuantFormat::None, tokens: 23, chunk_size: Some(7) });
+            v.push(CheckCase {
+                family,
+                shape: small,
+                dtype,
+                quant: QuantFormat::None,
+                tokens: 23,
+                chunk_size: Some(7),
+            });
         }
     }
     v

@@ -15,6 +15,8 @@ pub fn default_registry() -> BackendRegistry {
     #[allow(unused_mut)]
     let mut registry = BackendRegistry::with_reference();
     // backend registrations (one line per backend crate):
+    registry.register(Box::new(moe_cpu::CpuProvider));
+    registry.register(Box::new(moe_cuda::CudaProvider));
     registry
 }
 
@@ -23,6 +25,7 @@ pub fn probe_hardware() -> Hardware {
     #[allow(unused_mut)]
     let mut hw = Hardware::cpu_only();
     // GPU probe (fills hw.gpus / hw.gpu_unavailable):
+    moe_cuda::fill_hardware(&mut hw);
     hw
 }
 
@@ -32,6 +35,7 @@ pub fn runtime_notes(hw: &Hardware) -> Vec<String> {
     let mut notes = Vec::new();
     let _ = hw;
     // device runtime notes:
+    notes.extend(moe_cuda::runtime_notes(hw));
     notes
 }
 

@@ -72,7 +72,7 @@ pub fn family_config(family: &str, s: Shape, dtype: DType) -> Result<MoeConfig> 
                 topk_group,
                 norm_topk_prob: true,
                 routed_scaling_factor: 2.5,
-                group_mask: GroupMaskValue::Zero,
+                group_mask: GroupMaskValue::NegInf,
             };
             c.shared_expert = Some(SharedExpertConfig { intermediate_size: s.intermediate, gated: false });
         }

@@ -161,6 +161,12 @@ impl BackendInput {
     pub fn num_tokens(&self) -> usize {
         self.hidden.shape().first().copied().unwrap_or(0)
     }
+
+    /// The activations as f32 `[T * H]`; an FP8 payload (u8 `hidden` plus f32 `scales`, the
+    /// wire form of [`crate::quant::activation`]) is dequantized.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        crate::quant::activation::dequantize_input(self)
+    }
 }
 
 /// An expert backend instance (one MoE layer's experts on one rank).

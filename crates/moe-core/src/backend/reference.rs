@@ -229,7 +229,7 @@ impl ExpertBackend for ReferenceBackend {
             ));
         }
         let k = routing.k();
-        let x = input.hidden.to_f32_vec()?;
+        let x = input.to_f32_vec()?;
         let weights = routing.weights_host()?;
         let layout = ContiguousLayout::new(routing.ids_host()?, k, slots, 1)?;
         let mut rows_in = layout.permute(&x, h);

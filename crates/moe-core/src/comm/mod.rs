@@ -15,9 +15,20 @@ use crate::error::Result;
 use crate::routing::{Physical, TopK};
 use crate::tensor::Tensor;
 
+pub mod all_to_all;
+pub mod allgather_reducescatter;
+pub mod inprocess;
 mod local;
+pub mod rendezvous;
+pub mod strategy;
+pub mod tcp;
+pub mod transport;
+mod wire;
 
+pub use inprocess::{run_in_process, run_ranks, InProcessTransport};
 pub use local::LocalComm;
+pub use strategy::{create_communication, CommOptions, CommStats, CommStatsHandle, StrategyChoice};
+pub use transport::{ReduceOp, SharedTransport, Transport};
 
 /// What `prepare_dispatch` learned, carried to `dispatch` and `combine` of the same chunk.
 #[derive(Debug)]

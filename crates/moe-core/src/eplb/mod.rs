@@ -5,12 +5,31 @@
 //! and once per forward, after the last chunk, [`LoadBalancer::end_iteration`] (where a new
 //! placement may be applied by migrating weights). EPLB never changes the math: the output with
 //! any placement equals the output without EPLB.
+//!
+//! Parts: [`stats`] (per-expert counts over a window, summed across ranks), [`policy`] (DeepSeek's
+//! hierarchical and global rebalancing), [`placement`] (slot <-> expert maps, replica routing),
+//! [`migration`] (host staging, slot writes, double buffering), [`balancer`] ([`StaticEplb`],
+//! [`DynamicEplb`]) and [`trace`] (routing traces and the offline simulation behind `moe eplb`).
 
 use std::fmt;
 
 use crate::backend::ExpertBackend;
 use crate::error::Result;
 use crate::routing::{Logical, Physical, TopK};
+use crate::weights::ExpertWeights;
+
+pub mod balancer;
+pub mod migration;
+pub mod placement;
+pub mod policy;
+pub mod stats;
+pub mod trace;
+
+pub use balancer::{calibrate, imbalance, DynamicEplb, DynamicStats, EplbMode, EplbOptions, EplbSpec, StaticEplb};
+pub use migration::{HostStaging, LocalSlot, SlotMove, StagingIdx};
+pub use placement::{ExpertId, Placement, SlotId};
+pub use policy::{rebalance, Policy, Topology};
+pub use stats::{CountReducer, LoadWindow, SingleRank, TransportReducer};
 
 /// The EPLB hook points.
 pub trait LoadBalancer: Send + fmt::Debug {
@@ -28,6 +47,23 @@ pub trait LoadBalancer: Send + fmt::Debug {
 
     /// Which logical expert each of all `num_slots` slots holds (identity without EPLB).
     fn slot_to_expert(&self) -> Vec<usize>;
+
+    /// Called by `load_weights` with the full logical expert weights (before the local slots
+    /// are cut out), so a balancer that migrates can stage the experts it may need later.
+    fn on_load_weights(&mut self, experts: &ExpertWeights) -> Result<()> {
+        let _ = experts;
+        Ok(())
+    }
+
+    /// Tokens per logical expert in the current statistics window (this rank), if collected.
+    fn expert_load(&self) -> Option<Vec<u64>> {
+        None
+    }
+
+    /// One line on what the balancer did (plans, migrations, balance), for reports.
+    fn summary(&self) -> Option<String> {
+        None
+    }
 }
 
 /// No load balancing: slot `i` holds expert `i`.

@@ -15,8 +15,25 @@ use serde::{Deserialize, Serialize};
 use crate::error::{MoeError, Result};
 use crate::tensor::{DType, HostData, Tensor};
 
+pub mod activation;
+mod checks;
+pub mod codec;
+pub mod fp8_block;
+pub mod fp8_tensor;
+pub mod int4_group;
+pub mod int8_channel;
+pub mod mxfp4;
+pub mod nvfp4;
+mod report;
 mod unquantized;
 
+pub use fp8_block::Fp8Block;
+pub use fp8_tensor::Fp8Tensor;
+pub use int4_group::Int4Group;
+pub use int8_channel::Int8Channel;
+pub use mxfp4::Mxfp4;
+pub use nvfp4::Nvfp4;
+pub use report::{quantize_block, quantize_reported, QuantReport};
 pub use unquantized::Unquantized;
 
 /// Expert weight formats, by name. Behaviour lives in the [`QuantMethod`] for each.
@@ -281,10 +298,17 @@ pub fn check_parts(t: &ExpertTensor, specs: &[PartSpec]) -> Result<()> {
     Ok(())
 }
 
-/// The method for a format. `weight_dtype` is the storage dtype of unquantized weights.
+/// The method for a format. `weight_dtype` is the storage dtype of unquantized weights (quantized
+/// formats ignore it). `int4-group` quantizes symmetrically; its validation and dequantization
+/// accept zero points too.
 pub fn quant_method(format: QuantFormat, weight_dtype: DType) -> Result<Box<dyn QuantMethod>> {
     match format {
         QuantFormat::None => Ok(Box::new(Unquantized::new(weight_dtype)?)),
-        other => Err(MoeError::quant(other.name(), "this format has no quant method in this build yet")),
+        QuantFormat::Fp8Block => Ok(Box::new(Fp8Block)),
+        QuantFormat::Fp8Tensor => Ok(Box::new(Fp8Tensor)),
+        QuantFormat::Mxfp4 => Ok(Box::new(Mxfp4)),
+        QuantFormat::Nvfp4 => Ok(Box::new(Nvfp4)),
+        QuantFormat::Int4Group => Ok(Box::new(Int4Group::symmetric())),
+        QuantFormat::Int8Channel => Ok(Box::new(Int8Channel)),
     }
 }

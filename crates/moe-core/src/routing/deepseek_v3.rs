@@ -1,6 +1,6 @@
 //! DeepSeek-V3 `noaux_tc`: `s = sigmoid(logits)`, `c = s + bias` (selection only), group score =
 //! sum of the top-2 `c` per group, keep `topk_group` groups, mask the rest (0.0 as in transformers
-//! or -inf as in DeepSeek/vLLM/TensorRT-LLM), `ids = topk(c_masked)`, `w = s[ids]`, optional
+//! 4.x, or -inf as in transformers 5.x, vLLM and TensorRT-LLM), `ids = topk(c_masked)`, `w = s[ids]`, optional
 //! renormalization `w /= sum + 1e-20`, then `w *= routed_scaling_factor`.
 
 use super::{topk_indices, RoutingMethod};

@@ -83,12 +83,20 @@ fn deepseek_v3_hand_case_and_mask_conventions() {
 #[test]
 fn deepseek_v2_renormalizes_or_scales() {
     let logits = [1.0f32, 2.0, 3.0, 0.0];
-    let c = cfg(4, 2, RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: true, routed_scaling_factor: 16.0 });
+    let c = cfg(
+        4,
+        2,
+        RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: true, routed_scaling_factor: 16.0 },
+    );
     let (ids, w) = run(&c, &logits, None);
     assert_eq!(ids, vec![2, 1]);
     let (a, b) = (3f64.exp(), 2f64.exp());
     assert!(close(&w, &[a / (a + b), b / (a + b)], 1e-6));
-    let c = cfg(4, 2, RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: false, routed_scaling_factor: 16.0 });
+    let c = cfg(
+        4,
+        2,
+        RoutingConfig::DeepseekV2 { method: V2TopkMethod::Greedy, norm_topk_prob: false, routed_scaling_factor: 16.0 },
+    );
     let (_, w) = run(&c, &logits, None);
     let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
     assert!(close(&w, &[16.0 * a / z, 16.0 * b / z], 1e-6));

@@ -1,0 +1,34 @@
+//! `moe bench --backend cuda`: the GPU measurement of `moe_cuda::bench` (copy bandwidth and
+//! cuBLAS bf16 GEMM rate measured in the same run, CUDA-event timing, optional torch peer JSON).
+
+use std::process::ExitCode;
+
+use moe_core::{MoeError, Result};
+use moe_runtime::presets::Shape;
+
+/// Runs the GPU grid over `shapes` x `tokens`; writes JSON to `json` when given.
+pub fn run(
+    shapes: &[Shape],
+    tokens: &[usize],
+    dtype: moe_core::DType,
+    peer_json: Option<&std::path::Path>,
+    json: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    if dtype != moe_core::DType::BF16 {
+        return Err(MoeError::config("dtype", "the GPU benchmark measures bf16 (the torch peer's dtype)"));
+    }
+    let hw = moe_runtime::probe_hardware();
+    if hw.gpus.is_empty() {
+        return Err(MoeError::Device(format!(
+            "no usable GPU for `moe bench --backend cuda`: {}",
+            hw.gpu_unavailable.unwrap_or_default()
+        )));
+    }
+    let grid: Vec<_> = shapes.iter().map(|s| (s.name, s.experts, s.top_k, s.hidden, s.intermediate)).collect();
+    let doc = moe_cuda::bench::run_grid(&grid, tokens, peer_json, None, 200.0)?;
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| MoeError::Device(e.to_string()))?;
+        std::fs::write(p, text).map_err(|source| MoeError::Io { path: p.display().to_string(), source })?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,320 @@
+//! The expert engine: `y[rows] = down(act(gate_up(a[rows])))` for groups of rows that share an
+//! expert, on rayon's current pool.
+//!
+//! Two schedules, chosen by the amount of work:
+//! - **fused** (enough (expert, row-tile) tasks to keep every thread busy): one task runs gate_up
+//!   plus activation for up to 64 rows into a per-thread buffer that stays in L2, then the down
+//!   projection from it. No barrier, and the intermediate never reaches memory.
+//! - **split** (few active experts, e.g. one token): the weight blocks of each expert are split
+//!   across tasks; gate_up+activation for all rows, a barrier, then down. Every thread streams a
+//!   share of the weights, which is what a memory-bound GEMV needs.
+//!
+//! Inside a task, weight blocks are the outer loop and row tiles the inner one, so one block
+//! (k x 32 weights) is read from memory once and reused from cache by every row tile.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use moe_core::Activation;
+use rayon::prelude::*;
+
+use crate::act::apply16;
+use crate::kernels::{AElem, Family, Tile, MR_MAX};
+use crate::pack::{PackedMats, NB};
+
+/// The rows of one expert in the permuted buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    /// Index of the expert in the packed stacks.
+    pub expert: usize,
+    /// First row.
+    pub row0: usize,
+    /// Rows.
+    pub rows: usize,
+}
+
+/// A set of experts in the kernels' layout.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertSet<'a, W> {
+    /// `[2I, H]` per expert, gate/up interleaved by block.
+    pub w13: &'a PackedMats<W>,
+    /// `[H, I]` per expert.
+    pub w2: &'a PackedMats<W>,
+    /// `[E, 2I]` (gate then up).
+    pub b13: Option<&'a [f32]>,
+    /// `[E, H]`.
+    pub b2: Option<&'a [f32]>,
+    /// Intermediate size.
+    pub inter: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Gated activation.
+    pub act: Activation,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    group: usize,
+    r0: usize,
+    m: usize,
+    blocks: (usize, usize),
+}
+
+/// Buffers reused across forwards (grown, never shrunk).
+#[derive(Debug, Default)]
+pub struct Workspace<A> {
+    inter: Vec<A>,
+    scratch: Vec<Mutex<Vec<A>>>,
+    tasks: Vec<Task>,
+}
+
+impl<A: Copy> Workspace<A> {
+    /// Overwrites every buffer with `v` (tests poison them to prove each read was written).
+    pub fn poison(&mut self, v: A) {
+        self.inter.iter_mut().for_each(|x| *x = v);
+        for s in self.scratch.iter_mut() {
+            s.get_mut().unwrap_or_else(|p| p.into_inner()).iter_mut().for_each(|x| *x = v);
+        }
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint rectangles of one buffer.
+struct Out<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+// SAFETY: `Out` is only a pointer into a buffer that outlives the parallel loop using it; tasks
+// write disjoint (row, column-range) rectangles, so no element is written by two threads.
+unsafe impl<T: Send> Send for Out<T> {}
+// SAFETY: as above; no task reads what another writes within one parallel loop.
+unsafe impl<T: Send> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    fn new(buf: &mut [T]) -> Self {
+        Out { ptr: buf.as_mut_ptr(), len: buf.len() }
+    }
+
+    /// Elements `[start, start + n)`.
+    ///
+    /// # Safety
+    /// No other live reference may cover these elements (the task partition guarantees it).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, n: usize) -> &mut [T] {
+        assert!(start + n <= self.len, "engine write {start}+{n} past {}", self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start), n)
+    }
+}
+
+/// Runs `groups` of rows: `a` is `[rows, w13.kp]` (padding columns zero), `y` is `[rows, hidden]`.
+///
+/// # Panics
+/// If a buffer is shorter than the groups say (an internal bug; the backend sizes them).
+pub fn run<F: Family>(
+    fam: &F,
+    set: &ExpertSet<'_, F::W>,
+    groups: &[Group],
+    a: &[F::A],
+    y: &mut [f32],
+    ws: &mut Workspace<F::A>,
+) {
+    let (h, kph, kpi) = (set.hidden, set.w13.kp, set.w2.kp);
+    let rows_total = groups.iter().map(|g| g.row0 + g.rows).max().unwrap_or(0);
+    assert!(a.len() >= rows_total * kph && y.len() >= rows_total * h, "engine buffers too short");
+    if rows_total == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let mr = fam.mr();
+    // Row tile: a k-chunk of its activations (about 256 KiB) shares L2 with a chunk of one block;
+    // an expert's rows are split into equal tiles, so no tile re-reads the weights for a few rows.
+    let mtile = ((256usize << 10) / (kph.min(KC) * std::mem::size_of::<F::A>()).max(1)).clamp(mr, MT) / mr * mr;
+    let fused_tasks: usize = groups.iter().map(|g| g.rows.div_ceil(mtile)).sum();
+    let yo = Out::new(y);
+    ws.tasks.clear();
+    if threads == 1 || fused_tasks >= 3 * threads {
+        for (gi, g) in groups.iter().enumerate() {
+            let step = g.rows.div_ceil(g.rows.div_ceil(mtile)).div_ceil(mr) * mr;
+            for r0 in (0..g.rows).step_by(step) {
+                ws.tasks.push(Task { group: gi, r0, m: step.min(g.rows - r0), blocks: (0, set.w13.blocks) });
+            }
+        }
+        while ws.scratch.len() < threads {
+            ws.scratch.push(Mutex::new(Vec::new()));
+        }
+        for s in ws.scratch.iter_mut() {
+            let s = s.get_mut().unwrap_or_else(|p| p.into_inner());
+            if s.len() < mtile * kpi {
+                s.resize(mtile * kpi, F::A::default());
+            }
+        }
+        let scratch = &ws.scratch;
+        ws.tasks.par_iter().for_each(|t| {
+            let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
+            let mut buf = scratch[slot].lock().unwrap_or_else(|p| p.into_inner());
+            let g = groups[t.group];
+            let row = g.row0 + t.r0;
+            let a_t = &a[row * kph..(row + t.m) * kph];
+            let inter = &mut buf[..t.m * kpi];
+            let io = Out::new(inter);
+            gate_up(fam, set, g.expert, a_t, t.m, 0..set.w13.blocks, io, 0);
+            down(fam, set, g.expert, &buf[..t.m * kpi], t.m, 0..set.w2.blocks, yo, row);
+        });
+        return;
+    }
+    // Split schedule: enough block chunks per expert to give every thread about three tasks.
+    let chunks = (3 * threads).div_ceil(groups.len().max(1));
+    if ws.inter.len() < rows_total * kpi {
+        ws.inter.resize(rows_total * kpi, F::A::default());
+    }
+    let io = Out::new(&mut ws.inter);
+    push_split_tasks(&mut ws.tasks, groups, mtile, set.w13.blocks, chunks);
+    ws.tasks.par_iter().for_each(|t| {
+        let g = groups[t.group];
+        let row = g.row0 + t.r0;
+        gate_up(fam, set, g.expert, &a[row * kph..(row + t.m) * kph], t.m, t.blocks.0..t.blocks.1, io, row);
+    });
+    push_split_tasks(&mut ws.tasks, groups, mtile, set.w2.blocks, chunks);
+    let inter = &ws.inter;
+    ws.tasks.par_iter().for_each(|t| {
+        let g = groups[t.group];
+        let row = g.row0 + t.r0;
+        down(fam, set, g.expert, &inter[row * kpi..(row + t.m) * kpi], t.m, t.blocks.0..t.blocks.1, yo, row);
+    });
+}
+
+fn push_split_tasks(tasks: &mut Vec<Task>, groups: &[Group], mtile: usize, blocks: usize, chunks: usize) {
+    tasks.clear();
+    let per = blocks.div_ceil(chunks.clamp(1, blocks.max(1)));
+    for (gi, g) in groups.iter().enumerate() {
+        for r0 in (0..g.rows).step_by(mtile) {
+            for b0 in (0..blocks).step_by(per.max(1)) {
+                tasks.push(Task { group: gi, r0, m: mtile.min(g.rows - r0), blocks: (b0, (b0 + per).min(blocks)) });
+            }
+        }
+    }
+}
+
+/// Inputs per k-chunk: a chunk of a weight block (`KC x 32`) stays in L1/L2 while every row tile
+/// of the task sweeps it, whatever the model's k.
+const KC: usize = 1024;
+
+/// Rows per task at most (the per-task accumulator lives on the stack).
+const MT: usize = 128;
+
+/// `acc[r] = a[r] . blk` for `r < m`, k-chunked; the first row tile of each chunk prefetches the
+/// same chunk of `next`.
+#[allow(clippy::too_many_arguments)]
+fn block_product<F: Family>(
+    fam: &F,
+    a: &[F::A],
+    lda: usize,
+    m: usize,
+    blk: &[F::W],
+    kp: usize,
+    next: Option<&[F::W]>,
+    acc: &mut [[f32; NB]; MT],
+) {
+    let mr = fam.mr();
+    let mut c: Tile = [[0.0; NB]; MR_MAX];
+    for k0 in (0..kp).step_by(KC) {
+        let kl = KC.min(kp - k0);
+        for rb in (0..m).step_by(mr) {
+            let mm = mr.min(m - rb);
+            let pf = if rb == 0 { next.map(|n| &n[k0 * NB..]) } else { None };
+            fam.tile(&a[rb * lda + k0..], lda, mm, &blk[k0 * NB..], kl, &mut c, pf);
+            for (acc, c) in acc[rb..rb + mm].iter_mut().zip(&c) {
+                if k0 == 0 {
+                    *acc = *c;
+                } else {
+                    acc.iter_mut().zip(c).for_each(|(a, c)| *a += c);
+                }
+            }
+        }
+    }
+}
+
+/// gate_up + bias + activation for `m` rows of `a` over `blocks`, into rows `row0..` of `out`
+/// (stride `w2.kp`; columns past `inter` in the written blocks are set to zero).
+#[allow(clippy::too_many_arguments)]
+fn gate_up<F: Family>(
+    fam: &F,
+    set: &ExpertSet<'_, F::W>,
+    e: usize,
+    a: &[F::A],
+    m: usize,
+    blocks: Range<usize>,
+    out: Out<F::A>,
+    row0: usize,
+) {
+    let (kph, kpi, inter) = (set.w13.kp, set.w2.kp, set.inter);
+    let mut acc = [[0.0f32; NB]; MT];
+    let (mut g, mut u, mut v) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
+    let bias = set.b13.map(|b| &b[e * 2 * inter..(e + 1) * 2 * inter]);
+    let end = blocks.end;
+    for b in blocks {
+        let next = (b + 1 < end).then(|| set.w13.block(e, b + 1));
+        block_product(fam, a, kph, m, set.w13.block(e, b), kph, next, &mut acc);
+        let j0 = 16 * b;
+        let width = kpi.min(j0 + 16) - j0;
+        for (r, c) in acc.iter().enumerate().take(m) {
+            g.copy_from_slice(&c[..16]);
+            u.copy_from_slice(&c[16..]);
+            if let Some(bias) = bias {
+                for l in 0..16.min(inter.saturating_sub(j0)) {
+                    g[l] += bias[j0 + l];
+                    u[l] += bias[inter + j0 + l];
+                }
+            }
+            apply16(set.act, &g, &u, &mut v);
+            // SAFETY: this task alone writes columns [j0, j0 + width) of row row0 + r.
+            let dst = unsafe { out.slice((row0 + r) * kpi + j0, width) };
+            for (l, d) in dst.iter_mut().enumerate() {
+                *d = if j0 + l < inter { F::A::from_f32(v[l]) } else { F::A::default() };
+            }
+        }
+    }
+}
+
+/// down + bias for `m` rows of the intermediate `a` (stride `w2.kp`) over `blocks`, into rows
+/// `row0..` of `y` (stride `hidden`).
+#[allow(clippy::too_many_arguments)]
+fn down<F: Family>(
+    fam: &F,
+    set: &ExpertSet<'_, F::W>,
+    e: usize,
+    a: &[F::A],
+    m: usize,
+    blocks: Range<usize>,
+    y: Out<f32>,
+    row0: usize,
+) {
+    let (kpi, h) = (set.w2.kp, set.hidden);
+    let mut acc = [[0.0f32; NB]; MT];
+    let bias = set.b2.map(|b| &b[e * h..(e + 1) * h]);
+    let end = blocks.end;
+    for b in blocks {
+        let next = (b + 1 < end).then(|| set.w2.block(e, b + 1));
+        block_product(fam, a, kpi, m, set.w2.block(e, b), kpi, next, &mut acc);
+        let j0 = NB * b;
+        let width = NB.min(h - j0);
+        for (r, c) in acc.iter().enumerate().take(m) {
+            // SAFETY: this task alone writes columns [j0, j0 + width) of row row0 + r.
+            let dst = unsafe { y.slice((row0 + r) * h + j0, width) };
+            match bias {
+                Some(bias) => {
+                    for (l, d) in dst.iter_mut().enumerate() {
+                        *d = c[l] + bias[j0 + l];
+                    }
+                }
+                None => dst.copy_from_slice(&c[..width]),
+            }
+        }
+    }
+}

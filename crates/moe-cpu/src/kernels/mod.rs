@@ -1,0 +1,352 @@
+//! Micro-kernels: `C[m, 32] = A[m, k] * B_block[k, 32]` for `m <= mr` rows, one packed block
+//! (see [`crate::pack`]) at a time, f32 accumulation. One file per instruction set; the engine sees
+//! only the [`Family`] trait.
+//!
+//! Families:
+//! - [`DotBf16`]: bf16 activations x bf16 pair-packed weights with `vdpbf16ps` (AVX-512 BF16).
+//! - [`Widen`]: f32 activations x weights of any [`WidenElem`] (f32, bf16, f16) widened to f32 in
+//!   registers, then FMA. A dequantize-on-the-fly format is one more `WidenElem` (its loader turns
+//!   a panel row into 32 f32 lanes) and reuses the whole engine.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use half::{bf16, f16};
+
+use crate::isa::Isa;
+use crate::pack::{WElem, NB};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
+mod portable;
+
+/// The most rows any kernel computes at once.
+pub const MR_MAX: usize = 8;
+
+/// A tile of results: `MR_MAX` rows of one block's 32 columns.
+pub type Tile = [[f32; NB]; MR_MAX];
+
+/// An activation element as the kernels read it.
+pub trait AElem: Copy + Default + Send + Sync + fmt::Debug + 'static {
+    /// From f32 (round to nearest even).
+    fn from_f32(x: f32) -> Self;
+    /// To f32 (exact).
+    fn to_f32(self) -> f32;
+}
+
+impl AElem for f32 {
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl AElem for bf16 {
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// A kernel family: activation and weight types and the tile kernel.
+pub trait Family: Send + Sync + fmt::Debug {
+    /// Activation element.
+    type A: AElem;
+    /// Weight element.
+    type W: WElem;
+    /// Whether weights are pair-packed.
+    const PAIRS: bool;
+    /// Rows per tile.
+    fn mr(&self) -> usize;
+    /// The instruction set.
+    fn isa(&self) -> Isa;
+    /// `c[r][l] = sum_{kk < kp} a[r * lda + kk] * b[kk][l]` for `r < m`. `next`, the block the
+    /// caller reads after this one, may be prefetched meanwhile (a hint; kernels may ignore it).
+    ///
+    /// # Panics
+    /// When `m` is 0 or above [`Family::mr`] or a slice is shorter than the shapes say (an internal
+    /// bug: the engine sizes every buffer before it calls a kernel).
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        a: &[Self::A],
+        lda: usize,
+        m: usize,
+        b: &[Self::W],
+        kp: usize,
+        c: &mut Tile,
+        next: Option<&[Self::W]>,
+    );
+}
+
+#[inline]
+fn check(m: usize, mr: usize, a_len: usize, lda: usize, b_len: usize, kp: usize) {
+    assert!(m >= 1 && m <= mr && lda >= kp, "kernel tile of {m} rows (max {mr}), lda {lda} < k {kp}");
+    assert!(a_len >= (m - 1) * lda + kp && b_len >= kp * NB, "kernel operands shorter than their shapes");
+}
+
+/// `vdpbf16ps` kernels (requires [`Isa::Avx512Bf16`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DotBf16 {
+    _private: (),
+}
+
+impl DotBf16 {
+    /// The family, if this CPU has AVX-512 BF16.
+    pub fn new() -> Option<Self> {
+        Isa::Avx512Bf16.available().then_some(DotBf16 { _private: () })
+    }
+}
+
+impl Family for DotBf16 {
+    type A = bf16;
+    type W = bf16;
+    const PAIRS: bool = true;
+
+    fn mr(&self) -> usize {
+        Isa::Avx512Bf16.mr()
+    }
+
+    fn isa(&self) -> Isa {
+        Isa::Avx512Bf16
+    }
+
+    fn tile(&self, a: &[bf16], lda: usize, m: usize, b: &[bf16], kp: usize, c: &mut Tile, next: Option<&[bf16]>) {
+        check(m, self.mr(), a.len(), lda, b.len(), kp);
+        assert!(kp.is_multiple_of(2), "pair kernels need an even k");
+        let pf = next.filter(|n| n.len() >= kp * NB).map_or(std::ptr::null(), |n| n.as_ptr());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `DotBf16` exists only when AVX-512F and AVX-512 BF16 were detected at run time
+        // (`DotBf16::new`); `check` verified that every row of `a` holds `kp` elements at stride
+        // `lda`, that `b` holds a whole block and that `c` has room for `m <= 8` rows.
+        unsafe {
+            avx512_bf16::tile(a.as_ptr(), lda, m, b.as_ptr(), kp / 2, c.as_mut_ptr(), pf)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("DotBf16 is only constructed on x86-64 with AVX-512 BF16")
+    }
+}
+
+/// Weight elements the widening kernels load.
+pub trait WidenElem: WElem {
+    /// The SIMD tile for `isa` (not `Portable`).
+    ///
+    /// # Safety
+    /// `isa` must be available on this CPU; `a` must hold `m` rows of `k` f32 at stride `lda`,
+    /// `b` a block of `k * 32` elements, `c` room for `m <= isa.mr()` rows.
+    unsafe fn tile_simd(isa: Isa, a: *const f32, lda: usize, m: usize, b: *const Self, k: usize, c: *mut [f32; NB]);
+}
+
+macro_rules! widen_elem {
+    ($t:ty, $f512:ident, $f256:ident) => {
+        impl WidenElem for $t {
+            unsafe fn tile_simd(
+                isa: Isa,
+                a: *const f32,
+                lda: usize,
+                m: usize,
+                b: *const Self,
+                k: usize,
+                c: *mut [f32; NB],
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                match isa {
+                    Isa::Avx512Bf16 | Isa::Avx512 => avx512::$f512(a, lda, m, b, k, c),
+                    Isa::Avx2 => avx2::$f256(a, lda, m, b, k, c),
+                    Isa::Portable => unreachable!("portable tiles do not go through tile_simd"),
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (isa, a, lda, m, b, k, c);
+                    unreachable!("no SIMD kernels on this architecture")
+                }
+            }
+        }
+    };
+}
+
+widen_elem!(f32, tile_f32, tile_f32);
+widen_elem!(bf16, tile_bf16, tile_bf16);
+widen_elem!(f16, tile_f16, tile_f16);
+
+/// Widening kernels for weights of type `W`.
+#[derive(Debug, Clone, Copy)]
+pub struct Widen<W> {
+    isa: Isa,
+    _w: PhantomData<W>,
+}
+
+impl<W> Widen<W> {
+    /// Kernels for `isa` (which must be available: see [`Isa::detect`]).
+    pub fn new(isa: Isa) -> Self {
+        Widen { isa: if isa.available() { isa } else { Isa::Portable }, _w: PhantomData }
+    }
+}
+
+impl<W: WidenElem + fmt::Debug> Family for Widen<W> {
+    type A = f32;
+    type W = W;
+    const PAIRS: bool = false;
+
+    fn mr(&self) -> usize {
+        self.isa.mr()
+    }
+
+    fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    fn tile(&self, a: &[f32], lda: usize, m: usize, b: &[W], kp: usize, c: &mut Tile, _next: Option<&[W]>) {
+        check(m, self.mr(), a.len(), lda, b.len(), kp);
+        match self.isa {
+            Isa::Portable => portable::tile(a, lda, m, b, kp, c),
+            // SAFETY: `Widen::new` keeps `isa` only if the CPU supports it (run-time detection);
+            // `check` verified the operand lengths, row stride and `m <= mr` rows of `c`.
+            isa => unsafe { W::tile_simd(isa, a.as_ptr(), lda, m, b.as_ptr(), kp, c.as_mut_ptr()) },
+        }
+    }
+}
+
+/// Router tile: `c[r][l] = sum_kk a[r, kk] * b[kk][l]` with one rounding per multiply and per add,
+/// in `kk` order (bit-identical to the reference's scalar loop), f32 weights in the plain layout.
+///
+/// # Panics
+/// As [`Family::tile`].
+pub fn tile_exact_f32(isa: Isa, a: &[f32], lda: usize, m: usize, b: &[f32], k: usize, c: &mut Tile) {
+    check(m, MR_MAX, a.len(), lda, b.len(), k);
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512Bf16 | Isa::Avx512) && isa.available() {
+        // SAFETY: AVX-512F was detected at run time (`isa.available()`); `check` verified the
+        // operand lengths, the row stride and that `c` holds `m <= 8` rows.
+        unsafe { avx512::tile_f32_exact(a.as_ptr(), lda, m, b.as_ptr(), k, c.as_mut_ptr()) };
+        return;
+    }
+    let _ = isa;
+    for (r, c) in c.iter_mut().enumerate().take(m) {
+        let mut acc = [-0.0f32; NB];
+        for (kk, &av) in a[r * lda..r * lda + k].iter().enumerate() {
+            let w: &[f32; NB] = b[kk * NB..(kk + 1) * NB].try_into().unwrap_or(&[0.0; NB]);
+            for l in 0..NB {
+                acc[l] += w[l] * av;
+            }
+        }
+        *c = acc;
+    }
+}
+
+/// Wrapping sum of `words`, read with the widest loads the CPU has (a bandwidth probe).
+pub fn sum_words(words: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.available() {
+        // SAFETY: AVX-512F was detected at run time; the pointer and length come from a slice.
+        return unsafe { avx512::sum_u64(words.as_ptr(), words.len()) };
+    }
+    words.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)] // (row, lane) indices address several arrays at once
+mod tests {
+    use super::*;
+    use crate::pack::{ColumnMap, PackedMats};
+
+    fn naive(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                c[r * n + j] = (0..k).map(|kk| a[r * k + kk] as f64 * w[j * k + kk] as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    fn run<F: Family>(fam: &F, k: usize, tol: f32) {
+        let n = 40;
+        let w: Vec<f32> = (0..n * k).map(|i| (i * 7919 % 97) as f32 / 48.0 - 1.0).collect();
+        let wq: Vec<F::W> = w.iter().map(|&x| F::W::from_f32(x)).collect();
+        let wr: Vec<f32> = wq.iter().map(|x| x.to_f32()).collect();
+        let mut p = PackedMats::<F::W>::new(1, n, k, ColumnMap::Plain, F::PAIRS);
+        p.pack_one(0, &wq);
+        for m in 1..=fam.mr() {
+            let a32: Vec<f32> =
+                (0..m * p.kp).map(|i| if i % p.kp < k { (i % 13) as f32 / 6.0 - 1.0 } else { 0.0 }).collect();
+            let a: Vec<F::A> = a32.iter().map(|&x| F::A::from_f32(x)).collect();
+            let ar: Vec<f32> = (0..m).flat_map(|r| a[r * p.kp..r * p.kp + k].iter().map(|x| x.to_f32())).collect();
+            let want = naive(&ar, &wr, m, n, k);
+            for b in 0..p.blocks {
+                let mut c = [[f32::NAN; NB]; MR_MAX];
+                fam.tile(&a, p.kp, m, p.block(0, b), p.kp, &mut c, None);
+                for r in 0..m {
+                    for l in 0..NB {
+                        let j = b * NB + l;
+                        let want = if j < n { want[r * n + j] } else { 0.0 };
+                        let scale = 1.0 + want.abs();
+                        assert!(
+                            (c[r][l] - want).abs() <= tol * scale,
+                            "{:?} m={m} r={r} j={j}: {} vs {want}",
+                            fam.isa(),
+                            c[r][l]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn word_sum_matches_a_fold() {
+        let w: Vec<u64> = (0..1003u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        assert_eq!(sum_words(&w), w.iter().fold(0u64, |a, &b| a.wrapping_add(b)));
+    }
+
+    #[test]
+    fn exact_router_tile_is_bit_identical_to_a_sequential_sum() {
+        let (n, k) = (40, 333);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 997) as f32).sin()).collect();
+        let mut p = PackedMats::<f32>::new(1, n, k, ColumnMap::Plain, false);
+        p.pack_one(0, &w);
+        let a: Vec<f32> = (0..3 * k).map(|i| ((i * 31 % 101) as f32).cos()).collect();
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            for b in 0..p.blocks {
+                let mut c = [[f32::NAN; NB]; MR_MAX];
+                tile_exact_f32(isa, &a, k, 3, p.block(0, b), k, &mut c);
+                for r in 0..3 {
+                    for l in 0..NB.min(n - b * NB) {
+                        let j = b * NB + l;
+                        let want: f32 =
+                            w[j * k..(j + 1) * k].iter().zip(&a[r * k..(r + 1) * k]).map(|(x, y)| x * y).sum();
+                        assert_eq!(c[r][l].to_bits(), want.to_bits(), "{isa:?} r={r} j={j}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_available_kernel_matches_naive() {
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            for k in [1, 2, 7, 64] {
+                run(&Widen::<f32>::new(isa), k, 1e-5);
+                run(&Widen::<bf16>::new(isa), k, 1e-5);
+                run(&Widen::<f16>::new(isa), k, 1e-5);
+            }
+        }
+        if let Some(d) = DotBf16::new() {
+            for k in [1, 2, 7, 64] {
+                run(&d, k, 1e-4);
+            }
+        }
+    }
+}

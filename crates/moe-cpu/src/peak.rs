@@ -1,0 +1,94 @@
+//! The machine's GEMM ceiling as this crate's kernels reach it: a dense `C = A B^T` with the same
+//! tiles and blocking as the expert engine, cache-friendly sizes, all threads of the current
+//! rayon pool. Benchmarks use it as the arithmetic floor (`moe bench`).
+
+use std::time::Instant;
+
+use half::{bf16, f16};
+use moe_core::{DType, MoeError, Result};
+use rayon::prelude::*;
+
+use crate::isa::Isa;
+use crate::kernels::{AElem, DotBf16, Family, Tile, Widen, MR_MAX};
+use crate::pack::{ColumnMap, PackedMats, WElem, NB};
+
+/// A measured GEMM rate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GemmRate {
+    /// Weight dtype.
+    pub dtype: String,
+    /// Kernel description.
+    pub kernel: String,
+    /// Rows, columns, depth.
+    pub mnk: (usize, usize, usize),
+    /// Best rate over the trials, in GFLOP/s.
+    pub gflops: f64,
+}
+
+/// Measures the best rate of the kernels for `dtype` weights on `isa` over about `seconds`.
+pub fn gemm_rate(dtype: DType, isa: Isa, seconds: f64) -> Result<GemmRate> {
+    let (m, n, k) = (256, 2048, 2048);
+    let (kernel, gflops) = match dtype {
+        DType::BF16 => match DotBf16::new().filter(|_| isa == Isa::Avx512Bf16) {
+            Some(d) => ("bf16 vdpbf16ps", rate(&d, m, n, k, seconds)),
+            None => ("bf16 widened, f32 FMA", rate(&Widen::<bf16>::new(isa), m, n, k, seconds)),
+        },
+        DType::F32 => ("f32 FMA", rate(&Widen::<f32>::new(isa), m, n, k, seconds)),
+        DType::F16 => ("f16 widened, f32 FMA", rate(&Widen::<f16>::new(isa), m, n, k, seconds)),
+        other => return Err(MoeError::config("dtype", format!("{other} has no GEMM kernel; use f32, bf16 or f16"))),
+    };
+    Ok(GemmRate { dtype: dtype.to_string(), kernel: format!("{kernel} ({})", isa.name()), mnk: (m, n, k), gflops })
+}
+
+/// Memory bandwidth in GB/s on the current rayon pool: `(copy, read)`, each the best of a few
+/// passes over 256 MiB buffers. Copy counts bytes read plus bytes written (the STREAM
+/// convention); read streams one buffer with the widest loads available.
+pub fn bandwidth() -> (f64, f64) {
+    let n = 32usize << 20; // u64 words: 256 MiB
+    let src: Vec<u64> = (0..n).into_par_iter().map(|i| i as u64 ^ 0x9E37_79B9).collect();
+    let mut dst = vec![0u64; n];
+    let chunk = n.div_ceil(rayon::current_num_threads() * 8);
+    let (mut copy, mut read) = (0.0f64, 0.0f64);
+    for _ in 0..6 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        copy = copy.max(16.0 * n as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let t = Instant::now();
+        let s = src.par_chunks(chunk).map(crate::kernels::sum_words).reduce(|| 0, u64::wrapping_add);
+        read = read.max(8.0 * n as f64 / t.elapsed().as_secs_f64() / 1e9);
+        std::hint::black_box(s);
+    }
+    std::hint::black_box(&dst);
+    (copy, read)
+}
+
+fn rate<F: Family>(fam: &F, m: usize, n: usize, k: usize, seconds: f64) -> f64 {
+    let w: Vec<F::W> = (0..n * k).map(|i| F::W::from_f32(((i * 7) % 17) as f32 / 17.0 - 0.5)).collect();
+    let mut p = PackedMats::new(1, n, k, ColumnMap::Plain, F::PAIRS);
+    p.pack_one(0, &w);
+    let kp = p.kp;
+    let a: Vec<F::A> = (0..m * kp).map(|i| F::A::from_f32(((i * 5) % 13) as f32 / 13.0 - 0.5)).collect();
+    let mr = fam.mr();
+    let once = || {
+        // Each task owns a range of column blocks and sweeps every row tile over them.
+        (0..p.blocks).into_par_iter().with_min_len(2).for_each(|b| {
+            let mut c: Tile = [[0.0; NB]; MR_MAX];
+            let blk = p.block(0, b);
+            for rb in (0..m).step_by(mr) {
+                fam.tile(&a[rb * kp..], kp, mr.min(m - rb), blk, kp, &mut c, None);
+                // keep every tile's result live, or the compiler may drop all but the last
+                std::hint::black_box(&mut c);
+            }
+        })
+    };
+    once();
+    let flops = 2.0 * (m * n * k) as f64;
+    let start = Instant::now();
+    let mut best = 0.0f64;
+    while start.elapsed().as_secs_f64() < seconds || best == 0.0 {
+        let t = Instant::now();
+        once();
+        best = best.max(flops / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}

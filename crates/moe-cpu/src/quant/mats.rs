@@ -1,0 +1,436 @@
+//! Quantized expert matrices as the CPU kernels read them: packed codes plus f32 scales, decoded
+//! one output row at a time into a small f32 buffer (a few KiB, in L1) right before its dot
+//! products. The weights stay packed in memory; nothing is widened ahead of time.
+//!
+//! Two-code-per-byte formats (int4, MXFP4, NVFP4) decode a 16-byte chunk into its 16 even and
+//! then its 16 odd inputs ("pair order"), which keeps the decode loop free of shuffles; the
+//! activations are put in the same order once per token ([`QMat::order_input`]), so the dot
+//! products are unchanged.
+
+use moe_core::quant::codec::{e8m0_to_f32, E2M1_LUT, E4M3_LUT};
+use moe_core::quant::ExpertTensor;
+use moe_core::{MoeError, QuantFormat, Result};
+
+use crate::isa::Isa;
+
+/// Inputs per 16-byte chunk of a two-codes-per-byte format.
+const CHUNK: usize = 32;
+
+#[derive(Debug, Clone)]
+enum Data {
+    /// `codes [E, n, k/2]`, `scale`/`zs` (zero * scale) `[E, n, k/128]`: `w = q * s - zs`.
+    Int4 { codes: Vec<u8>, scale: Vec<f32>, zs: Vec<f32> },
+    /// E2M1 `codes [E, n, k/2]`, `scale [E, n, k/group]` (MXFP4: E8M0; NVFP4: e4m3 * global).
+    E2m1 { codes: Vec<u8>, scale: Vec<f32>, group: usize },
+    /// i8 `q [E, n, k]`, `scale [E, n]`.
+    Int8 { q: Vec<u8>, scale: Vec<f32> },
+    /// e4m3 `q [E, n, k]`, `scale [E, n, ceil(k/128)]` (per-tensor scales repeated).
+    Fp8 { q: Vec<u8>, scale: Vec<f32> },
+}
+
+/// A stack of quantized `[n, k]` matrices (one per local expert slot).
+#[derive(Debug, Clone)]
+pub struct QMat {
+    /// Matrices held.
+    pub mats: usize,
+    /// Output rows.
+    pub n: usize,
+    /// Inputs.
+    pub k: usize,
+    data: Data,
+    /// GPTQ act-order: per matrix, the input column of each packed position (groups made
+    /// contiguous at load), applied to the activations in [`QMat::order_input`].
+    perm: Option<Vec<u32>>,
+}
+
+fn f32_part(t: &ExpertTensor, name: &str) -> Result<Vec<f32>> {
+    t.part(name)?.to_f32_vec()
+}
+
+fn u8_part(t: &ExpertTensor, name: &str) -> Result<Vec<u8>> {
+    Ok(t.part(name)?.as_u8()?.to_vec())
+}
+
+impl QMat {
+    /// Packs a validated quantized tensor.
+    pub fn from_tensor(t: &ExpertTensor) -> Result<QMat> {
+        moe_core::quant::quant_method(t.format, moe_core::DType::F32)?.validate(t)?;
+        let (e, n, k) = (t.experts, t.rows, t.cols);
+        let mut perm = None;
+        let data = match t.format {
+            QuantFormat::Int4Group => {
+                let groups = k / 128;
+                let mut codes = u8_part(t, "weight_packed")?;
+                let scale = f32_part(t, "weight_scale")?;
+                let zeros = match t.parts.get("weight_zero_point") {
+                    Some(z) => z.as_u8()?.to_vec(),
+                    None => vec![8; e * n * groups],
+                };
+                if let Some(g) = t.parts.get("weight_g_idx") {
+                    let (c, p) = group_contiguous(&codes, g.as_i32()?, e, n, k)?;
+                    codes = c;
+                    perm = Some(p);
+                }
+                let zs = scale.iter().zip(&zeros).map(|(s, &z)| s * z as f32).collect();
+                Data::Int4 { codes, scale, zs }
+            }
+            QuantFormat::Mxfp4 => {
+                let scale = u8_part(t, "scales")?.into_iter().map(e8m0_to_f32).collect();
+                Data::E2m1 { codes: u8_part(t, "blocks")?, scale, group: 32 }
+            }
+            QuantFormat::Nvfp4 => {
+                let g = f32_part(t, "weight_scale_2")?;
+                let per = n * k / 16;
+                let scale = u8_part(t, "weight_scale")?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| E4M3_LUT[b as usize] * g[i / per])
+                    .collect();
+                Data::E2m1 { codes: u8_part(t, "weight")?, scale, group: 16 }
+            }
+            QuantFormat::Int8Channel => Data::Int8 { q: u8_part(t, "weight")?, scale: f32_part(t, "weight_scale")? },
+            QuantFormat::Fp8Block => {
+                let s = f32_part(t, "weight_scale_inv")?;
+                let (rb, cb) = (n.div_ceil(128), k.div_ceil(128));
+                let scale =
+                    (0..e * n * cb).map(|i| s[((i / (n * cb)) * rb + (i / cb) % n / 128) * cb + i % cb]).collect();
+                Data::Fp8 { q: u8_part(t, "weight")?, scale }
+            }
+            QuantFormat::Fp8Tensor => {
+                let s = f32_part(t, "weight_scale")?;
+                let cb = k.div_ceil(128);
+                Data::Fp8 { q: u8_part(t, "weight")?, scale: (0..e * n * cb).map(|i| s[i / (n * cb)]).collect() }
+            }
+            QuantFormat::None => {
+                return Err(MoeError::quant("none", "unquantized weights use the cpu backend's dense kernels"))
+            }
+        };
+        Ok(QMat { mats: e, n, k, data, perm })
+    }
+
+    /// Bytes of packed weights and scales.
+    pub fn bytes(&self) -> usize {
+        let f = std::mem::size_of::<f32>();
+        let p = self.perm.as_ref().map_or(0, |p| p.len() * 4);
+        p + match &self.data {
+            Data::Int4 { codes, scale, zs } => codes.len() + (scale.len() + zs.len()) * f,
+            Data::E2m1 { codes, scale, .. } => codes.len() + scale.len() * f,
+            Data::Int8 { q, scale } | Data::Fp8 { q, scale } => q.len() + scale.len() * f,
+        }
+    }
+
+    /// Overwrites matrix `slot` with matrix `src` of `other` (same format and shape).
+    pub fn copy_from(&mut self, slot: usize, other: &QMat, src: usize) -> Result<()> {
+        fn put<T: Copy>(d: &mut [T], s: &[T], slot: usize, src: usize, per: usize) {
+            d[slot * per..(slot + 1) * per].copy_from_slice(&s[src * per..(src + 1) * per]);
+        }
+        let (n, k) = (self.n, self.k);
+        if other.n != n
+            || other.k != k
+            || slot >= self.mats
+            || src >= other.mats
+            || self.perm.is_some() != other.perm.is_some()
+        {
+            return Err(MoeError::shape(
+                "cpu.replace_slot",
+                format!("[{n}, {k}] slot < {}", self.mats),
+                format!("[{}, {}]", other.n, other.k),
+            ));
+        }
+        if let (Some(d), Some(s)) = (self.perm.as_mut(), other.perm.as_ref()) {
+            put(d, s, slot, src, k);
+        }
+        match (&mut self.data, &other.data) {
+            (Data::Int4 { codes, scale, zs }, Data::Int4 { codes: c2, scale: s2, zs: z2 }) => {
+                put(codes, c2, slot, src, n * k / 2);
+                put(scale, s2, slot, src, n * k / 128);
+                put(zs, z2, slot, src, n * k / 128);
+            }
+            (Data::E2m1 { codes, scale, group }, Data::E2m1 { codes: c2, scale: s2, .. }) => {
+                let g = *group;
+                put(codes, c2, slot, src, n * k / 2);
+                put(scale, s2, slot, src, n * k / g);
+            }
+            (Data::Int8 { q, scale }, Data::Int8 { q: q2, scale: s2 }) => {
+                put(q, q2, slot, src, n * k);
+                put(scale, s2, slot, src, n);
+            }
+            (Data::Fp8 { q, scale }, Data::Fp8 { q: q2, scale: s2 }) => {
+                put(q, q2, slot, src, n * k);
+                put(scale, s2, slot, src, n * k.div_ceil(128));
+            }
+            _ => return Err(MoeError::quant("cpu", "migration source and destination formats differ")),
+        }
+        Ok(())
+    }
+
+    /// Whether decoded rows come out in pair order.
+    fn pairs(&self) -> bool {
+        matches!(self.data, Data::Int4 { .. } | Data::E2m1 { .. })
+    }
+
+    /// Writes activation row `x` (`k` values) for matrix `m` in the order decoded rows use.
+    #[inline(always)]
+    pub fn order_input(&self, m: usize, x: &[f32], out: &mut [f32]) {
+        let k = self.k;
+        let perm = self.perm.as_ref().map(|p| &p[m * k..(m + 1) * k]);
+        let at = |j: usize| perm.map_or(x[j], |p| x[p[j] as usize]);
+        if !self.pairs() {
+            for (j, o) in out[..k].iter_mut().enumerate() {
+                *o = at(j);
+            }
+            return;
+        }
+        for c0 in (0..k).step_by(CHUNK) {
+            let len = CHUNK.min(k - c0);
+            let half = len / 2;
+            for l in 0..half {
+                out[c0 + l] = at(c0 + 2 * l);
+                out[c0 + half + l] = at(c0 + 2 * l + 1);
+            }
+        }
+    }
+
+    /// Row `r` of matrix `m` of an int4 stack: codes, scales and zero * scale per group.
+    #[inline(always)]
+    pub fn int4_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32], &[f32])> {
+        match &self.data {
+            Data::Int4 { codes, scale, zs } => {
+                let (row, k, g) = (m * self.n + r, self.k, self.k / 128);
+                Some((
+                    &codes[row * k / 2..(row + 1) * k / 2],
+                    &scale[row * g..(row + 1) * g],
+                    &zs[row * g..(row + 1) * g],
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// [`QMat::decode_row`] with the SIMD decoders of `isa` for the 4-bit formats.
+    ///
+    /// `isa` must be available on this CPU (the caller checked it with [`Isa::available`]).
+    #[inline(always)]
+    pub fn decode_row_isa(&self, isa: Isa, m: usize, r: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (n, k) = (self.n, self.k);
+            let row = m * n + r;
+            let wide = matches!(isa, Isa::Avx512Bf16 | Isa::Avx512);
+            match &self.data {
+                Data::Int4 { codes, scale, zs } if isa != Isa::Portable => {
+                    let g = k / 128;
+                    let bytes = &codes[row * k / 2..(row + 1) * k / 2];
+                    for gi in 0..g {
+                        let (b, o) = (&bytes[gi * 64..(gi + 1) * 64], &mut out[gi * 128..(gi + 1) * 128]);
+                        let (s, z) = (scale[row * g + gi], zs[row * g + gi]);
+                        if wide {
+                            // SAFETY: AVX-512 was detected (caller contract); 64 bytes -> 128 values.
+                            unsafe { super::simd::int4_avx512(b, s, z, o) }
+                        } else {
+                            // SAFETY: AVX2 and FMA were detected (caller contract); same sizes.
+                            unsafe { super::simd::int4_avx2(b, s, z, o) }
+                        }
+                    }
+                    return;
+                }
+                Data::E2m1 { codes, scale, group } if isa != Isa::Portable && k.is_multiple_of(CHUNK) => {
+                    let per = k / group;
+                    let bytes = &codes[row * k / 2..(row + 1) * k / 2];
+                    let sc = &scale[row * per..(row + 1) * per];
+                    if wide {
+                        // SAFETY: AVX-512 was detected (caller contract); one whole row: k/2 bytes
+                        // -> k values, `sc` holds its k / group scales.
+                        unsafe { super::simd::e2m1_row_avx512(bytes, sc, *group, &mut out[..k]) }
+                        return;
+                    }
+                    for c0 in (0..k).step_by(CHUNK) {
+                        let (s0, s1) = (sc[c0 / group], sc[(c0 + 16) / group]);
+                        let (b, o) = (&bytes[c0 / 2..c0 / 2 + 16], &mut out[c0..c0 + CHUNK]);
+                        // SAFETY: AVX2 was detected (caller contract); 16 bytes -> 32 values.
+                        unsafe { super::simd::e2m1_chunk_avx2(b, s0, s1, o) }
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
+        let _ = isa;
+        self.decode_row(m, r, out)
+    }
+
+    /// Decodes row `r` of matrix `m` into `out[..k]` (in the order of [`QMat::order_input`]).
+    #[inline(always)]
+    pub fn decode_row(&self, m: usize, r: usize, out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        let row = m * n + r;
+        let out = &mut out[..k];
+        match &self.data {
+            Data::Int4 { codes, scale, zs } => {
+                let g = k / 128;
+                let bytes = &codes[row * k / 2..(row + 1) * k / 2];
+                for gi in 0..g {
+                    let (s, z) = (scale[row * g + gi], zs[row * g + gi]);
+                    let b = &bytes[gi * 64..(gi + 1) * 64];
+                    let o = &mut out[gi * 128..(gi + 1) * 128];
+                    for (cb, co) in b.chunks_exact(16).zip(o.chunks_exact_mut(32)) {
+                        // Fixed-size views: no bounds checks, so the loop vectorizes.
+                        let cb: &[u8; 16] = cb.try_into().expect("16-byte chunk");
+                        let co: &mut [f32; 32] = co.try_into().expect("32-value chunk");
+                        for l in 0..16 {
+                            co[l] = (cb[l] & 15) as f32 * s - z;
+                            co[16 + l] = (cb[l] >> 4) as f32 * s - z;
+                        }
+                    }
+                }
+            }
+            Data::E2m1 { codes, scale, group } => {
+                let per = k / group;
+                let bytes = &codes[row * k / 2..(row + 1) * k / 2];
+                let sc = &scale[row * per..(row + 1) * per];
+                for c0 in (0..k).step_by(CHUNK) {
+                    let len = CHUNK.min(k - c0);
+                    let half = len / 2;
+                    let b = &bytes[c0 / 2..c0 / 2 + half];
+                    for l in 0..half {
+                        let s = sc[(c0 + 2 * l) / group];
+                        out[c0 + l] = E2M1_LUT[(b[l] & 15) as usize] * s;
+                        out[c0 + half + l] = E2M1_LUT[(b[l] >> 4) as usize] * s;
+                    }
+                }
+            }
+            Data::Int8 { q, scale } => {
+                let s = scale[row];
+                for (o, &b) in out.iter_mut().zip(&q[row * k..(row + 1) * k]) {
+                    *o = (b as i8) as f32 * s;
+                }
+            }
+            Data::Fp8 { q, scale } => {
+                let cb = k.div_ceil(128);
+                let sc = &scale[row * cb..(row + 1) * cb];
+                for (c0, (o, b)) in out.chunks_mut(128).zip(q[row * k..(row + 1) * k].chunks(128)).enumerate() {
+                    let s = sc[c0];
+                    for (o, &b) in o.iter_mut().zip(b) {
+                        *o = E4M3_LUT[b as usize] * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// GPTQ act-order: reorders each matrix's input columns so every group of 128 is contiguous
+/// (`g_idx` assigns exactly 128 columns to each group). Returns the new codes and, per matrix,
+/// the original column of every new position.
+fn group_contiguous(codes: &[u8], g_idx: &[i32], e: usize, n: usize, k: usize) -> Result<(Vec<u8>, Vec<u32>)> {
+    let mut out = vec![0u8; codes.len()];
+    let mut perm = Vec::with_capacity(e * k);
+    for m in 0..e {
+        let g = &g_idx[m * k..(m + 1) * k];
+        let mut p: Vec<u32> = (0..k as u32).collect();
+        p.sort_by_key(|&c| g[c as usize]);
+        for (j, &c) in p.iter().enumerate() {
+            if g[c as usize] as usize != j / 128 {
+                return Err(MoeError::quant(
+                    "int4-group",
+                    format!("weight_g_idx of expert {m} does not give every group exactly 128 columns"),
+                ));
+            }
+        }
+        for r in 0..n {
+            let src = &codes[(m * n + r) * k / 2..(m * n + r + 1) * k / 2];
+            let dst = &mut out[(m * n + r) * k / 2..(m * n + r + 1) * k / 2];
+            for (j, &c) in p.iter().enumerate() {
+                let c = c as usize;
+                let v = if c.is_multiple_of(2) { src[c / 2] & 15 } else { src[c / 2] >> 4 };
+                dst[j / 2] |= if j.is_multiple_of(2) { v } else { v << 4 };
+            }
+        }
+        perm.extend(p);
+    }
+    Ok((out, perm))
+}
+
+/// `sum a[i] * b[i]` with 64 lanes of independent accumulators (vectorizes without reassociation).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0.0f32; 64];
+    let main = n / 64 * 64;
+    for (ca, cb) in a[..main].chunks_exact(64).zip(b[..main].chunks_exact(64)) {
+        let ca: &[f32; 64] = ca.try_into().expect("64-value chunk");
+        let cb: &[f32; 64] = cb.try_into().expect("64-value chunk");
+        for l in 0..64 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for i in main..n {
+        tail += a[i] * b[i];
+    }
+    let mut s = [0.0f32; 16];
+    for (l, v) in acc.iter().enumerate() {
+        s[l % 16] += v;
+    }
+    s.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_core::quant::{quant_method, Int4Group, QuantMethod};
+    use moe_core::DType;
+
+    #[test]
+    fn decoded_rows_dot_like_the_reference_for_every_format() {
+        let (e, n, k) = (2, 3, 256);
+        let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1).collect();
+        for f in QuantFormat::ALL.into_iter().filter(|f| *f != QuantFormat::None) {
+            let m = quant_method(f, DType::F32).unwrap();
+            let methods: Vec<Box<dyn moe_core::quant::QuantMethod>> = if f == QuantFormat::Int4Group {
+                vec![Box::new(Int4Group::symmetric()), Box::new(Int4Group::with_zero_points())]
+            } else {
+                vec![m]
+            };
+            for m in methods {
+                let t = m.quantize(&w, e, n, k).unwrap();
+                let q = QMat::from_tensor(&t).unwrap();
+                let (mut xo, mut row) = (vec![0.0; k], vec![0.0; k]);
+                for ex in 0..e {
+                    let d = m.dequantize_expert(&t, ex).unwrap();
+                    q.order_input(ex, &x, &mut xo);
+                    for r in 0..n {
+                        q.decode_row(ex, r, &mut row);
+                        let want: f32 = d[r * k..(r + 1) * k].iter().zip(&x).map(|(a, b)| a * b).sum();
+                        let got = dot(&row, &xo);
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{f} expert {ex} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn act_order_columns_are_regrouped_exactly() {
+        let (e, n, k) = (1, 2, 256);
+        let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) * 1e-2).collect();
+        let mut t = Int4Group::with_zero_points().quantize(&w, e, n, k).unwrap();
+        // A g_idx that interleaves the two groups; the codes/scales keep their meaning.
+        let g: Vec<i32> = (0..k).map(|c| (c % 2) as i32).collect();
+        t.parts.insert("weight_g_idx".into(), moe_core::Tensor::from_i32(vec![1, k], g).unwrap());
+        let d = Int4Group::symmetric().dequantize_expert(&t, 0).unwrap();
+        let q = QMat::from_tensor(&t).unwrap();
+        let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (mut xo, mut row) = (vec![0.0; k], vec![0.0; k]);
+        q.order_input(0, &x, &mut xo);
+        for r in 0..n {
+            q.decode_row(0, r, &mut row);
+            let want: f32 = d[r * k..(r + 1) * k].iter().zip(&x).map(|(a, b)| a * b).sum();
+            assert!((dot(&row, &xo) - want).abs() < 1e-3, "row {r}");
+        }
+    }
+}

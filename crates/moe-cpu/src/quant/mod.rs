@@ -1,0 +1,449 @@
+//! Quantized routed experts on the CPU: every format of `moe_core::quant` dequantized on the fly,
+//! one weight row at a time, inside the tasks that use it ([`mats`]). The packed codes and scales
+//! are all that is kept in memory.
+//!
+//! Schedule: gate_up over (expert, block of output rows) tasks on rayon's pool, the activation,
+//! then down the same way. A task decodes each of its rows into an L1-resident f32 buffer and
+//! takes that row's dot product with every token of the expert, so a row is read from memory
+//! once per forward. At one token the work is a GEMV and the tasks split each expert's rows
+//! across all threads, which is what a memory-bound decode needs.
+//!
+//! The shared expert is not quantized: it runs on the dense kernels ([`crate::experts`]).
+
+pub mod mats;
+mod simd;
+
+use half::{bf16, f16};
+use moe_core::quant::ExpertTensor;
+use moe_core::tensor::{HostData, Tensor};
+use moe_core::weights::{ExpertWeights, SharedWeights};
+use moe_core::{Activation, DType, MoeError, QuantFormat, Result};
+use rayon::prelude::*;
+
+use crate::experts::Experts;
+use crate::isa::Isa;
+use crate::kernels::Widen;
+use crate::layout::{gather_rows, RowLayout};
+use mats::{dot, QMat};
+
+/// The dense shared expert, in its weight dtype.
+#[derive(Debug)]
+enum Shared {
+    F32(Experts<Widen<f32>>),
+    Bf16(Experts<Widen<bf16>>),
+    F16(Experts<Widen<f16>>),
+}
+
+/// Quantized routed experts plus the dense shared expert, with reusable buffers.
+#[derive(Debug)]
+pub struct QuantExperts {
+    isa: Isa,
+    /// bf16 activations on AVX-512 BF16: int4 rows use `vdpbf16ps` (activations rounded to
+    /// bf16, as the dense bf16 kernels do).
+    bf16_dot: bool,
+    format: QuantFormat,
+    hidden: usize,
+    inter: usize,
+    act: Activation,
+    w13: QMat,
+    w2: QMat,
+    b13: Option<Vec<f32>>,
+    b2: Option<Vec<f32>>,
+    shared: Option<Shared>,
+    /// Gathered activations `[rows, H]`, then in each expert's input order.
+    a: Vec<f32>,
+    ao: Vec<f32>,
+    /// gate_up outputs, per group transposed `[2I][rows of the group]`.
+    gu: Vec<f32>,
+    /// Activated intermediate `[rows, I]` in w2's input order.
+    mid: Vec<f32>,
+    /// down outputs, per group transposed `[H][rows]`, then `[rows, H]`.
+    yt: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// An empty routed stack, so the dense [`Experts`] can hold only the shared expert.
+fn no_routed(dtype: DType, hidden: usize, si: usize) -> Result<ExpertWeights> {
+    let t = |rows: usize, cols: usize| -> Result<ExpertTensor> {
+        Ok(ExpertTensor {
+            format: QuantFormat::None,
+            experts: 0,
+            rows,
+            cols,
+            parts: [("weight".to_string(), Tensor::zeros(vec![0, rows, cols], dtype))].into_iter().collect(),
+        })
+    };
+    Ok(ExpertWeights { w13: t(2 * si, hidden)?, w2: t(hidden, si)?, b13: None, b2: None })
+}
+
+fn f32_vec(t: &Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    t.as_ref().map(|t| t.to_f32_vec()).transpose()
+}
+
+impl QuantExperts {
+    /// Packs quantized routed experts `w` and the dense shared expert (weights in `dtype`;
+    /// `act_dtype` is the block's activation dtype).
+    pub fn pack(
+        isa: Isa,
+        act: Activation,
+        hidden: usize,
+        inter: usize,
+        (dtype, act_dtype): (DType, DType),
+        w: &ExpertWeights,
+        shared: Option<(&SharedWeights, usize)>,
+    ) -> Result<Self> {
+        // Like the dense kernels, never use an instruction set this CPU lacks.
+        let isa = if isa.available() { isa } else { Isa::Portable };
+        let w13 = QMat::from_tensor(&w.w13)?;
+        let w2 = QMat::from_tensor(&w.w2)?;
+        if (w13.n, w13.k, w2.n, w2.k) != (2 * inter, hidden, hidden, inter) {
+            return Err(MoeError::shape(
+                "cpu.quant.pack",
+                format!("w13 [{}, {hidden}], w2 [{hidden}, {inter}]", 2 * inter),
+                format!("w13 [{}, {}], w2 [{}, {}]", w13.n, w13.k, w2.n, w2.k),
+            ));
+        }
+        let shared = match shared {
+            None => None,
+            Some((s, si)) => {
+                let dense = no_routed(dtype, hidden, si)?;
+                let sh = Some((s, si));
+                Some(match dtype {
+                    DType::F32 => Shared::F32(Experts::pack(Widen::new(isa), act, hidden, si, &dense, sh)?),
+                    DType::BF16 => Shared::Bf16(Experts::pack(Widen::new(isa), act, hidden, si, &dense, sh)?),
+                    DType::F16 => Shared::F16(Experts::pack(Widen::new(isa), act, hidden, si, &dense, sh)?),
+                    other => return Err(MoeError::config("weight_dtype", format!("{other} is not a float dtype"))),
+                })
+            }
+        };
+        Ok(QuantExperts {
+            isa,
+            bf16_dot: isa == Isa::Avx512Bf16 && act_dtype == DType::BF16,
+            format: w.w13.format,
+            hidden,
+            inter,
+            act,
+            w13,
+            w2,
+            b13: f32_vec(&w.b13)?,
+            b2: f32_vec(&w.b2)?,
+            shared,
+            a: Vec::new(),
+            ao: Vec::new(),
+            gu: Vec::new(),
+            mid: Vec::new(),
+            yt: Vec::new(),
+            y: Vec::new(),
+        })
+    }
+
+    /// The weight format.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// Bytes of packed weights and scales (routed and shared).
+    pub fn bytes(&self) -> usize {
+        self.w13.bytes()
+            + self.w2.bytes()
+            + match &self.shared {
+                Some(Shared::F32(x)) => x.bytes(),
+                Some(Shared::Bf16(x)) => x.bytes(),
+                Some(Shared::F16(x)) => x.bytes(),
+                None => 0,
+            }
+    }
+
+    /// Fills every reused buffer with NaN (tests: each value read must have been written).
+    pub fn poison(&mut self) {
+        for b in [&mut self.a, &mut self.ao, &mut self.gu, &mut self.mid, &mut self.yt, &mut self.y] {
+            b.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        match &mut self.shared {
+            Some(Shared::F32(x)) => x.poison(),
+            Some(Shared::Bf16(x)) => x.poison(),
+            Some(Shared::F16(x)) => x.poison(),
+            None => {}
+        }
+    }
+
+    /// Overwrites local slot `slot` with expert `src` of `w` (EPLB migration).
+    pub fn replace(&mut self, slot: usize, w: &ExpertWeights, src: usize) -> Result<()> {
+        let one = w.select_experts(&[src])?;
+        self.w13.copy_from(slot, &QMat::from_tensor(&one.w13)?, 0)?;
+        self.w2.copy_from(slot, &QMat::from_tensor(&one.w2)?, 0)?;
+        let (h, i) = (self.hidden, self.inter);
+        for (dst, from, width) in [(&mut self.b13, &one.b13, 2 * i), (&mut self.b2, &one.b2, h)] {
+            match (dst, from) {
+                (Some(d), Some(f)) => d[slot * width..(slot + 1) * width].copy_from_slice(&f.to_f32_vec()?),
+                (None, None) => {}
+                _ => {
+                    return Err(MoeError::config(
+                        "expert_bias",
+                        "migration source and destination disagree about biases",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the shared expert's output (see [`Experts::run_shared`]); false without one.
+    pub fn run_shared(
+        &mut self,
+        x: &HostData,
+        tokens: usize,
+        gate: &(dyn Fn(usize) -> f32 + Sync),
+        out: &mut [f32],
+    ) -> Result<bool> {
+        match &mut self.shared {
+            Some(Shared::F32(s)) => s.run_shared(x, tokens, gate, out),
+            Some(Shared::Bf16(s)) => s.run_shared(x, tokens, gate, out),
+            Some(Shared::F16(s)) => s.run_shared(x, tokens, gate, out),
+            None => Ok(false),
+        }
+    }
+
+    /// The routed experts' share for tokens `x` (`[T, H]`) with the row layout already built.
+    pub fn run_routed(
+        &mut self,
+        x: &HostData,
+        layout: &RowLayout,
+        k: usize,
+        weights: &[f32],
+        weights_on_input: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (h, i, rows) = (self.hidden, self.inter, layout.rows());
+        grow(&mut self.a, rows * h);
+        grow(&mut self.ao, rows * h);
+        grow(&mut self.gu, rows * 2 * i);
+        grow(&mut self.mid, rows * i);
+        grow(&mut self.yt, rows * h);
+        grow(&mut self.y, rows * h);
+        let src = &layout.src;
+        let row_token = |r: usize| src[r] as usize / k;
+        let scale = |r: usize| weights[src[r] as usize];
+        let scale: Option<&(dyn Fn(usize) -> f32 + Sync)> = if weights_on_input { Some(&scale) } else { None };
+        gather_rows(x, h, h, rows, &row_token, scale, &mut self.a)?;
+        let groups = &layout.groups;
+        let spans: Vec<Span> = groups.iter().map(|g| Span { expert: g.expert, row0: g.row0, rows: g.rows }).collect();
+        // The span of every row (rows are sorted by expert).
+        let of_row: Vec<Span> = spans.iter().flat_map(|s| std::iter::repeat_n(*s, s.rows)).collect();
+        // Activations in each expert's w13 input order.
+        let (w13, a) = (&self.w13, &self.a);
+        each_row(&mut self.ao, h, rows, |r, o| w13.order_input(of_row[r].expert, &a[r * h..(r + 1) * h], o));
+        project(
+            Mode { isa: self.isa, bf16_dot: self.bf16_dot },
+            &self.w13,
+            &spans,
+            &self.ao,
+            &mut self.gu,
+            self.b13.as_deref(),
+        );
+        // Activation, then the intermediate in w2's input order.
+        let (act, w2, gu) = (self.act, &self.w2, &self.gu);
+        each_row(&mut self.mid, i, rows, |r, o| {
+            let sp = of_row[r];
+            let (n, base, rr) = (sp.rows, sp.row0 * 2 * i, r - sp.row0);
+            let gate: Vec<f32> = (0..i).map(|j| gu[base + j * n + rr]).collect();
+            let up: Vec<f32> = (0..i).map(|j| gu[base + (i + j) * n + rr]).collect();
+            let mut v = vec![0.0f32; i];
+            act.apply(&gate, &up, &mut v);
+            w2.order_input(sp.expert, &v, o);
+        });
+        project(
+            Mode { isa: self.isa, bf16_dot: self.bf16_dot },
+            &self.w2,
+            &spans,
+            &self.mid,
+            &mut self.yt,
+            self.b2.as_deref(),
+        );
+        // [H][rows] per span -> [rows, H].
+        let yt = &self.yt;
+        each_row(&mut self.y, h, rows, |r, o| {
+            let sp = of_row[r];
+            let (n, base, rr) = (sp.rows, sp.row0 * h, r - sp.row0);
+            for (c, v) in o.iter_mut().enumerate() {
+                *v = yt[base + c * n + rr];
+            }
+        });
+        layout.combine(&self.y, h, k, (!weights_on_input).then_some(weights), out);
+        Ok(())
+    }
+}
+
+/// `f(r, row r of buf)` for `rows` rows of `width`: on the pool when there are enough rows to pay
+/// for it, inline otherwise (a decode step has a handful of rows; pool hops would dominate).
+fn each_row(buf: &mut [f32], width: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let buf = &mut buf[..rows * width];
+    if width == 0 {
+        return;
+    }
+    if rows < 16 {
+        buf.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
+    } else {
+        buf.par_chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
+    }
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Which kernels a projection uses.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    isa: Isa,
+    bf16_dot: bool,
+}
+
+/// The rows of one expert.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    expert: usize,
+    row0: usize,
+    rows: usize,
+}
+
+/// One task: output rows `c0..c1` of `span`'s expert for all of the span's tokens.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    span: Span,
+    c0: usize,
+    c1: usize,
+}
+
+/// `out` (per span transposed: `out[span.row0 * n + c * span.rows + r]`) = `W_e a_r (+ bias)` for
+/// every span; `a` is `[rows, k]` in the matrix's input order.
+fn project(mode: Mode, w: &QMat, spans: &[Span], a: &[f32], out: &mut [f32], bias: Option<&[f32]>) {
+    let (n, k) = (w.n, w.k);
+    let threads = rayon::current_num_threads().max(1);
+    let total: usize = spans.len() * n;
+    // About four tasks per thread, at least 8 rows each.
+    let per = (total / (4 * threads)).clamp(8, n.max(8));
+    let mut tasks = Vec::new();
+    for &s in spans {
+        for c0 in (0..n).step_by(per) {
+            tasks.push(Task { span: s, c0, c1: (c0 + per).min(n) });
+        }
+    }
+    // Tasks cover disjoint, consecutive ranges of `out`, in order: split it accordingly.
+    let mut slices = Vec::with_capacity(tasks.len());
+    let mut rest = &mut out[..spans.iter().map(|s| (s.row0 + s.rows) * n).max().unwrap_or(0)];
+    let mut at = 0;
+    for t in &tasks {
+        let start = t.span.row0 * n + t.c0 * t.span.rows;
+        let len = (t.c1 - t.c0) * t.span.rows;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+        let (mine, tail) = tail.split_at_mut(len);
+        slices.push(mine);
+        rest = tail;
+        at = start + len;
+    }
+    tasks.into_par_iter().zip(slices).for_each_init(
+        || vec![0.0f32; k],
+        |row, (t, o)| match mode.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 | Isa::Avx512 => {
+                // SAFETY: `Isa::Avx512*` is only selected when AVX-512F was detected at run time.
+                unsafe { task_avx512(mode, w, t, a, o, bias, row) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: `Isa::Avx2` is only selected when AVX2, FMA and F16C were detected.
+                unsafe { task_avx2(mode, w, t, a, o, bias, row) }
+            }
+            _ => task(Mode { isa: Isa::Portable, bf16_dot: false }, w, t, a, o, bias, row),
+        },
+    );
+}
+
+/// Decodes each row of the task once and dots it with every token of the span.
+#[inline(always)]
+fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
+    let isa = mode.isa;
+    let (n, k, s) = (w.n, w.k, t.span);
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && s.rows <= 4 && w.int4_row(s.expert, 0).is_some() {
+        // Few tokens (decode): int4 rows are decoded in registers and never stored.
+        let g = k / 128;
+        let mut xsum = [0.0f32; 4 * 64];
+        let xs = &mut xsum[..s.rows * g.min(64)];
+        if g <= 64 {
+            for r in 0..s.rows {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                for (gi, v) in xs[r * g..(r + 1) * g].iter_mut().enumerate() {
+                    *v = x[gi * 128..(gi + 1) * 128].iter().sum();
+                }
+            }
+            if mode.bf16_dot {
+                // Activations as bf16, 32 even then 32 odd inputs per 64 (from the 32-pair order).
+                let mut xb = vec![0u16; s.rows * k];
+                for r in 0..s.rows {
+                    let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                    let xr = &mut xb[r * k..(r + 1) * k];
+                    for m in 0..k / 64 {
+                        let src = [(0, 0), (16, 32), (32, 16), (48, 48)];
+                        for (from, to) in src {
+                            for l in 0..16 {
+                                xr[64 * m + to + l] = half::bf16::from_f32(x[64 * m + from + l]).to_bits();
+                            }
+                        }
+                    }
+                    for (gi, v) in xs[r * g..(r + 1) * g].iter_mut().enumerate() {
+                        *v = xr[gi * 128..(gi + 1) * 128].iter().map(|&b| half::bf16::from_bits(b).to_f32()).sum();
+                    }
+                }
+                for c in t.c0..t.c1 {
+                    let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
+                    let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+                    for r in 0..s.rows {
+                        // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, which was
+                        // detected at run time; the slices are one full row of `g` groups.
+                        let y = unsafe {
+                            simd::int4_dot_bf16(bytes, sc, zs, &xb[r * k..(r + 1) * k], &xs[r * g..(r + 1) * g])
+                        };
+                        out[(c - t.c0) * s.rows + r] = y + b;
+                    }
+                }
+                return;
+            }
+            for c in t.c0..t.c1 {
+                let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
+                let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+                for r in 0..s.rows {
+                    let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                    // SAFETY: AVX-512 was detected (the caller dispatched on `isa`); `bytes`,
+                    // `x`, `sc`, `zs` and this token's sums are one full row of `g` groups.
+                    let y = unsafe { simd::int4_dot_avx512(bytes, sc, zs, x, &xs[r * g..(r + 1) * g]) };
+                    out[(c - t.c0) * s.rows + r] = y + b;
+                }
+            }
+            return;
+        }
+    }
+    for c in t.c0..t.c1 {
+        w.decode_row_isa(isa, s.expert, c, row);
+        let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+        let o = &mut out[(c - t.c0) * s.rows..(c - t.c0 + 1) * s.rows];
+        for (r, o) in o.iter_mut().enumerate() {
+            *o = dot(&row[..k], &a[(s.row0 + r) * k..(s.row0 + r + 1) * k]) + b;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn task_avx512(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
+    task(Mode { isa: Isa::Avx512, ..mode }, w, t, a, out, bias, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn task_avx2(_mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
+    task(Mode { isa: Isa::Avx2, bf16_dot: false }, w, t, a, out, bias, row)
+}

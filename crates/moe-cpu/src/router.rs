@@ -1,0 +1,90 @@
+//! The router linear, `logits = x W^T (+ b)` in f32, computed with exactly the reference's
+//! arithmetic (per expert: products added in input order, no fused multiply-add; see
+//! [`crate::kernels::tile_exact_f32`]) so that top-k
+//! selection never differs from `reference` on near-ties. Experts are the vector lanes (the
+//! block layout of [`crate::pack`]), so the sequential order per expert still vectorizes.
+
+use moe_core::tensor::HostData;
+use moe_core::weights::RouterWeights;
+use moe_core::{MoeError, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::isa::Isa;
+use crate::kernels::{tile_exact_f32, Tile, MR_MAX};
+use crate::pack::{ColumnMap, PackedMats, WElem, NB};
+
+/// The packed router and its biases.
+#[derive(Debug)]
+pub struct Router {
+    w: PackedMats<f32>,
+    bias: Option<Vec<f32>>,
+    /// DeepSeek-V3 selection bias.
+    pub correction_bias: Option<Vec<f32>>,
+    experts: usize,
+    hidden: usize,
+    isa: Isa,
+}
+
+impl Router {
+    /// Packs `r` (`weight [E, H]`).
+    pub fn new(r: &RouterWeights, experts: usize, hidden: usize, isa: Isa) -> Result<Self> {
+        r.weight.expect_shape("cpu.router", &[experts, hidden])?;
+        let mut w = PackedMats::new(1, experts, hidden, ColumnMap::Plain, false);
+        w.pack_one(0, &r.weight.to_f32_vec()?);
+        Ok(Router {
+            w,
+            bias: r.bias.as_ref().map(|b| b.to_f32_vec()).transpose()?,
+            correction_bias: r.correction_bias.as_ref().map(|b| b.to_f32_vec()).transpose()?,
+            experts,
+            hidden,
+            isa,
+        })
+    }
+
+    /// Logits `[T, E]` for `hidden [T, H]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (e, h) = (self.experts, self.hidden);
+        let t = hidden.dim(0)?;
+        hidden.expect_shape("cpu.router_logits", &[t, h])?;
+        let mut out = vec![0.0f32; t * e];
+        let host = hidden.host()?;
+        match host {
+            HostData::F32(x) => self.rows(x, &mut out),
+            HostData::BF16(x) => self.rows(x, &mut out),
+            HostData::F16(x) => self.rows(x, &mut out),
+            other => {
+                return Err(MoeError::DType {
+                    op: "cpu.router_logits",
+                    expected: "f32, bf16 or f16 hidden states".into(),
+                    got: other.dtype().to_string(),
+                })
+            }
+        }
+        Tensor::from_f32(vec![t, e], out)
+    }
+
+    fn rows<S: WElem>(&self, x: &[S], out: &mut [f32]) {
+        let (e, h) = (self.experts, self.hidden);
+        if e == 0 || h == 0 {
+            return;
+        }
+        out.par_chunks_mut(MR_MAX * e).enumerate().for_each(|(tile, o)| {
+            let m = o.len() / e;
+            let t0 = tile * MR_MAX;
+            let xr: Vec<f32> = x[t0 * h..(t0 + m) * h].iter().map(|v| v.to_f32()).collect();
+            let mut c: Tile = [[0.0; NB]; MR_MAX];
+            for b in 0..self.w.blocks {
+                tile_exact_f32(self.isa, &xr, h, m, self.w.block(0, b), h, &mut c);
+                let n = NB.min(e - b * NB);
+                for (r, c) in c.iter().enumerate().take(m) {
+                    o[r * e + b * NB..r * e + b * NB + n].copy_from_slice(&c[..n]);
+                }
+            }
+            if let Some(bias) = &self.bias {
+                for row in o.chunks_mut(e) {
+                    row.iter_mut().zip(bias).for_each(|(l, b)| *l += b);
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,213 @@
+//! Quantized experts on the `cpu` backend against `reference` (which dequantizes to f32): every
+//! format x families with biases, shared experts and input-side routing weights, every
+//! instruction set this machine runs, 0/1/odd token counts, poisoned workspaces, expert-parallel
+//! slot ranges and EPLB slot replacement. Both sides hold the same quantized weights, so the
+//! tolerance is that of f32 (or bf16) compute, far tighter than the formats' own error.
+
+use moe_core::backend::reference::ReferenceBackend;
+use moe_core::backend::{BackendProvider, ExpertBackend, Hardware, LocalWeights, SlotRange};
+use moe_core::compare::rel_l2_tensors;
+use moe_core::config::SharedExpertConfig;
+use moe_core::quant::{quant_method, ExpertTensor, Int4Group, QuantMethod};
+use moe_core::weights::random_hidden;
+use moe_core::{
+    Activation, BackendRegistry, BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, ParallelConfig,
+    QuantFormat, RoutingConfig, Tensor,
+};
+use moe_cpu::{CpuBackend, CpuProvider, Isa};
+
+struct PinnedCpu(Isa);
+
+impl BackendProvider for PinnedCpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn priority(&self) -> i32 {
+        10
+    }
+    fn description(&self) -> &'static str {
+        "cpu pinned to one ISA (tests)"
+    }
+    fn can_implement(&self, cfg: &MoeConfig, hw: &Hardware) -> std::result::Result<(), String> {
+        CpuProvider.can_implement(cfg, hw)
+    }
+    fn create(&self, cfg: &MoeConfig, _hw: &Hardware) -> moe_core::Result<Box<dyn ExpertBackend>> {
+        Ok(Box::new(CpuBackend::new(cfg.clone(), self.0)))
+    }
+}
+
+fn formats() -> Vec<QuantFormat> {
+    QuantFormat::ALL.into_iter().filter(|f| *f != QuantFormat::None).collect()
+}
+
+/// `cfg` with random weights whose experts are quantized with `m`.
+fn quantized(cfg: &MoeConfig, m: &dyn QuantMethod, seed: u64) -> (MoeConfig, MoeWeights) {
+    let mut plain = cfg.clone();
+    plain.quant = QuantFormat::None;
+    let mut w = MoeWeights::random(&plain, seed).unwrap();
+    let p = quant_method(QuantFormat::None, cfg.weight_dtype).unwrap();
+    let q = |t: &ExpertTensor| {
+        let f: Vec<f32> = (0..t.experts).flat_map(|e| p.dequantize_expert(t, e).unwrap()).collect();
+        m.quantize(&f, t.experts, t.rows, t.cols).unwrap()
+    };
+    w.experts.w13 = q(&w.experts.w13);
+    w.experts.w2 = q(&w.experts.w2);
+    let mut c = cfg.clone();
+    c.quant = m.format();
+    w.validate(&c).unwrap();
+    (c, w)
+}
+
+fn families(h: usize, i: usize, dtype: DType) -> Vec<(&'static str, MoeConfig)> {
+    let mut base = MoeConfig::new(8, 2, h, i);
+    base.weight_dtype = dtype;
+    base.act_dtype = dtype;
+    let mut gpt = base.clone();
+    gpt.routing = RoutingConfig::GptOss;
+    gpt.activation = Activation::GPT_OSS;
+    gpt.router_bias = true;
+    gpt.expert_bias = true;
+    let mut llama = base.clone();
+    llama.routing = RoutingConfig::Llama4;
+    llama.top_k = 1;
+    llama.shared_expert = Some(SharedExpertConfig { intermediate_size: i, gated: false });
+    let mut qwen2 = base.clone();
+    qwen2.shared_expert = Some(SharedExpertConfig { intermediate_size: 128, gated: true });
+    vec![("softmax", base), ("gpt-oss", gpt), ("llama4", llama), ("qwen2-shared", qwen2)]
+}
+
+fn compare(cfg: &MoeConfig, w: &MoeWeights, isa: Isa, tokens: usize, seed: u64) -> f64 {
+    let hw = Hardware::cpu_only();
+    let mut registry = BackendRegistry::with_reference();
+    registry.register(Box::new(PinnedCpu(isa)));
+    let x = random_hidden(tokens, cfg.hidden_size, cfg.act_dtype, seed).unwrap();
+    let opts = |b: &str| BuildOptions { backend: b.into(), ..Default::default() };
+    let mut rcfg = cfg.clone();
+    rcfg.act_dtype = DType::F32;
+    let mut r = ConfigurableMoe::build(rcfg, &registry, &hw, opts("reference")).unwrap();
+    r.load_weights(w).unwrap();
+    let want = r.forward(&x.to_dtype(DType::F32).unwrap()).unwrap();
+    let mut c = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts("cpu")).unwrap();
+    assert_eq!(c.backend_name(), "cpu");
+    c.load_weights(w).unwrap();
+    let got = c.forward(&x).unwrap();
+    assert_eq!(got.shape(), &[tokens, cfg.hidden_size]);
+    rel_l2_tensors(&got, &want).unwrap()
+}
+
+#[test]
+fn can_implement_accepts_every_format() {
+    for f in formats() {
+        let mut c = MoeConfig::new(8, 2, 256, 128);
+        c.quant = f;
+        CpuProvider.can_implement(&c, &Hardware::cpu_only()).unwrap();
+    }
+}
+
+#[test]
+fn every_format_and_family_matches_reference() {
+    for f in formats() {
+        for (name, cfg) in families(256, 128, DType::F32) {
+            let (c, w) = quantized(&cfg, quant_method(f, DType::F32).unwrap().as_ref(), 3);
+            for tokens in [0, 1, 37] {
+                let err = compare(&c, &w, Isa::best(), tokens, 11 + tokens as u64);
+                assert!(err < 1e-5, "{f} {name} T={tokens}: rel L2 {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_isa_with_bf16_activations_and_zero_points() {
+    for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+        for (m, label) in [
+            (Box::new(Int4Group::with_zero_points()) as Box<dyn QuantMethod>, "int4 zero points"),
+            (quant_method(QuantFormat::Mxfp4, DType::BF16).unwrap(), "mxfp4"),
+            (quant_method(QuantFormat::Nvfp4, DType::BF16).unwrap(), "nvfp4"),
+            (quant_method(QuantFormat::Int8Channel, DType::BF16).unwrap(), "int8"),
+            (quant_method(QuantFormat::Fp8Block, DType::BF16).unwrap(), "fp8-block"),
+        ] {
+            // hidden 384 / intermediate 128: three int4 groups, a partial FP8 block row.
+            for (name, cfg) in families(384, 128, DType::BF16).into_iter().take(2) {
+                let (c, w) = quantized(&cfg, m.as_ref(), 5);
+                for tokens in [1, 9] {
+                    let err = compare(&c, &w, isa, tokens, 2);
+                    assert!(err < 1e-2, "{label} {name} {isa:?} T={tokens}: rel L2 {err:e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gptq_act_order_runs_on_cpu() {
+    let (c, mut w) = quantized(&MoeConfig::new(4, 2, 256, 128), &Int4Group::with_zero_points(), 8);
+    // A g_idx interleaving the groups (what desc_act produces), the same for every expert.
+    for t in [&mut w.experts.w13, &mut w.experts.w2] {
+        let g: Vec<i32> = (0..t.experts * t.cols).map(|i| ((i % t.cols) % (t.cols / 128)) as i32).collect();
+        t.parts.insert("weight_g_idx".into(), Tensor::from_i32(vec![t.experts, t.cols], g).unwrap());
+    }
+    w.validate(&c).unwrap();
+    let err = compare(&c, &w, Isa::best(), 7, 1);
+    assert!(err < 1e-5, "{err:e}");
+}
+
+fn backend(cfg: &MoeConfig, w: &MoeWeights, slots: SlotRange) -> CpuBackend {
+    let mut b = CpuBackend::new(cfg.clone(), Isa::best());
+    b.create_weights(slots).unwrap();
+    let ids: Vec<usize> = (slots.start..slots.start + slots.count).collect();
+    let lw = LocalWeights {
+        router: w.router.clone(),
+        experts: w.experts.select_experts(&ids).unwrap(),
+        shared: w.shared.clone(),
+    };
+    b.load_weights(&lw).unwrap();
+    b.post_load().unwrap();
+    b
+}
+
+#[test]
+fn poisoned_workspaces_expert_parallel_slots_and_slot_replacement() {
+    let mut cfg = MoeConfig::new(8, 2, 256, 128);
+    cfg.shared_expert = Some(SharedExpertConfig { intermediate_size: 64, gated: true });
+    let (c, w) = quantized(&cfg, &Int4Group::symmetric(), 4);
+    let mut reference = ReferenceBackend::new(c.clone());
+    reference.create_weights(SlotRange::for_config(&c)).unwrap();
+    reference
+        .load_weights(&LocalWeights { router: w.router.clone(), experts: w.experts.clone(), shared: w.shared.clone() })
+        .unwrap();
+    reference.post_load().unwrap();
+    let run = |b: &mut dyn ExpertBackend, x: &Tensor| {
+        let logits = b.router_logits(x).unwrap();
+        let topk = b.route(&logits).unwrap().into_identity_slots();
+        let input = b.quantize_input(x).unwrap();
+        b.run_moe(&input, &topk).unwrap()
+    };
+    // Two ranks of four slots each sum to the full answer; workspaces poisoned between forwards.
+    let big = random_hidden(50, 256, DType::F32, 1).unwrap();
+    let x = random_hidden(6, 256, DType::F32, 2).unwrap();
+    let want = run(&mut reference, &x);
+    let mut sum = vec![0.0f32; 6 * 256];
+    for rank in 0..2 {
+        let mut c2 = c.clone();
+        c2.parallel = ParallelConfig { ep_size: 2, ep_rank: rank };
+        let mut b = backend(&c2, &w, SlotRange::for_config(&c2));
+        run(&mut b, &big);
+        b.poison_workspaces();
+        let part = run(&mut b, &x).to_f32_vec().unwrap();
+        assert!(part.iter().all(|v| v.is_finite()));
+        sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
+    let err = moe_core::compare::rel_l2(&sum, want.as_f32().unwrap());
+    assert!(err < 1e-5, "EP halves vs reference: {err:e}");
+    // Slot 3 replaced by expert 6: equal to a backend loaded with that placement.
+    let mut b = backend(&c, &w, SlotRange::for_config(&c));
+    b.replace_slot(3, &w.experts, 6).unwrap();
+    let mut placed = w.clone();
+    placed.experts = w.experts.select_experts(&[0, 1, 2, 6, 4, 5, 6, 7]).unwrap();
+    let mut expect = backend(&c, &placed, SlotRange::for_config(&c));
+    let (a, e) = (run(&mut b, &x), run(&mut expect, &x));
+    assert_eq!(a.as_f32().unwrap(), e.as_f32().unwrap());
+    assert!(b.kernel_name().contains("quantized"));
+    assert!(b.packed_bytes() < 8 * 3 * 256 * 128, "int4 experts take well under a byte per weight");
+}

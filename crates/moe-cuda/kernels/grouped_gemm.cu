@@ -1,0 +1,408 @@
+// Grouped GEMMs for the expert MLPs on tensor cores (bf16/f16 in, f32 accumulate), fed by a
+// multi-stage cp.async pipeline. Two engines:
+//   mma:   mma.sync m16n8k16 with ldmatrix (sm_80+), tiles m16 / m64 / m128;
+//   wgmma: Hopper warpgroup MMA (sm_90a only), tile w128 = 128 x 128 x 64, operands read from
+//          128-byte-swizzled shared memory through matrix descriptors.
+//
+// `out = A[rows, K] x W[e]^T` where W is `[experts, n_total, K]` (nn.Linear order).
+// Row tiles of BM rows map to experts in one of three ways (`mode`):
+//   contiguous: tile j belongs to tile_expert[j] and its real rows end at tile_end[j];
+//   masked:     tile j is expert j / tiles_per_expert, rows e*max_m.., real rows counts[e];
+//   dense:      one expert (e = 0), rows 0..m_total (the shared expert).
+// Epilogues: `gate_up` fuses bias + activation (the B tile interleaves 8 gate rows with the 8
+// matching up rows, so each thread holds gate and up of the same column) and writes the
+// activation dtype; `down` adds the bias and writes f32.
+
+#define GEMM_BK 32
+#define GEMM_PAD 8
+
+struct GemmParams {
+    u64 a;            // [rows, K]
+    u64 w;            // [experts, n_total, K]
+    u64 bias;         // [experts, n_total] f32 or 0
+    u64 out;          // gate_up: [rows, N] act dtype; down: [rows, N] f32
+    u64 tile_expert;  // contiguous mode
+    u64 tile_end;     // contiguous mode
+    u64 counts;       // masked mode
+    int K, N, mode, max_m;
+    int m_total, tiles_per_expert, act, num_n;  // num_n: column blocks (the grid is num_m * num_n)
+    float alpha, limit;
+    long long split_stride;  // down with split K: elements between the partial outputs (grid z)
+};
+
+// Expert and row range of row tile `tile`; false when the tile holds no rows.
+__device__ __forceinline__ bool tile_rows(const GemmParams& p, int tile, int bm, int& e, int& row0, int& row_end) {
+    if (p.mode == MOE_MODE_CONTIGUOUS) {
+        e = ((const int*)p.tile_expert)[tile];
+        if (e < 0) return false;
+        row0 = tile * bm;
+        row_end = ((const int*)p.tile_end)[tile];
+    } else if (p.mode == MOE_MODE_MASKED) {
+        e = tile / p.tiles_per_expert;
+        row0 = e * p.max_m + (tile % p.tiles_per_expert) * bm;
+        row_end = e * p.max_m + ((const int*)p.counts)[e];
+    } else {
+        e = 0;
+        row0 = tile * bm;
+        row_end = p.m_total;
+    }
+    return row0 < row_end;
+}
+
+// Block order: the grid is one dimension over (row tile, column block), grouped by GEMM_GROUP_M
+// row tiles: blocks that run together share a group's weight tiles (read once from DRAM, then
+// from L2) and its activation rows. Column-block-major order would re-read every expert's
+// weights once per row tile.
+#define GEMM_GROUP_M 8
+__device__ __forceinline__ void block_coords(const GemmParams& p, int& tile, int& nb) {
+    const int b = blockIdx.x, num_n = p.num_n;
+    const int num_m = gridDim.x / num_n;
+    const int group = b / (GEMM_GROUP_M * num_n), first = group * GEMM_GROUP_M;
+    const int gm = min(num_m - first, GEMM_GROUP_M);
+    const int r = b - group * GEMM_GROUP_M * num_n;
+    tile = first + r % gm;
+    nb = r / gm;
+}
+
+// Weight row of local B row n (gate/up interleaved by 8 for the fused epilogue).
+template <bool GATE_UP>
+__device__ __forceinline__ int b_row(int n, int n0, int N, bool& ok) {
+    if (GATE_UP) {
+        int col = n0 + (n >> 4) * 8 + (n & 7);
+        ok = col < N;
+        return (n & 8) ? N + col : col;
+    } else {
+        int col = n0 + n;
+        ok = col < N;
+        return col;
+    }
+}
+
+// Stores a warp's accumulators: MI x NI fragments of 16 x 8 in the mma C layout; fragment (i, j)
+// covers rows row_base + 16 i .. and local B columns col_base + 8 j ...
+template <int MI, int NI, bool GATE_UP, class Tag>
+__device__ __forceinline__ void store_acc(const GemmParams& p, float (&acc)[MI][NI][4], int e, int row_base,
+                                          int row_end, int col_base, int n0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int N = p.N, n_total = GATE_UP ? 2 * N : N;
+    const float* bias = (p.bias && blockIdx.z == 0) ? (const float*)p.bias + (size_t)e * n_total : nullptr;
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row_base + i * 16 + g + h * 8;
+            if (row >= row_end) continue;
+            if (GATE_UP) {
+                u16* out = (u16*)p.out + (size_t)row * N;
+#pragma unroll
+                for (int j = 0; j < NI / 2; ++j) {
+                    const int col = n0 + ((col_base + j * 16) >> 4) * 8 + t4 * 2;
+                    float v[2];
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        float gt = acc[i][2 * j][h * 2 + c], up = acc[i][2 * j + 1][h * 2 + c];
+                        if (bias && col + c < N) {
+                            gt += bias[col + c];
+                            up += bias[N + col + c];
+                        }
+                        v[c] = apply_act(p.act, gt, up, p.alpha, p.limit);
+                    }
+                    if (col + 1 < N) {
+                        u32 packed = (u32)from_f32(v[0], Tag()) | ((u32)from_f32(v[1], Tag()) << 16);
+                        *(u32*)(out + col) = packed;
+                    } else if (col < N) {
+                        out[col] = from_f32(v[0], Tag());
+                    }
+                }
+            } else {
+                float* out = (float*)p.out + blockIdx.z * p.split_stride + (size_t)row * N;
+#pragma unroll
+                for (int j = 0; j < NI; ++j) {
+                    const int col = n0 + col_base + j * 8 + t4 * 2;
+                    float v0 = acc[i][j][h * 2], v1 = acc[i][j][h * 2 + 1];
+                    if (bias) {
+                        if (col < N) v0 += bias[col];
+                        if (col + 1 < N) v1 += bias[col + 1];
+                    }
+                    if (col + 1 < N) *(float2*)(out + col) = make_float2(v0, v1);
+                    else if (col < N) out[col] = v0;
+                }
+            }
+        }
+    }
+}
+
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, bool GATE_UP, class Tag>
+__device__ __forceinline__ void grouped_gemm(const GemmParams& p) {
+    constexpr int LD = BK + GEMM_PAD;
+    constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+    constexpr int MI = WM / 16, NI = WN / 8;
+    constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    constexpr int CH = BK / 8;  // 16-byte chunks per row per stage
+    static_assert(WN % 16 == 0, "warp N tile must hold gate/up pairs of 8 columns");
+    extern __shared__ __align__(16) u16 gemm_smem[];
+    u16* As = gemm_smem;
+    u16* Bs = gemm_smem + STAGES * BM * LD;
+
+    int e, row0, row_end, tile, nb;
+    block_coords(p, tile, nb);
+    if (!tile_rows(p, tile, BM, e, row0, row_end)) return;
+    const int K = p.K, N = p.N;
+    const int n_total = GATE_UP ? 2 * N : N;
+    const int n0 = nb * (GATE_UP ? BN / 2 : BN);  // first output column of this block
+    const u16* A = (const u16*)p.a;
+    const u16* W = (const u16*)p.w + (size_t)e * n_total * K;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+
+    auto load_stage = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        u16* as = As + stage * BM * LD;
+        u16* bs = Bs + stage * BN * LD;
+        for (int c = tid; c < BM * CH; c += THREADS) {
+            int r = c / CH, kc = (c % CH) * 8;
+            int row = row0 + r, k = k0 + kc;
+            bool ok = row < row_end && k < K;
+            const u16* src = ok ? A + (size_t)row * K + k : A;
+            cp_async16(as + r * LD + kc, src, ok ? 16 : 0);
+        }
+        for (int c = tid; c < BN * CH; c += THREADS) {
+            int n = c / CH, kc = (c % CH) * 8;
+            bool ok;
+            int wr = b_row<GATE_UP>(n, n0, N, ok);
+            int k = k0 + kc;
+            ok = ok && k < K;
+            const u16* src = ok ? W + (size_t)wr * K + k : W;
+            cp_async16(bs + n * LD + kc, src, ok ? 16 : 0);
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+    // Split K (down projection, grid z > 1): this block sums k-tiles [kt0, kt0 + KT) only.
+    const int KT_ALL = (K + BK - 1) / BK;
+    const int per = (KT_ALL + gridDim.z - 1) / gridDim.z;
+    const int kt0 = blockIdx.z * per;
+    const int KT = max(0, min(KT_ALL - kt0, per));
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, kt0 + s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        int pf = kt + STAGES - 1;
+        if (pf < KT) load_stage(pf % STAGES, kt0 + pf);
+        cp_async_commit();
+        const u16* as = As + (kt % STAGES) * BM * LD;
+        const u16* bs = Bs + (kt % STAGES) * BN * LD;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            u32 af[MI][4];
+            u32 bf[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i) {
+                int r = wm * WM + i * 16 + (lane & 15);
+                int c = kk + (lane >> 4) * 8;
+                ldmatrix_x4(af[i], as + r * LD + c);
+            }
+#pragma unroll
+            for (int j = 0; j < NI / 2; ++j) {
+                int n = wn * WN + j * 16 + (lane & 7) + (lane >> 4) * 8;
+                int c = kk + ((lane >> 3) & 1) * 8;
+                u32 r[4];
+                ldmatrix_x4(r, bs + n * LD + c);
+                bf[2 * j][0] = r[0];
+                bf[2 * j][1] = r[1];
+                bf[2 * j + 1][0] = r[2];
+                bf[2 * j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_16816(acc[i][j], af[i], bf[j][0], bf[j][1], Tag());
+        }
+    }
+    cp_async_wait<0>();
+    store_acc<MI, NI, GATE_UP, Tag>(p, acc, e, row0 + wm * WM, row_end, wn * WN, n0);
+}
+
+// ---- Hopper warpgroup MMA (sm_90a) ----
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOE_HAS_WGMMA 1
+#endif
+
+#define WG_BM 128
+#define WG_BK 64
+
+#ifdef MOE_HAS_WGMMA
+// K-major operand tile with the 128-byte swizzle: rows of 64 elements (128 bytes), 8-row groups
+// of 1024 bytes; the leading byte offset is unused for this layout, the stride is 1024 bytes.
+__device__ __forceinline__ u64 wgmma_desc(const void* smem) {
+    u64 addr = smem_addr(smem);
+    return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 da, u64 db, Bf16Tag) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 da, u64 db, F16Tag) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 da, u64 db, Bf16Tag) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 da, u64 db, F16Tag) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1));
+}
+#endif
+
+// 128 x BN x 64 tile, two warpgroups (each 64 rows x BN columns), STAGES-deep cp.async ring.
+// The MMAs of k-tile kt stay in flight while the block waits for and issues k-tile kt + 1
+// (wgmma.wait_group 1); loads therefore run STAGES - 2 tiles ahead, so a stage is rewritten only
+// after the MMAs that read it have completed.
+template <int BN, int STAGES, bool GATE_UP, class Tag>
+__device__ __forceinline__ void wgmma_gemm(const GemmParams& p) {
+#ifdef MOE_HAS_WGMMA
+    constexpr int BM = WG_BM, BK = WG_BK, THREADS = 256, NI = BN / 8;
+    constexpr int A_STAGE = BM * BK, B_STAGE = BN * BK;  // elements
+    static_assert(STAGES >= 3, "the wgmma ring needs at least 3 stages");
+    extern __shared__ __align__(16) u16 gemm_smem[];
+    // Swizzled tiles need 1024-byte alignment; the launch reserves 1 KiB of slack.
+    u16* base = (u16*)(((size_t)gemm_smem + 1023) & ~(size_t)1023);
+    u16* As = base;
+    u16* Bs = base + STAGES * A_STAGE;
+
+    int e, row0, row_end, tile, nb;
+    block_coords(p, tile, nb);
+    if (!tile_rows(p, tile, BM, e, row0, row_end)) return;
+    const int K = p.K, N = p.N;
+    const int n_total = GATE_UP ? 2 * N : N;
+    const int n0 = nb * (GATE_UP ? BN / 2 : BN);
+    const u16* A = (const u16*)p.a;
+    const u16* W = (const u16*)p.w + (size_t)e * n_total * K;
+    const int tid = threadIdx.x, warp = tid >> 5, wg = warp >> 2;
+
+    auto load_stage = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        u16* as = As + stage * A_STAGE;
+        u16* bs = Bs + stage * B_STAGE;
+        for (int c = tid; c < BM * 8; c += THREADS) {
+            int r = c >> 3, ch = c & 7;
+            int row = row0 + r, k = k0 + ch * 8;
+            bool ok = row < row_end && k < K;
+            const u16* src = ok ? A + (size_t)row * K + k : A;
+            cp_async16(as + r * BK + ((ch ^ (r & 7)) << 3), src, ok ? 16 : 0);
+        }
+        for (int c = tid; c < BN * 8; c += THREADS) {
+            int n = c >> 3, ch = c & 7;
+            bool ok;
+            int wr = b_row<GATE_UP>(n, n0, N, ok);
+            int k = k0 + ch * 8;
+            ok = ok && k < K;
+            const u16* src = ok ? W + (size_t)wr * K + k : W;
+            cp_async16(bs + n * BK + ((ch ^ (n & 7)) << 3), src, ok ? 16 : 0);
+        }
+    };
+
+    float d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
+
+    const int KT = (K + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 3>();
+        fence_proxy_async();  // make this thread's cp.async writes visible to the tensor cores
+        __syncthreads();      // every thread's tile kt landed; every warpgroup finished tile kt - 2
+        int pf = kt + STAGES - 2;
+        if (pf < KT) load_stage(pf % STAGES, pf);
+        cp_async_commit();
+        const u16* as = As + (kt % STAGES) * A_STAGE + wg * 64 * BK;
+        const u16* bs = Bs + (kt % STAGES) * B_STAGE;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            if constexpr (BN == 256) wgmma_m64n256k16(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), Tag());
+            else wgmma_m64n128k16(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), Tag());
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    // Accumulator layout: register 4 j + r holds (row 16 w + g (+8 for r >= 2), column 8 j + 2 t4
+    // + r % 2) of this warpgroup's 64 x BN slab, i.e. the mma C layout per 8-column fragment.
+    float acc[1][NI][4];
+#pragma unroll
+    for (int j = 0; j < NI; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[0][j][r] = d[4 * j + r];
+    store_acc<1, NI, GATE_UP, Tag>(p, acc, e, row0 + wg * 64 + (warp & 3) * 16, row_end, 0, n0);
+#endif
+}
+
+// Tile configurations: (name, dtype, BM, BN, BK, warps along M, warps along N, stages).
+// Must match `GemmTile` in src/kernels.rs.
+#define GEMM_ENTRY(NAME, DT, TAG, BM, BN, BK, WMW, WNW, ST)                                              \
+    extern "C" __global__ void __launch_bounds__(WMW * WNW * 32) gemm_gate_up_##DT##_##NAME(GemmParams p) { \
+        grouped_gemm<BM, BN, BK, WMW, WNW, ST, true, TAG>(p);                                           \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(WMW * WNW * 32) gemm_down_##DT##_##NAME(GemmParams p) {    \
+        grouped_gemm<BM, BN, BK, WMW, WNW, ST, false, TAG>(p);                                          \
+    }
+#define WGMMA_ENTRY(NAME, DT, TAG, BN, ST)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 1) gemm_gate_up_##DT##_##NAME(GemmParams p) { \
+        wgmma_gemm<BN, ST, true, TAG>(p);                                                          \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 1) gemm_down_##DT##_##NAME(GemmParams p) {    \
+        wgmma_gemm<BN, ST, false, TAG>(p);                                                         \
+    }
+
+// Each dtype is its own module (MOE_GEMM_BF16 / MOE_GEMM_F16 are prepended by src/kernels.rs),
+// so the first forward compiles only the kernels of its dtype.
+#ifdef MOE_GEMM_BF16
+GEMM_ENTRY(m16, bf16, Bf16Tag, 16, 128, 64, 1, 4, 4)
+GEMM_ENTRY(m64, bf16, Bf16Tag, 64, 128, 64, 2, 2, 3)
+GEMM_ENTRY(m128, bf16, Bf16Tag, 128, 128, 32, 2, 4, 4)
+WGMMA_ENTRY(w128, bf16, Bf16Tag, 128, 4)
+WGMMA_ENTRY(w256, bf16, Bf16Tag, 256, 4)
+#endif
+#ifdef MOE_GEMM_F16
+GEMM_ENTRY(m16, f16, F16Tag, 16, 128, 64, 1, 4, 4)
+GEMM_ENTRY(m64, f16, F16Tag, 64, 128, 64, 2, 2, 3)
+GEMM_ENTRY(m128, f16, F16Tag, 128, 128, 32, 2, 4, 4)
+WGMMA_ENTRY(w128, f16, F16Tag, 128, 4)
+WGMMA_ENTRY(w256, f16, F16Tag, 256, 4)
+#endif

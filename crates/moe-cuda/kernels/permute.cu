@@ -1,0 +1,218 @@
+// Token <-> expert layouts on the device (see crates/moe-core/src/permute.rs for the host
+// reference): per-expert counts, aligned offsets and the contiguous tile map, the gather into the
+// contiguous or masked layout, the weighted unpermute-reduce, and the block's final combine.
+
+struct CountParams {
+    u64 ids;      // [T*k] i32 slot ids
+    u64 counts;   // [n_local] i32, zeroed before the launch
+    u64 pos;      // [T*k] i32 out: position within the expert, -1 when not local
+    u64 err;      // int flag: set to -(1 + index) on an out-of-range slot id
+    int pairs, slot_start, n_local, slot_total;
+};
+
+extern "C" __global__ void moe_count(CountParams p) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.pairs) return;
+    int slot = ((const int*)p.ids)[i];
+    int l = slot - p.slot_start;
+    if (slot < 0 || slot >= p.slot_total) atomicCAS((int*)p.err, 0, -(i + 1));
+    int pos = -1;
+    if (l >= 0 && l < p.n_local) pos = atomicAdd((int*)p.counts + l, 1);
+    ((int*)p.pos)[i] = pos;
+}
+
+struct LayoutParams {
+    u64 counts;       // [n_local] i32
+    u64 offsets;      // [n_local + 1] i32 out (aligned, contiguous mode)
+    u64 tile_expert;  // [tiles] i32 out: local expert of each BM-row tile, -1 past the end
+    u64 tile_end;     // [tiles] i32 out: end of the expert's real rows
+    int n_local, block_m, tiles, pad;
+};
+
+// One block: serial aligned scan (n_local is at most a few hundred), then a parallel tile map.
+extern "C" __global__ void moe_layout(LayoutParams p) {
+    const int* counts = (const int*)p.counts;
+    int* off = (int*)p.offsets;
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int e = 0; e < p.n_local; ++e) {
+            off[e] = acc;
+            acc += (counts[e] + p.block_m - 1) / p.block_m * p.block_m;
+        }
+        off[p.n_local] = acc;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < p.tiles; j += blockDim.x) {
+        int row = j * p.block_m;
+        int e = -1, end = 0;
+        if (row < off[p.n_local]) {
+            int lo = 0, hi = p.n_local - 1;  // last e with off[e] <= row
+            while (lo < hi) {
+                int mid = (lo + hi + 1) >> 1;
+                if (off[mid] <= row) lo = mid; else hi = mid - 1;
+            }
+            e = lo;
+            end = off[e] + counts[e];
+        }
+        ((int*)p.tile_expert)[j] = e;
+        ((int*)p.tile_end)[j] = end;
+    }
+}
+
+struct PermuteParams {
+    u64 x;        // [T, H] activations
+    u64 ids;      // [T*k] i32
+    u64 pos;      // [T*k] i32
+    u64 offsets;  // [n_local + 1] i32 (contiguous) or 0 (masked)
+    u64 weights;  // [T*k] f32 (scales the input when scale_input)
+    u64 a;        // [rows, H] out
+    u64 row_of;   // [T*k] i32 out: layout row, -1 when not local
+    int pairs, k, hidden, slot_start;
+    int max_m, scale_input, pad0, pad1;
+};
+
+// One block per (token, choice): copies the token's row into its layout row.
+template <class Tag>
+__device__ void permute(const PermuteParams& p) {
+    const int i = blockIdx.x;
+    if (i >= p.pairs) return;
+    const int pos = ((const int*)p.pos)[i];
+    int row = -1;
+    if (pos >= 0) {
+        int l = ((const int*)p.ids)[i] - p.slot_start;
+        row = p.offsets ? ((const int*)p.offsets)[l] + pos : l * p.max_m + pos;
+    }
+    if (threadIdx.x == 0) ((int*)p.row_of)[i] = row;
+    if (row < 0) return;
+    const int t = i / p.k;
+    const uint4* src = (const uint4*)((const u16*)p.x + (size_t)t * p.hidden);
+    uint4* dst = (uint4*)((u16*)p.a + (size_t)row * p.hidden);
+    const float s = p.scale_input ? ((const float*)p.weights)[i] : 1.f;
+    for (int c = threadIdx.x; c < p.hidden / 8; c += blockDim.x) {
+        uint4 v = src[c];
+        if (p.scale_input) {
+            u16* e = (u16*)&v;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) e[j] = from_f32(to_f32(e[j], Tag()) * s, Tag());
+        }
+        dst[c] = v;
+    }
+}
+extern "C" __global__ void moe_permute_bf16(PermuteParams p) { permute<Bf16Tag>(p); }
+extern "C" __global__ void moe_permute_f16(PermuteParams p) { permute<F16Tag>(p); }
+
+struct UnpermuteParams {
+    u64 y;        // [rows, H] f32 expert outputs
+    u64 row_of;   // [T*k] i32
+    u64 weights;  // [T*k] f32
+    u64 out;      // [T, H] f32
+    int tokens, k, hidden, unweighted;
+    long long split_stride;  // elements between split-K partials of y
+    int splits, pad;
+};
+
+// out[t] = sum over local choices of w * y[row] (w = 1 when the weight scaled the input).
+extern "C" __global__ void moe_unpermute(UnpermuteParams p) {
+    const int t = blockIdx.x;
+    const int* row_of = (const int*)p.row_of + (size_t)t * p.k;
+    const float* w = (const float*)p.weights + (size_t)t * p.k;
+    const float4* y = (const float4*)p.y;
+    float4* out = (float4*)((float*)p.out + (size_t)t * p.hidden);
+    const int h4 = p.hidden / 4;
+    for (int c = threadIdx.x; c < h4; c += blockDim.x) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j = 0; j < p.k; ++j) {
+            int r = row_of[j];
+            if (r < 0) continue;
+            float s = p.unweighted ? 1.f : w[j];
+            float4 v = y[(size_t)r * h4 + c];
+            for (int z = 1; z < p.splits; ++z) {
+                float4 u = y[(size_t)z * (p.split_stride / 4) + (size_t)r * h4 + c];
+                v.x += u.x;
+                v.y += u.y;
+                v.z += u.z;
+                v.w += u.w;
+            }
+            acc.x += s * v.x;
+            acc.y += s * v.y;
+            acc.z += s * v.z;
+            acc.w += s * v.w;
+        }
+        out[c] = acc;
+    }
+}
+
+struct SharedGateParams {
+    u64 x;     // [T, H]
+    u64 gate;  // [H] f32
+    u64 out;   // [T] f32: sigmoid(x . gate)
+    int tokens, hidden;
+};
+
+// One warp per token.
+template <class Tag>
+__device__ void shared_gate(const SharedGateParams& p) {
+    const int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (t >= p.tokens) return;
+    const u16* x = (const u16*)p.x + (size_t)t * p.hidden;
+    const float* g = (const float*)p.gate;
+    float acc = 0.f;
+    for (int h = lane; h < p.hidden; h += 32) acc += to_f32(x[h], Tag()) * g[h];
+    acc = warp_sum(acc);
+    if (lane == 0) ((float*)p.out)[t] = sigmoid_f(acc);
+}
+extern "C" __global__ void moe_shared_gate_bf16(SharedGateParams p) { shared_gate<Bf16Tag>(p); }
+extern "C" __global__ void moe_shared_gate_f16(SharedGateParams p) { shared_gate<F16Tag>(p); }
+
+struct FinalizeParams {
+    u64 routed;  // [T, H] f32
+    u64 shared;  // [T, H] f32 or 0
+    u64 gate;    // [T] f32 or 0
+    u64 out;     // [T, H] activation dtype
+    long long n;
+    int hidden, pad;
+};
+
+template <class Tag>
+__device__ void finalize(const FinalizeParams& p) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    float v = ((const float*)p.routed)[i];
+    if (p.shared) {
+        float g = p.gate ? ((const float*)p.gate)[i / p.hidden] : 1.f;
+        v += g * ((const float*)p.shared)[i];
+    }
+    ((u16*)p.out)[i] = from_f32(v, Tag());
+}
+extern "C" __global__ void moe_finalize_bf16(FinalizeParams p) { finalize<Bf16Tag>(p); }
+extern "C" __global__ void moe_finalize_f16(FinalizeParams p) { finalize<F16Tag>(p); }
+
+struct FillParams {
+    u64 out;
+    long long n;
+    float scale;
+    u32 seed;
+};
+
+// Deterministic uniform(-scale, scale) fill (benchmarks build large expert stacks on the device).
+__device__ __forceinline__ float hash_uniform(u64 i, u32 seed) {
+    u64 x = i * 0x9E3779B97F4A7C15ull + ((u64)seed << 32 | seed);
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    return (float)(x >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+template <class Tag>
+__device__ void fill_random16(const FillParams& p) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long long)gridDim.x * blockDim.x)
+        ((u16*)p.out)[i] = from_f32(hash_uniform(i, p.seed) * p.scale, Tag());
+}
+extern "C" __global__ void moe_fill_random_bf16(FillParams p) { fill_random16<Bf16Tag>(p); }
+extern "C" __global__ void moe_fill_random_f16(FillParams p) { fill_random16<F16Tag>(p); }
+extern "C" __global__ void moe_fill_random_f32(FillParams p) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long long)gridDim.x * blockDim.x)
+        ((float*)p.out)[i] = hash_uniform(i, p.seed) * p.scale;
+}

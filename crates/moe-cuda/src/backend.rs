@@ -1,0 +1,696 @@
+//! The `cuda` expert backend: the whole block on one GPU, device-resident between stages.
+//!
+//! router_logits (f32 warp dot products) -> route (one warp per token, every routing method) ->
+//! run_moe: count -> (contiguous: aligned offsets + tile map) -> permute -> gate_up grouped GEMM
+//! with fused bias + activation -> down grouped GEMM (+ bias) -> weighted unpermute-reduce ->
+//! finalize: shared expert (dense GEMMs, optional sigmoid gate) + cast to the activation dtype.
+//! No stage reads anything back to the host; launch shapes depend only on the token count.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use moe_core::backend::{BackendInput, ExpertBackend, LocalWeights, SlotRange};
+use moe_core::config::{Activation, GroupMaskValue, RoutingConfig, V2TopkMethod};
+use moe_core::tensor::HostData;
+use moe_core::weights::ExpertWeights;
+use moe_core::{DType, Logical, MoeConfig, MoeError, Physical, Result, Tensor, TopK};
+
+use crate::buffer::{device_buffer, CudaBuffer, ErrorFlag, Half16, Slice};
+use crate::device::{CudaDevice, Workspace};
+use crate::error::CudaError;
+use crate::heuristics::{self, Layout, Plan};
+use crate::kernels::*;
+
+const NAME: &str = "cuda";
+
+/// Expert and router weights on the device.
+#[derive(Debug)]
+struct DeviceWeights {
+    router_w: CudaSlice<f32>,
+    router_b: Option<CudaSlice<f32>>,
+    corr_bias: Option<CudaSlice<f32>>,
+    w13: CudaSlice<u16>,
+    w2: CudaSlice<u16>,
+    b13: Option<CudaSlice<f32>>,
+    b2: Option<CudaSlice<f32>>,
+    shared: Option<SharedDevice>,
+}
+
+#[derive(Debug)]
+struct SharedDevice {
+    w13: CudaSlice<u16>,
+    w2: CudaSlice<u16>,
+    gate: Option<CudaSlice<f32>>,
+    inter: usize,
+}
+
+/// `w13`, `w2`, `b13`, `b2` of an expert stack on the device.
+type ExpertSlices = (CudaSlice<u16>, CudaSlice<u16>, Option<CudaSlice<f32>>, Option<CudaSlice<f32>>);
+
+/// One MoE layer's experts on one GPU.
+#[derive(Debug)]
+pub struct CudaBackend {
+    cfg: MoeConfig,
+    dev: Arc<CudaDevice>,
+    elem: Elem,
+    slots: Option<SlotRange>,
+    weights: Option<DeviceWeights>,
+    ws: Workspace,
+    masked_max: usize,
+    host_routing: bool,
+    poison: bool,
+    wgmma: Option<GemmTile>,
+}
+
+/// 16-bit bit patterns of a float tensor in `dtype` (converting if it is stored otherwise).
+fn bits16(t: &Tensor, dtype: DType) -> Result<Vec<u16>> {
+    let host = t.to_host()?;
+    match (host.host()?, dtype) {
+        (HostData::BF16(v), DType::BF16) => Ok(v.iter().map(|x| x.to_bits()).collect()),
+        (HostData::F16(v), DType::F16) => Ok(v.iter().map(|x| x.to_bits()).collect()),
+        (_, DType::BF16) => Ok(host.to_f32_vec()?.into_iter().map(|x| half::bf16::from_f32(x).to_bits()).collect()),
+        (_, DType::F16) => Ok(host.to_f32_vec()?.into_iter().map(|x| half::f16::from_f32(x).to_bits()).collect()),
+        (_, other) => {
+            Err(MoeError::DType { op: "cuda upload", expected: "bf16 or f16".into(), got: other.to_string() })
+        }
+    }
+}
+
+impl CudaBackend {
+    /// A backend for `cfg` on GPU `ordinal` (weights not yet created).
+    pub fn new(cfg: MoeConfig, ordinal: usize) -> Result<Self> {
+        let elem = match cfg.act_dtype {
+            DType::BF16 => Elem::Bf16,
+            DType::F16 => Elem::F16,
+            other => return Err(MoeError::unsupported(NAME, format!("activation dtype {other}"))),
+        };
+        let dev = CudaDevice::get(ordinal)?;
+        let host_routing = cfg.parallel.ep_size > 1 || cfg.eplb_slots.is_some();
+        Ok(CudaBackend {
+            cfg,
+            dev,
+            elem,
+            slots: None,
+            weights: None,
+            ws: Workspace::default(),
+            masked_max: heuristics::masked_max_tokens(),
+            host_routing,
+            poison: false,
+            wgmma: match std::env::var("MOE_CUDA_WGMMA").as_deref() {
+                Ok("0") => None,
+                Ok("128") => Some(GemmTile::W128),
+                _ => Some(GemmTile::W256),
+            },
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// The launch plan `run_moe` uses for `tokens` tokens.
+    pub fn plan(&self, tokens: usize) -> Plan {
+        let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
+        let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
+        p.tile = self.upgrade(p.tile);
+        p
+    }
+
+    /// The Hopper wgmma tile replaces the mma.sync tile of the same rows on sm_90a.
+    fn upgrade(&self, tile: GemmTile) -> GemmTile {
+        match self.wgmma {
+            Some(w) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => w,
+            _ => tile,
+        }
+    }
+
+    /// Benchmarks and tests: the wgmma tile used for large groups on sm_90a (`None`: mma.sync
+    /// only). Default `W256`; `MOE_CUDA_WGMMA=0` turns it off, `=128` picks `W128`.
+    pub fn set_wgmma(&mut self, tile: Option<GemmTile>) {
+        self.wgmma = tile.filter(|t| t.needs_sm90a());
+    }
+
+    /// K splits of the down projection: decode-sized problems have too few output tiles to keep
+    /// every SM streaming weights, so the reduction over the intermediate size is split and the
+    /// partial sums are added by the unpermute kernel (deterministically, in split order).
+    fn down_splits(&self, plan: &Plan, tokens: usize) -> usize {
+        if plan.tile != GemmTile::M16 {
+            return 1;
+        }
+        let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
+        let active = (tokens * self.cfg.top_k).min(n_local).max(1);
+        let ctas = self.cfg.hidden_size.div_ceil(plan.tile.block_n()) * active;
+        let want = (2 * self.dev.sm_count() as usize).div_ceil(ctas);
+        want.clamp(1, 8).min((self.cfg.intermediate_size / 256).max(1))
+    }
+
+    /// Overrides the masked/contiguous switch point (benchmarks measure it with this).
+    pub fn set_masked_max_tokens(&mut self, t: usize) {
+        self.masked_max = t;
+    }
+
+    /// Tests: fill every output and scratch buffer with NaN bytes before kernels write them, so
+    /// an element a kernel forgets to write shows up as NaN.
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    fn out_alloc<T: cudarc::driver::DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let s = self.dev.alloc::<T>(len)?;
+        if self.poison {
+            self.dev.memset_ptr_value(self.dev.ptr(&s), 0xFF, len.max(1) * std::mem::size_of::<T>())?;
+        }
+        Ok(s)
+    }
+
+    fn scratch(&mut self, name: &'static str, bytes: usize) -> Result<u64> {
+        let p = self.ws.get(&self.dev, name, bytes)?;
+        if self.poison {
+            self.dev.memset_ptr_value(p, 0xFF, bytes)?;
+        }
+        Ok(p)
+    }
+
+    fn fill(&self, id: KernelId, ptr: u64, len: usize, scale: f32, seed: u32) -> Result<()> {
+        let p = FillParams { out: ptr, n: len as i64, scale, seed };
+        self.dev.launch(id, (len.div_ceil(256).clamp(1, 16384) as u32, 1, 1), 256, 0, &p)?;
+        Ok(())
+    }
+
+    fn random16(&self, len: usize, fan_in: usize, seed: u32) -> Result<CudaSlice<u16>> {
+        let s = self.dev.alloc::<u16>(len)?;
+        // uniform(-a, a) with a = sqrt(3 / fan_in): std 1/sqrt(fan_in), like a trained layer.
+        self.fill(KernelId::FillRandom(self.elem), self.dev.ptr(&s), len, (3.0 / fan_in as f32).sqrt(), seed)?;
+        Ok(s)
+    }
+
+    fn random32(&self, len: usize, scale: f32, seed: u32) -> Result<CudaSlice<f32>> {
+        let s = self.dev.alloc::<f32>(len)?;
+        self.fill(KernelId::FillRandomF32, self.dev.ptr(&s), len, scale, seed)?;
+        Ok(s)
+    }
+
+    /// Benchmarks: random weights generated on the device for the created slots (no multi-GB host
+    /// copies). The same seed gives the same weights.
+    pub fn load_random_device_weights(&mut self, seed: u32) -> Result<()> {
+        let slots =
+            self.slots.ok_or_else(|| MoeError::WeightsNotLoaded { backend: "cuda (create_weights first)".into() })?;
+        let (n, e, h, i) = (slots.count, self.cfg.num_experts, self.cfg.hidden_size, self.cfg.intermediate_size);
+        let cfg = self.cfg.clone();
+        let shared = match cfg.shared_expert {
+            Some(sc) => Some(SharedDevice {
+                w13: self.random16(2 * sc.intermediate_size * h, h, seed ^ 11)?,
+                w2: self.random16(h * sc.intermediate_size, sc.intermediate_size, seed ^ 12)?,
+                gate: if sc.gated { Some(self.random32(h, (3.0 / h as f32).sqrt(), seed ^ 13)?) } else { None },
+                inter: sc.intermediate_size,
+            }),
+            None => None,
+        };
+        let w = DeviceWeights {
+            router_w: self.random32(e * h, (3.0 / h as f32).sqrt(), seed ^ 1)?,
+            router_b: if cfg.router_bias { Some(self.random32(e, 0.1, seed ^ 2)?) } else { None },
+            corr_bias: if cfg.routing.uses_correction_bias() { Some(self.random32(e, 0.05, seed ^ 3)?) } else { None },
+            w13: self.random16(n * 2 * i * h, h, seed ^ 4)?,
+            w2: self.random16(n * h * i, i, seed ^ 5)?,
+            b13: if cfg.expert_bias { Some(self.random32(n * 2 * i, 0.05, seed ^ 6)?) } else { None },
+            b2: if cfg.expert_bias { Some(self.random32(n * h, 0.05, seed ^ 7)?) } else { None },
+            shared,
+        };
+        self.weights = Some(w);
+        self.dev.synchronize()?;
+        Ok(())
+    }
+
+    /// Benchmarks: random activations `[tokens, hidden]` on the device.
+    pub fn random_device_hidden(&self, tokens: usize, seed: u32) -> Result<Tensor> {
+        let h = self.cfg.hidden_size;
+        let s = self.dev.alloc::<u16>(tokens * h)?;
+        self.fill(KernelId::FillRandom(self.elem), self.dev.ptr(&s), tokens * h, 1.7, seed)?;
+        Ok(Half16::tensor(
+            CudaBuffer::new(self.dev.clone(), Slice::U16(s), tokens * h),
+            vec![tokens, h],
+            self.cfg.act_dtype,
+        ))
+    }
+
+    fn w(&self) -> Result<&DeviceWeights> {
+        self.weights.as_ref().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })
+    }
+
+    fn new_flag(&self) -> Result<Arc<ErrorFlag>> {
+        Ok(Arc::new(ErrorFlag { slice: self.dev.zeros::<i32>(1)? }))
+    }
+
+    /// The activations as a device 16-bit buffer address (uploading host data). The returned
+    /// owner keeps an upload alive until the launches that use it are queued.
+    fn act_ptr(&self, t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaSlice<u16>>)> {
+        if let Some(b) = device_buffer(t) {
+            if t.dtype() != self.cfg.act_dtype {
+                return Err(MoeError::DType {
+                    op,
+                    expected: self.cfg.act_dtype.to_string(),
+                    got: t.dtype().to_string(),
+                });
+            }
+            return Ok((b.ptr(), None));
+        }
+        let s = self.dev.upload(&bits16(t, self.cfg.act_dtype)?)?;
+        Ok((self.dev.ptr(&s), Some(s)))
+    }
+
+    fn f32_ptr(&self, t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaSlice<f32>>)> {
+        if let Some(b) = CudaBuffer::of(t) {
+            if t.dtype() != DType::F32 {
+                return Err(MoeError::DType { op, expected: "f32".into(), got: t.dtype().to_string() });
+            }
+            return Ok((b.ptr(), None));
+        }
+        let s = self.dev.upload(&t.to_f32_vec()?)?;
+        Ok((self.dev.ptr(&s), Some(s)))
+    }
+
+    fn i32_ptr(&self, t: &Tensor) -> Result<(u64, Option<CudaSlice<i32>>)> {
+        if let Some(b) = CudaBuffer::of(t) {
+            return Ok((b.ptr(), None));
+        }
+        let s = self.dev.upload(t.as_i32()?)?;
+        Ok((self.dev.ptr(&s), Some(s)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        gate_up: bool,
+        tile: GemmTile,
+        tiles: usize,
+        mut p: GemmParams,
+        n: usize,
+        k: usize,
+        splits: usize,
+    ) -> Result<()> {
+        p.n = n as i32;
+        p.k = k as i32;
+        let (id, cols) = if gate_up {
+            (KernelId::GemmGateUp(self.elem, tile), tile.block_n() / 2)
+        } else {
+            (KernelId::GemmDown(self.elem, tile), tile.block_n())
+        };
+        let num_n = n.div_ceil(cols);
+        p.num_n = num_n as i32;
+        let blocks = num_n * tiles;
+        if blocks > i32::MAX as usize {
+            return Err(MoeError::shape("cuda.gemm", "fewer than 2^31 blocks", blocks.to_string()));
+        }
+        let grid = (blocks as u32, 1, splits as u32);
+        self.dev.launch(id, grid, tile.threads(), tile.smem_bytes(), &p)?;
+        Ok(())
+    }
+
+    fn act_params(&self) -> (i32, f32, f32) {
+        match self.cfg.activation {
+            Activation::Swiglu => (ActKind::Swiglu as i32, 0.0, 0.0),
+            Activation::GptOssSwiglu { alpha, limit } => (ActKind::GptOss as i32, alpha, limit),
+            Activation::GeluTanhGlu => (ActKind::GeluTanh as i32, 0.0, 0.0),
+        }
+    }
+
+    /// A host-side copy of a routing tensor when communication or EPLB needs host ids.
+    fn maybe_host(&self, t: Tensor) -> Result<Tensor> {
+        if self.host_routing {
+            t.to_host()
+        } else {
+            Ok(t)
+        }
+    }
+
+    fn upload_experts(&self, x: &ExpertWeights) -> Result<ExpertSlices> {
+        let wd = self.cfg.act_dtype;
+        let w13 = self.dev.upload(&bits16(x.w13.part("weight")?, wd)?)?;
+        let w2 = self.dev.upload(&bits16(x.w2.part("weight")?, wd)?)?;
+        let b13 = x.b13.as_ref().map(|b| b.to_f32_vec().and_then(|v| Ok(self.dev.upload(&v)?))).transpose()?;
+        let b2 = x.b2.as_ref().map(|b| b.to_f32_vec().and_then(|v| Ok(self.dev.upload(&v)?))).transpose()?;
+        Ok((w13, w2, b13, b2))
+    }
+}
+
+impl ExpertBackend for CudaBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn create_weights(&mut self, slots: SlotRange) -> Result<()> {
+        self.slots = Some(slots);
+        self.weights = None;
+        Ok(())
+    }
+
+    fn load_weights(&mut self, weights: &LocalWeights) -> Result<()> {
+        let slots =
+            self.slots.ok_or_else(|| MoeError::WeightsNotLoaded { backend: "cuda (create_weights first)".into() })?;
+        let x = &weights.experts;
+        if x.num_experts() != slots.count {
+            return Err(MoeError::shape(
+                "cuda.load_weights",
+                format!("{} local slots", slots.count),
+                format!("{} experts", x.num_experts()),
+            ));
+        }
+        let (w13, w2, b13, b2) = self.upload_experts(x)?;
+        let up32 = |t: &Tensor| -> Result<CudaSlice<f32>> { Ok(self.dev.upload(&t.to_f32_vec()?)?) };
+        let shared = match (&weights.shared, self.cfg.shared_expert) {
+            (Some(s), Some(sc)) => Some(SharedDevice {
+                w13: self.dev.upload(&bits16(&s.w13, self.cfg.act_dtype)?)?,
+                w2: self.dev.upload(&bits16(&s.w2, self.cfg.act_dtype)?)?,
+                gate: s.gate.as_ref().map(up32).transpose()?,
+                inter: sc.intermediate_size,
+            }),
+            _ => None,
+        };
+        self.weights = Some(DeviceWeights {
+            router_w: up32(&weights.router.weight)?,
+            router_b: weights.router.bias.as_ref().map(up32).transpose()?,
+            corr_bias: weights.router.correction_bias.as_ref().map(up32).transpose()?,
+            w13,
+            w2,
+            b13,
+            b2,
+            shared,
+        });
+        Ok(())
+    }
+
+    fn post_load(&mut self) -> Result<()> {
+        // The canonical layout ([E, 2I, H] gate rows then up rows; [E, H, I]) is what the kernels
+        // read; nothing to repack. Make sure the upload finished before weights are dropped.
+        self.w()?;
+        self.dev.synchronize()?;
+        Ok(())
+    }
+
+    fn router_logits(&mut self, hidden: &Tensor) -> Result<Tensor> {
+        let (e, h) = (self.cfg.num_experts, self.cfg.hidden_size);
+        let t = hidden.dim(0)?;
+        hidden.expect_shape("cuda.router_logits", &[t, h])?;
+        let (x, _keep) = self.act_ptr(hidden, "cuda.router_logits")?;
+        let w = self.w()?;
+        let out = self.out_alloc::<f32>(t * e)?;
+        let p = RouterLogitsParams {
+            x,
+            w: self.dev.ptr(&w.router_w),
+            bias: self.dev.ptr_opt(w.router_b.as_ref()),
+            logits: self.dev.ptr(&out),
+            tokens: t as i32,
+            experts: e as i32,
+            hidden: h as i32,
+            pad: 0,
+        };
+        let warps = t * e;
+        self.dev.launch(KernelId::RouterLogits(self.elem), (warps.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
+        Ok(CudaBuffer::new(self.dev.clone(), Slice::F32(out), t * e).into_tensor(vec![t, e], DType::F32))
+    }
+
+    fn route(&mut self, logits: &Tensor) -> Result<TopK<Logical>> {
+        let (e, k) = (self.cfg.num_experts, self.cfg.top_k);
+        let t = logits.dim(0)?;
+        logits.expect_shape("cuda.route", &[t, e])?;
+        let w = self.w()?;
+        let (lp, _keep) = self.f32_ptr(logits, "cuda.route")?;
+        let flag = self.new_flag()?;
+        let ids = self.out_alloc::<i32>(t * k)?;
+        let wts = self.out_alloc::<f32>(t * k)?;
+        let mut p = RouteParams {
+            logits: lp,
+            bias: 0,
+            ids: self.dev.ptr(&ids),
+            weights: self.dev.ptr(&wts),
+            err: self.dev.ptr(&flag.slice),
+            tokens: t as i32,
+            experts: e as i32,
+            k: k as i32,
+            scale: 1.0,
+            ..Default::default()
+        };
+        match self.cfg.routing {
+            RoutingConfig::SoftmaxTopk { renormalize } => {
+                p.method = RouteMethod::SoftmaxTopk as i32;
+                p.renormalize = renormalize as i32;
+            }
+            RoutingConfig::DeepseekV3 { n_group, topk_group, norm_topk_prob, routed_scaling_factor, group_mask } => {
+                p.method = RouteMethod::DeepseekV3 as i32;
+                p.bias = self.dev.ptr_opt(w.corr_bias.as_ref());
+                if p.bias == 0 {
+                    return Err(MoeError::config(
+                        "routing",
+                        "DeepSeek-V3 routing needs e_score_correction_bias in the router weights",
+                    ));
+                }
+                p.n_group = n_group as i32;
+                p.topk_group = topk_group as i32;
+                p.renormalize = norm_topk_prob as i32;
+                p.scale = routed_scaling_factor;
+                p.mask_neg_inf = (group_mask == GroupMaskValue::NegInf) as i32;
+            }
+            RoutingConfig::DeepseekV2 { method, norm_topk_prob, routed_scaling_factor } => {
+                p.method = RouteMethod::DeepseekV2 as i32;
+                if let V2TopkMethod::GroupLimitedGreedy { n_group, topk_group } = method {
+                    p.n_group = n_group as i32;
+                    p.topk_group = topk_group as i32;
+                }
+                p.renormalize = norm_topk_prob as i32;
+                p.scale = routed_scaling_factor;
+            }
+            RoutingConfig::GptOss => p.method = RouteMethod::GptOss as i32,
+            RoutingConfig::Llama4 => p.method = RouteMethod::Llama4 as i32,
+        }
+        const WARPS: usize = 4;
+        let smem = (WARPS * (2 * e + 64) * 4) as u32;
+        self.dev.launch(KernelId::Route, (t.div_ceil(WARPS) as u32, 1, 1), (WARPS * 32) as u32, smem, &p)?;
+        let ids = CudaBuffer::new(self.dev.clone(), Slice::I32(ids), t * k).with_flag(flag.clone(), k);
+        let wts = CudaBuffer::new(self.dev.clone(), Slice::F32(wts), t * k).with_flag(flag, k);
+        let ids = self.maybe_host(ids.into_tensor(vec![t, k], DType::I32))?;
+        let wts = self.maybe_host(wts.into_tensor(vec![t, k], DType::F32))?;
+        TopK::new(ids, wts, self.cfg.routing.weights_on_input())
+    }
+
+    fn quantize_input(&mut self, hidden: &Tensor) -> Result<BackendInput> {
+        // Unquantized: keep the tensor as given (uploaded once inside run_moe when on the host, so
+        // host-side communication still sees host data).
+        Ok(BackendInput::plain(hidden.clone()))
+    }
+
+    fn run_moe(&mut self, input: &BackendInput, routing: &TopK<Physical>) -> Result<Tensor> {
+        let slots = self.slots.ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let t = input.num_tokens();
+        input.hidden.expect_shape("cuda.run_moe", &[t, h])?;
+        if routing.num_tokens() != t {
+            return Err(MoeError::shape(
+                "cuda.run_moe",
+                format!("routing for {t} tokens"),
+                routing.num_tokens().to_string(),
+            ));
+        }
+        if t == 0 {
+            return Ok(Tensor::zeros(vec![0, h], DType::F32));
+        }
+        let k = routing.k();
+        let pairs = t * k;
+        let n_local = slots.count;
+        let plan = self.plan(t);
+        let bm = plan.tile.block_m();
+        let (x, _kx) = self.act_ptr(&input.hidden, "cuda.run_moe")?;
+        let (ids, _ki) = self.i32_ptr(routing.ids())?;
+        let (wts, _kw) = self.f32_ptr(routing.weights(), "cuda.run_moe")?;
+        let flag = match device_buffer(routing.ids()).and_then(|b| b.flag()) {
+            Some((f, _)) => f.clone(),
+            None => self.new_flag()?,
+        };
+        let dev = self.dev.clone();
+        let counts = self.scratch("counts", n_local * 4)?;
+        dev.memset_ptr(counts, n_local * 4)?;
+        let pos = self.scratch("pos", pairs * 4)?;
+        let row_of = self.scratch("row_of", pairs * 4)?;
+        let offsets = self.scratch("offsets", (n_local + 1) * 4)?;
+        let tile_expert = self.scratch("tile_expert", plan.tiles * 4)?;
+        let tile_end = self.scratch("tile_end", plan.tiles * 4)?;
+        let a = self.scratch("a", plan.rows * h * 2)?;
+        let act = self.scratch("act", plan.rows * inter * 2)?;
+        let splits = self.down_splits(&plan, t);
+        let y = self.scratch("y", splits * plan.rows * h * 4)?;
+
+        let cp = CountParams {
+            ids,
+            counts,
+            pos,
+            err: dev.ptr(&flag.slice),
+            pairs: pairs as i32,
+            slot_start: slots.start as i32,
+            n_local: n_local as i32,
+            slot_total: slots.total as i32,
+        };
+        dev.launch(KernelId::Count, (pairs.div_ceil(256) as u32, 1, 1), 256, 0, &cp)?;
+        let (mode, max_m) = match plan.layout {
+            Layout::Contiguous => {
+                let lp = LayoutParams {
+                    counts,
+                    offsets,
+                    tile_expert,
+                    tile_end,
+                    n_local: n_local as i32,
+                    block_m: bm as i32,
+                    tiles: plan.tiles as i32,
+                    pad: 0,
+                };
+                dev.launch(KernelId::Layout, (1, 1, 1), 256, 0, &lp)?;
+                (GemmMode::Contiguous, 0)
+            }
+            Layout::Masked { max_m } => (GemmMode::Masked, max_m),
+        };
+        let pp = PermuteParams {
+            x,
+            ids,
+            pos,
+            offsets: if mode == GemmMode::Contiguous { offsets } else { 0 },
+            weights: wts,
+            a,
+            row_of,
+            pairs: pairs as i32,
+            k: k as i32,
+            hidden: h as i32,
+            slot_start: slots.start as i32,
+            max_m: max_m as i32,
+            scale_input: routing.weights_on_input() as i32,
+            ..Default::default()
+        };
+        dev.launch(KernelId::Permute(self.elem), (pairs as u32, 1, 1), 128, 0, &pp)?;
+        let w = self.w()?;
+        let (act_kind, alpha, limit) = self.act_params();
+        let base = GemmParams {
+            tile_expert,
+            tile_end,
+            counts,
+            mode: mode as i32,
+            max_m: max_m as i32,
+            tiles_per_expert: (max_m / bm).max(1) as i32,
+            act: act_kind,
+            alpha,
+            limit,
+            ..Default::default()
+        };
+        let g1 = GemmParams { a, w: dev.ptr(&w.w13), bias: dev.ptr_opt(w.b13.as_ref()), out: act, ..base };
+        self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1)?;
+        let split_stride = (plan.rows * h) as i64;
+        let g2 =
+            GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
+        self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits)?;
+        let out = self.out_alloc::<f32>(t * h)?;
+        let up = UnpermuteParams {
+            y,
+            row_of,
+            weights: wts,
+            out: dev.ptr(&out),
+            tokens: t as i32,
+            k: k as i32,
+            hidden: h as i32,
+            unweighted: routing.weights_on_input() as i32,
+            split_stride,
+            splits: splits as i32,
+            pad: 0,
+        };
+        dev.launch(KernelId::Unpermute, (t as u32, 1, 1), 256, 0, &up)?;
+        let out = CudaBuffer::new(dev.clone(), Slice::F32(out), t * h).with_flag(flag, k);
+        Ok(out.into_tensor(vec![t, h], DType::F32))
+    }
+
+    fn finalize(&mut self, hidden: &Tensor, routed: Tensor) -> Result<Tensor> {
+        let h = self.cfg.hidden_size;
+        let t = hidden.dim(0)?;
+        routed.expect_shape("cuda.finalize", &[t, h])?;
+        if t == 0 {
+            return Ok(Tensor::zeros(vec![0, h], self.cfg.act_dtype));
+        }
+        let (rp, _kr) = self.f32_ptr(&routed, "cuda.finalize")?;
+        let flag = device_buffer(&routed).and_then(|b| b.flag()).cloned();
+        let dev = self.dev.clone();
+        let out = self.out_alloc::<u16>(t * h)?;
+        let mut fp = FinalizeParams {
+            routed: rp,
+            out: dev.ptr(&out),
+            n: (t * h) as i64,
+            hidden: h as i32,
+            ..Default::default()
+        };
+        let (x, _kx) = self.act_ptr(hidden, "cuda.finalize")?;
+        let shared = self
+            .w()?
+            .shared
+            .as_ref()
+            .map(|s| (dev.ptr(&s.w13), dev.ptr(&s.w2), s.gate.as_ref().map(|g| dev.ptr(g)), s.inter));
+        if let Some((w13, w2, gate, inter)) = shared {
+            let tile = self.upgrade(heuristics::tile_for(t));
+            let tiles = t.div_ceil(tile.block_m());
+            let act = self.scratch("shared_act", t * inter * 2)?;
+            let ys = self.scratch("shared_y", t * h * 4)?;
+            let (act_kind, alpha, limit) = self.act_params();
+            let base = GemmParams {
+                mode: GemmMode::Dense as i32,
+                m_total: t as i32,
+                tiles_per_expert: 1,
+                act: act_kind,
+                alpha,
+                limit,
+                ..Default::default()
+            };
+            self.gemm(true, tile, tiles, GemmParams { a: x, w: w13, out: act, ..base }, inter, h, 1)?;
+            self.gemm(false, tile, tiles, GemmParams { a: act, w: w2, out: ys, ..base }, h, inter, 1)?;
+            fp.shared = ys;
+            if let Some(g) = gate {
+                let gbuf = self.scratch("shared_gate", t * 4)?;
+                let gp = SharedGateParams { x, gate: g, out: gbuf, tokens: t as i32, hidden: h as i32 };
+                dev.launch(KernelId::SharedGate(self.elem), (t.div_ceil(8) as u32, 1, 1), 256, 0, &gp)?;
+                fp.gate = gbuf;
+            }
+        }
+        dev.launch(KernelId::Finalize(self.elem), ((t * h).div_ceil(256) as u32, 1, 1), 256, 0, &fp)?;
+        let mut buf = CudaBuffer::new(dev, Slice::U16(out), t * h);
+        if let Some((f, k)) = flag {
+            buf = buf.with_flag(f, k);
+        }
+        Ok(Half16::tensor(buf, vec![t, h], self.cfg.act_dtype))
+    }
+
+    fn replace_slot(&mut self, slot: usize, weights: &ExpertWeights, src: usize) -> Result<()> {
+        let n = self.slots.map_or(0, |s| s.count);
+        if slot >= n || src >= weights.num_experts() {
+            return Err(MoeError::shape(
+                "cuda.replace_slot",
+                format!("slot < {n}, source < {}", weights.num_experts()),
+                format!("slot {slot}, source {src}"),
+            ));
+        }
+        let one = weights.select_experts(&[src])?;
+        let (w13, w2, b13, b2) = self.upload_experts(&one)?;
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let dev = self.dev.clone();
+        let dw = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        let copy = |dst: &mut CudaSlice<u16>, src: &CudaSlice<u16>, len: usize| -> Result<()> {
+            let mut view = dst.slice_mut(slot * len..(slot + 1) * len);
+            dev.stream().memcpy_dtod(src, &mut view).map_err(|e| CudaError::driver("replace_slot copy", e))?;
+            Ok(())
+        };
+        copy(&mut dw.w13, &w13, 2 * i * h)?;
+        copy(&mut dw.w2, &w2, h * i)?;
+        let copy32 = |dst: &mut Option<CudaSlice<f32>>, src: &Option<CudaSlice<f32>>, len: usize| -> Result<()> {
+            if let (Some(d), Some(s)) = (dst.as_mut(), src.as_ref()) {
+                let mut view = d.slice_mut(slot * len..(slot + 1) * len);
+                dev.stream().memcpy_dtod(s, &mut view).map_err(|e| CudaError::driver("replace_slot copy", e))?;
+            }
+            Ok(())
+        };
+        copy32(&mut dw.b13, &b13, 2 * i)?;
+        copy32(&mut dw.b2, &b2, h)?;
+        dev.synchronize()?;
+        Ok(())
+    }
+}

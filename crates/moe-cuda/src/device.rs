@@ -1,0 +1,253 @@
+//! One CUDA device: context, stream, lazily compiled and loaded kernel modules, device buffers
+//! and a grow-only workspace reused across forwards. Shared per ordinal by every backend instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::{KernelId, Module};
+use crate::probe::arch_for;
+
+/// A device with its stream and kernels.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    cc: (u32, u32),
+    arch: String,
+    sm_count: u32,
+    modules: RwLock<HashMap<Module, Arc<CudaModule>>>,
+    funcs: RwLock<HashMap<KernelId, CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice(cuda:{}, {})", self.ordinal, self.arch)
+    }
+}
+
+impl CudaDevice {
+    /// The shared device for `ordinal` (created on first use).
+    pub fn get(ordinal: usize) -> CudaResult<Arc<CudaDevice>> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+        let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = map.lock().map_err(|_| CudaError::Kernel("device table poisoned by a panic".into()))?;
+        if let Some(d) = map.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        crate::probe::probe_gpus().map_err(CudaError::Unavailable)?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::driver("create context", e))?;
+        let (maj, min) = ctx.compute_capability().map_err(|e| CudaError::driver("compute capability", e))?;
+        let cc = (maj as u32, min as u32);
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| CudaError::driver("SM count", e))? as u32;
+        let stream = ctx.new_stream().map_err(|e| CudaError::driver("create stream", e))?;
+        let dev = Arc::new(CudaDevice {
+            ctx,
+            stream,
+            ordinal,
+            cc,
+            arch: arch_for(cc),
+            sm_count,
+            modules: RwLock::new(HashMap::new()),
+            funcs: RwLock::new(HashMap::new()),
+        });
+        map.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    /// The stream every kernel of this device runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Compute capability.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+
+    /// NVRTC target architecture.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    fn module(&self, m: Module) -> CudaResult<Arc<CudaModule>> {
+        if let Some(md) = self.modules.read().ok().and_then(|g| g.get(&m).cloned()) {
+            return Ok(md);
+        }
+        let cubin = crate::nvrtc::cubin(m, &self.arch)?;
+        let md = self.ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| CudaError::driver("load module", e))?;
+        if let Ok(mut g) = self.modules.write() {
+            g.insert(m, md.clone());
+        }
+        Ok(md)
+    }
+
+    /// A kernel, compiling and loading its module on first use.
+    pub fn func(&self, id: KernelId) -> CudaResult<CudaFunction> {
+        if let Some(f) = self.funcs.read().ok().and_then(|g| g.get(&id).cloned()) {
+            return Ok(f);
+        }
+        let md = self.module(id.module())?;
+        let f = md.load_function(&id.name()).map_err(|e| CudaError::Driver {
+            op: "load kernel",
+            detail: format!("{} from module {}: {e:?}", id.name(), id.module().name()),
+        })?;
+        if let KernelId::GemmGateUp(_, t) | KernelId::GemmDown(_, t) = id {
+            if t.smem_bytes() > 48 * 1024 {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    t.smem_bytes() as i32,
+                )
+                .map_err(|e| CudaError::driver("raise the dynamic shared-memory limit", e))?;
+            }
+        }
+        if let Ok(mut g) = self.funcs.write() {
+            g.insert(id, f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Launches `id` with one by-value parameter struct.
+    pub fn launch<P: DeviceRepr>(
+        &self,
+        id: KernelId,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> CudaResult<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let f = self.func(id)?;
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: the parameter struct mirrors the kernel's signature (checked by unit tests);
+        // every pointer inside was taken from a live allocation sized by the caller for this
+        // launch; the launch is ordered on this device's single stream.
+        unsafe { self.stream.launch_builder(&f).arg(p).launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| CudaError::Driver { op: "kernel launch", detail: format!("{}: {e:?}", id.name()) })
+    }
+
+    /// Uploads a host slice.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> CudaResult<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.alloc::<T>(1);
+        }
+        self.stream.clone_htod(data).map_err(|e| CudaError::driver("host-to-device copy", e))
+    }
+
+    /// Uninitialized device memory for `len` elements (at least one, so pointers are valid).
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
+        // SAFETY: the memory is uninitialized; every user writes before reading (poisoned-output
+        // tests check this) or zeroes it explicitly.
+        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| CudaError::driver("device allocation", e))
+    }
+
+    /// Zero-filled device memory.
+    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| CudaError::driver("device allocation", e))
+    }
+
+    /// Zeroes a buffer (stream-ordered).
+    pub fn memset_zero<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, s: &mut CudaSlice<T>) -> CudaResult<()> {
+        self.stream.memset_zeros(s).map_err(|e| CudaError::driver("memset", e))
+    }
+
+    /// Copies a device buffer to the host (waits for the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>, len: usize) -> CudaResult<Vec<T>> {
+        let mut v = self.stream.clone_dtoh(s).map_err(|e| CudaError::driver("device-to-host copy", e))?;
+        v.truncate(len);
+        Ok(v)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> CudaResult<()> {
+        self.stream.synchronize().map_err(|e| CudaError::driver("stream synchronize", e))
+    }
+
+    /// The device address of a buffer, for parameter structs.
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// The device address of an optional buffer (0 when absent).
+    pub fn ptr_opt<T>(&self, s: Option<&CudaSlice<T>>) -> u64 {
+        s.map_or(0, |s| self.ptr(s))
+    }
+}
+
+/// Grow-only named scratch buffers, reused across forwards (stream-ordered, so a buffer can be
+/// rewritten by the next forward as soon as the previous one's kernels were queued).
+#[derive(Default)]
+pub struct Workspace {
+    bufs: HashMap<&'static str, CudaSlice<u8>>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: usize = self.bufs.values().map(|b| b.len()).sum();
+        write!(f, "Workspace({} buffers, {total} bytes)", self.bufs.len())
+    }
+}
+
+impl Workspace {
+    /// The device address of scratch buffer `name` holding at least `bytes`.
+    pub fn get(&mut self, dev: &CudaDevice, name: &'static str, bytes: usize) -> CudaResult<u64> {
+        let need = bytes.max(16);
+        let grow = self.bufs.get(name).is_none_or(|b| b.len() < need);
+        if grow {
+            // Round up so slowly growing token counts do not reallocate every forward.
+            let cap = need.next_power_of_two();
+            self.bufs.insert(name, dev.alloc::<u8>(cap)?);
+        }
+        Ok(self.bufs.get(name).map_or(0, |b| dev.ptr(b)))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bufs.values().map(|b| b.len()).sum()
+    }
+}
+
+impl CudaDevice {
+    /// Zeroes `bytes` at device address `ptr` (stream-ordered).
+    pub fn memset_ptr(&self, ptr: u64, bytes: usize) -> CudaResult<()> {
+        self.memset_ptr_value(ptr, 0, bytes)
+    }
+
+    /// Fills `bytes` at `ptr` with the byte `value` (stream-ordered).
+    pub fn memset_ptr_value(&self, ptr: u64, value: u8, bytes: usize) -> CudaResult<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: `ptr` comes from a live allocation of at least `bytes` (workspace or buffer);
+        // the memset is queued on this device's stream like every kernel that uses it.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream()) }
+            .map_err(|e| CudaError::driver("memset", e))
+    }
+}

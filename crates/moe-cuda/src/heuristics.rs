@@ -1,0 +1,98 @@
+//! Launch-shape choices, kept apart from the launches: masked vs contiguous layout and the GEMM
+//! row tile. Every choice depends only on host-known sizes (tokens, k, local experts), never on
+//! the routing itself, so a forward needs no host synchronisation and its launch shapes are
+//! fixed for a given token count (CUDA-graph friendly).
+
+use crate::kernels::GemmTile;
+
+/// Default largest token count that uses the masked layout (see docs/perf/cuda.md).
+pub const DEFAULT_MASKED_MAX_TOKENS: usize = 32;
+
+/// The switch point: `MOE_CUDA_MASKED_MAX_TOKENS` or the default.
+pub fn masked_max_tokens() -> usize {
+    std::env::var("MOE_CUDA_MASKED_MAX_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MASKED_MAX_TOKENS)
+}
+
+/// Row layout of the expert inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[local_experts, max_m, H]`; expert `e` uses its first `counts[e]` rows.
+    Masked {
+        /// Rows reserved per expert (a multiple of the tile's BM, at least the token count).
+        max_m: usize,
+    },
+    /// Rows sorted by expert, each expert's block padded to BM; a device-built tile map.
+    Contiguous,
+}
+
+/// The launch plan of one `run_moe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Layout.
+    pub layout: Layout,
+    /// GEMM row tile.
+    pub tile: GemmTile,
+    /// Row tiles launched (grid y); tiles with no rows exit at once.
+    pub tiles: usize,
+    /// Rows of the permuted buffers.
+    pub rows: usize,
+}
+
+/// The tile for groups of about `rows_per_group` rows.
+pub fn tile_for(rows_per_group: usize) -> GemmTile {
+    if rows_per_group <= 16 {
+        GemmTile::M16
+    } else if rows_per_group <= 64 {
+        GemmTile::M64
+    } else {
+        GemmTile::M128
+    }
+}
+
+/// Plans a forward of `tokens` tokens, `k` choices each, over `n_local` local experts.
+pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize) -> Plan {
+    let pairs = tokens * k;
+    let n_local = n_local.max(1);
+    if tokens <= masked_max {
+        // An expert receives at most one row per token.
+        let tile = tile_for(tokens);
+        let bm = tile.block_m();
+        let max_m = tokens.div_ceil(bm).max(1) * bm;
+        return Plan { layout: Layout::Masked { max_m }, tile, tiles: n_local * max_m / bm, rows: n_local * max_m };
+    }
+    let tile = tile_for(pairs.div_ceil(n_local));
+    let bm = tile.block_m();
+    // sum_e ceil(c_e / bm) <= pairs / bm + n_local.
+    let tiles = pairs.div_ceil(bm) + n_local;
+    Plan { layout: Layout::Contiguous, tile, tiles, rows: tiles * bm }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_batches_are_masked_and_large_contiguous() {
+        let p = plan(1, 8, 256, 32);
+        assert_eq!(p.layout, Layout::Masked { max_m: 16 });
+        assert_eq!(p.tile, GemmTile::M16);
+        assert_eq!(p.tiles, 256);
+        let p = plan(4096, 8, 256, 32);
+        assert_eq!(p.layout, Layout::Contiguous);
+        assert_eq!(p.tile, GemmTile::M128);
+        assert!(p.rows >= 4096 * 8 + 256);
+    }
+
+    #[test]
+    fn contiguous_bound_holds_for_any_split() {
+        // Worst case for padding: every expert gets a count just past a tile boundary.
+        for (t, k, e) in [(33, 2, 8), (100, 8, 128), (1000, 4, 32)] {
+            let p = plan(t, k, e, 0);
+            let bm = p.tile.block_m();
+            let mut counts = vec![(t * k) / e; e];
+            counts[0] += t * k - counts.iter().sum::<usize>();
+            let need: usize = counts.iter().map(|c| c.div_ceil(bm)).sum();
+            assert!(need <= p.tiles, "{t} {k} {e}");
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! Every kernel by typed id: [`KernelId`] produces each entry-point name, so call sites never
+//! spell a kernel name. The CUDA sources live in `kernels/*.cu` (compiled at run time by NVRTC);
+//! the `#define`s there that mirror the enums below are checked by a unit test.
+
+use cudarc::driver::DeviceRepr;
+
+/// Shared helpers prepended to every module.
+pub const COMMON_SRC: &str = include_str!("../kernels/common.cuh");
+
+/// A compilation unit (one `.cu` file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Module {
+    /// Router logits and routing methods.
+    Route,
+    /// Counts, layouts, permute, unpermute-reduce, finalize.
+    Permute,
+    /// Grouped GEMMs with fused epilogues, one module per element type.
+    GroupedGemm(Elem),
+}
+
+impl Module {
+    /// Every module.
+    pub const ALL: [Module; 4] =
+        [Module::Route, Module::Permute, Module::GroupedGemm(Elem::Bf16), Module::GroupedGemm(Elem::F16)];
+
+    /// File stem, used in cache file names and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Route => "route",
+            Module::Permute => "permute",
+            Module::GroupedGemm(Elem::Bf16) => "grouped_gemm_bf16",
+            Module::GroupedGemm(Elem::F16) => "grouped_gemm_f16",
+        }
+    }
+
+    /// Full source text: the common header followed by the module.
+    pub fn source(self) -> String {
+        let body = match self {
+            Module::Route => include_str!("../kernels/route.cu"),
+            Module::Permute => include_str!("../kernels/permute.cu"),
+            Module::GroupedGemm(_) => include_str!("../kernels/grouped_gemm.cu"),
+        };
+        let select = match self {
+            Module::GroupedGemm(Elem::Bf16) => "#define MOE_GEMM_BF16 1\n",
+            Module::GroupedGemm(Elem::F16) => "#define MOE_GEMM_F16 1\n",
+            _ => "",
+        };
+        format!("{select}{COMMON_SRC}\n{body}")
+    }
+}
+
+/// The 16-bit element type of activations and expert weights on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Elem {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl Elem {
+    fn suffix(self) -> &'static str {
+        match self {
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+        }
+    }
+}
+
+/// A GEMM tile configuration; BN = 128 for all. Must match the `*_ENTRY` lines of grouped_gemm.cu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GemmTile {
+    /// mma.sync, 16 rows, BK 64, 4 warps along N, 4 stages: decode-sized groups.
+    M16,
+    /// mma.sync, 64 rows, BK 64, 2x2 warps, 3 stages.
+    M64,
+    /// mma.sync, 128 rows, BK 32, 2x4 warps, 4 stages.
+    M128,
+    /// Hopper wgmma (sm_90a only), 128 x 128, BK 64, two warpgroups, 4 stages, swizzled tiles.
+    W128,
+    /// Hopper wgmma (sm_90a only), 128 x 256, BK 64, two warpgroups, 4 stages, swizzled tiles.
+    W256,
+}
+
+impl GemmTile {
+    /// Every tile.
+    pub const ALL: [GemmTile; 5] = [GemmTile::M16, GemmTile::M64, GemmTile::M128, GemmTile::W128, GemmTile::W256];
+    /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
+    pub const BK: usize = 32;
+
+    /// Rows per tile (BM).
+    pub fn block_m(self) -> usize {
+        match self {
+            GemmTile::M16 => 16,
+            GemmTile::M64 => 64,
+            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 128,
+        }
+    }
+
+    /// Columns of the weight tile (BN).
+    pub fn block_n(self) -> usize {
+        if self == GemmTile::W256 {
+            256
+        } else {
+            128
+        }
+    }
+
+    fn block_k(self) -> usize {
+        match self {
+            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 => 64,
+            GemmTile::M128 => Self::BK,
+        }
+    }
+
+    /// Threads per block.
+    pub fn threads(self) -> u32 {
+        match self {
+            GemmTile::M16 | GemmTile::M64 => 128,
+            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
+        }
+    }
+
+    fn stages(self) -> usize {
+        match self {
+            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 4,
+            GemmTile::M64 => 3,
+        }
+    }
+
+    /// Whether the tile uses Hopper-only instructions (wgmma): only for an `sm_90a` build.
+    pub fn needs_sm90a(self) -> bool {
+        matches!(self, GemmTile::W128 | GemmTile::W256)
+    }
+
+    /// Dynamic shared memory per block in bytes.
+    pub fn smem_bytes(self) -> u32 {
+        let (m, n, k, s) = (self.block_m(), self.block_n(), self.block_k(), self.stages());
+        match self {
+            // Unpadded swizzled tiles plus 1 KiB to align them to 1024 bytes.
+            GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
+            _ => (s * (m + n) * (k + 8) * 2) as u32,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            GemmTile::M16 => "m16",
+            GemmTile::M64 => "m64",
+            GemmTile::M128 => "m128",
+            GemmTile::W128 => "w128",
+            GemmTile::W256 => "w256",
+        }
+    }
+}
+
+/// Every kernel entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KernelId {
+    /// `router_logits_{dt}`.
+    RouterLogits(Elem),
+    /// `moe_route`.
+    Route,
+    /// `moe_count`.
+    Count,
+    /// `moe_layout`.
+    Layout,
+    /// `moe_permute_{dt}`.
+    Permute(Elem),
+    /// `moe_unpermute`.
+    Unpermute,
+    /// `moe_shared_gate_{dt}`.
+    SharedGate(Elem),
+    /// `moe_finalize_{dt}`.
+    Finalize(Elem),
+    /// `moe_fill_random_{dt}` (benchmarks).
+    FillRandom(Elem),
+    /// `moe_fill_random_f32` (benchmarks).
+    FillRandomF32,
+    /// `gemm_gate_up_{dt}_{tile}`.
+    GemmGateUp(Elem, GemmTile),
+    /// `gemm_down_{dt}_{tile}`.
+    GemmDown(Elem, GemmTile),
+}
+
+impl KernelId {
+    /// The module that defines this kernel.
+    pub fn module(self) -> Module {
+        match self {
+            KernelId::RouterLogits(_) | KernelId::Route => Module::Route,
+            KernelId::Count
+            | KernelId::Layout
+            | KernelId::Permute(_)
+            | KernelId::Unpermute
+            | KernelId::SharedGate(_)
+            | KernelId::Finalize(_)
+            | KernelId::FillRandom(_)
+            | KernelId::FillRandomF32 => Module::Permute,
+            KernelId::GemmGateUp(d, _) | KernelId::GemmDown(d, _) => Module::GroupedGemm(d),
+        }
+    }
+
+    /// The `extern "C"` entry-point name.
+    pub fn name(self) -> String {
+        match self {
+            KernelId::RouterLogits(d) => format!("router_logits_{}", d.suffix()),
+            KernelId::Route => "moe_route".into(),
+            KernelId::Count => "moe_count".into(),
+            KernelId::Layout => "moe_layout".into(),
+            KernelId::Permute(d) => format!("moe_permute_{}", d.suffix()),
+            KernelId::Unpermute => "moe_unpermute".into(),
+            KernelId::SharedGate(d) => format!("moe_shared_gate_{}", d.suffix()),
+            KernelId::Finalize(d) => format!("moe_finalize_{}", d.suffix()),
+            KernelId::FillRandom(d) => format!("moe_fill_random_{}", d.suffix()),
+            KernelId::FillRandomF32 => "moe_fill_random_f32".into(),
+            KernelId::GemmGateUp(d, t) => format!("gemm_gate_up_{}_{}", d.suffix(), t.name()),
+            KernelId::GemmDown(d, t) => format!("gemm_down_{}_{}", d.suffix(), t.name()),
+        }
+    }
+
+    /// Every kernel of every module (the compile-everything test walks this).
+    pub fn all() -> Vec<KernelId> {
+        let mut v =
+            vec![KernelId::Route, KernelId::Count, KernelId::Layout, KernelId::Unpermute, KernelId::FillRandomF32];
+        for d in [Elem::Bf16, Elem::F16] {
+            v.extend([
+                KernelId::RouterLogits(d),
+                KernelId::Permute(d),
+                KernelId::SharedGate(d),
+                KernelId::Finalize(d),
+                KernelId::FillRandom(d),
+            ]);
+            for t in GemmTile::ALL {
+                v.extend([KernelId::GemmGateUp(d, t), KernelId::GemmDown(d, t)]);
+            }
+        }
+        v
+    }
+}
+
+/// Layout of GEMM row tiles; must match `MOE_MODE_*` in common.cuh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum GemmMode {
+    /// Tile map built on the device from aligned offsets.
+    Contiguous = 0,
+    /// `[experts, max_m]` rows.
+    Masked = 1,
+    /// One expert, all rows (the shared expert).
+    Dense = 2,
+}
+
+/// Activation kind; must match `MOE_ACT_*` in common.cuh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ActKind {
+    /// SwiGLU.
+    Swiglu = 0,
+    /// GPT-OSS clamped SwiGLU.
+    GptOss = 1,
+    /// GELU-tanh GLU.
+    GeluTanh = 2,
+}
+
+/// Routing method; must match `ROUTE_*` in route.cu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum RouteMethod {
+    /// Softmax, top-k, optional renormalization.
+    SoftmaxTopk = 0,
+    /// DeepSeek-V3 noaux_tc.
+    DeepseekV3 = 1,
+    /// DeepSeek-V2 greedy / group-limited greedy.
+    DeepseekV2 = 2,
+    /// GPT-OSS.
+    GptOss = 3,
+    /// Llama-4.
+    Llama4 = 4,
+}
+
+/// Router logits launch parameters (`RouterLogitsParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouterLogitsParams {
+    pub x: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub logits: u64,
+    pub tokens: i32,
+    pub experts: i32,
+    pub hidden: i32,
+    pub pad: i32,
+}
+
+/// Routing launch parameters (`RouteParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteParams {
+    pub logits: u64,
+    pub bias: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub err: u64,
+    pub tokens: i32,
+    pub experts: i32,
+    pub k: i32,
+    pub method: i32,
+    pub n_group: i32,
+    pub topk_group: i32,
+    pub renormalize: i32,
+    pub mask_neg_inf: i32,
+    pub scale: f32,
+    pub pad0: f32,
+}
+
+/// Counting launch parameters (`CountParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountParams {
+    pub ids: u64,
+    pub counts: u64,
+    pub pos: u64,
+    pub err: u64,
+    pub pairs: i32,
+    pub slot_start: i32,
+    pub n_local: i32,
+    pub slot_total: i32,
+}
+
+/// Layout launch parameters (`LayoutParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayoutParams {
+    pub counts: u64,
+    pub offsets: u64,
+    pub tile_expert: u64,
+    pub tile_end: u64,
+    pub n_local: i32,
+    pub block_m: i32,
+    pub tiles: i32,
+    pub pad: i32,
+}
+
+/// Permute launch parameters (`PermuteParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PermuteParams {
+    pub x: u64,
+    pub ids: u64,
+    pub pos: u64,
+    pub offsets: u64,
+    pub weights: u64,
+    pub a: u64,
+    pub row_of: u64,
+    pub pairs: i32,
+    pub k: i32,
+    pub hidden: i32,
+    pub slot_start: i32,
+    pub max_m: i32,
+    pub scale_input: i32,
+    pub pad0: i32,
+    pub pad1: i32,
+}
+
+/// Unpermute launch parameters (`UnpermuteParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnpermuteParams {
+    pub y: u64,
+    pub row_of: u64,
+    pub weights: u64,
+    pub out: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub hidden: i32,
+    pub unweighted: i32,
+    pub split_stride: i64,
+    pub splits: i32,
+    pub pad: i32,
+}
+
+/// Shared-expert gate launch parameters (`SharedGateParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SharedGateParams {
+    pub x: u64,
+    pub gate: u64,
+    pub out: u64,
+    pub tokens: i32,
+    pub hidden: i32,
+}
+
+/// Finalize launch parameters (`FinalizeParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FinalizeParams {
+    pub routed: u64,
+    pub shared: u64,
+    pub gate: u64,
+    pub out: u64,
+    pub n: i64,
+    pub hidden: i32,
+    pub pad: i32,
+}
+
+/// Random fill launch parameters (`FillParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FillParams {
+    pub out: u64,
+    pub n: i64,
+    pub scale: f32,
+    pub seed: u32,
+}
+
+/// Grouped GEMM launch parameters (`GemmParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemmParams {
+    pub a: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub out: u64,
+    pub tile_expert: u64,
+    pub tile_end: u64,
+    pub counts: u64,
+    pub k: i32,
+    pub n: i32,
+    pub mode: i32,
+    pub max_m: i32,
+    pub m_total: i32,
+    pub tiles_per_expert: i32,
+    pub act: i32,
+    pub num_n: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub split_stride: i64,
+}
+
+// SAFETY: each is `#[repr(C)]` plain data (u64 device addresses and 4/8-byte scalars) whose
+// field order and types match the CUDA struct of the same name, so passing it by value as a
+// kernel parameter reproduces the device layout exactly.
+unsafe impl DeviceRepr for RouterLogitsParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for RouteParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for CountParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for LayoutParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for PermuteParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for UnpermuteParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for SharedGateParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for FinalizeParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for GemmParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for FillParams {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn define(src: &str, name: &str) -> i32 {
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("#define {name} missing"));
+        line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad {line}"))
+    }
+
+    #[test]
+    fn enums_match_the_cuda_defines() {
+        let common = COMMON_SRC;
+        assert_eq!(define(common, "MOE_MODE_CONTIGUOUS"), GemmMode::Contiguous as i32);
+        assert_eq!(define(common, "MOE_MODE_MASKED"), GemmMode::Masked as i32);
+        assert_eq!(define(common, "MOE_MODE_DENSE"), GemmMode::Dense as i32);
+        assert_eq!(define(common, "MOE_ACT_SWIGLU"), ActKind::Swiglu as i32);
+        assert_eq!(define(common, "MOE_ACT_GPTOSS"), ActKind::GptOss as i32);
+        assert_eq!(define(common, "MOE_ACT_GELU_TANH"), ActKind::GeluTanh as i32);
+        let route = Module::Route.source();
+        assert_eq!(define(&route, "ROUTE_SOFTMAX_TOPK"), RouteMethod::SoftmaxTopk as i32);
+        assert_eq!(define(&route, "ROUTE_DEEPSEEK_V3"), RouteMethod::DeepseekV3 as i32);
+        assert_eq!(define(&route, "ROUTE_DEEPSEEK_V2"), RouteMethod::DeepseekV2 as i32);
+        assert_eq!(define(&route, "ROUTE_GPT_OSS"), RouteMethod::GptOss as i32);
+        assert_eq!(define(&route, "ROUTE_LLAMA4"), RouteMethod::Llama4 as i32);
+        assert_eq!(define(&Module::GroupedGemm(Elem::Bf16).source(), "GEMM_BK"), GemmTile::BK as i32);
+    }
+
+    #[test]
+    fn every_kernel_name_is_defined_in_its_module() {
+        for id in KernelId::all() {
+            let src = id.module().source();
+            let name = id.name();
+            let found = src.contains(&format!("void {name}("))
+                || src.contains(&format!("void {name}_")) // never: guards against prefixes
+                || match id {
+                    KernelId::GemmGateUp(d, t) | KernelId::GemmDown(d, t) => {
+                        src.contains(&format!("_ENTRY({}, {},", t.name(), d.suffix()))
+                    }
+                    _ => false,
+                };
+            assert!(found, "{name} is not defined in {}", id.module().name());
+        }
+    }
+
+    #[test]
+    fn param_structs_have_the_cuda_sizes() {
+        // Sizes computed from the CUDA declarations (8-byte alignment, no hidden padding).
+        assert_eq!(std::mem::size_of::<RouterLogitsParams>(), 48);
+        assert_eq!(std::mem::size_of::<RouteParams>(), 80);
+        assert_eq!(std::mem::size_of::<CountParams>(), 48);
+        assert_eq!(std::mem::size_of::<LayoutParams>(), 48);
+        assert_eq!(std::mem::size_of::<PermuteParams>(), 88);
+        assert_eq!(std::mem::size_of::<UnpermuteParams>(), 64);
+        assert_eq!(std::mem::size_of::<SharedGateParams>(), 32);
+        assert_eq!(std::mem::size_of::<FinalizeParams>(), 48);
+        assert_eq!(std::mem::size_of::<GemmParams>(), 104);
+        assert_eq!(std::mem::size_of::<FillParams>(), 24);
+    }
+}

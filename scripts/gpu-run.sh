@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine from the repository root, over the binaries scripts/gpu-build.sh
+# put into gpu-bin/cuda: GPU tests, `moe info` / `moe check`, the GPU benchmark and the torch
+# peer. Logs and JSON go to $OUT (or ./gpu-out). Steps: env STEPS="tests check peer bench".
+#
+#   bash gpu-bin/cuda/gpu-run.sh
+set -uo pipefail
+bin="$(cd "$(dirname "$0")" && pwd)"
+out="${OUT:-$PWD/gpu-out}"
+mkdir -p "$out"
+steps="${STEPS:-tests check peer bench}"
+export MOE_KERNEL_CACHE="${MOE_KERNEL_CACHE:-/tmp/moe-kernels}"
+export PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+for s in $steps; do
+  case "$s" in
+    tests)
+      for t in ${TESTS:-unit nvrtc_compile gpu_backend}; do
+        [ -x "$bin/$t" ] || continue
+        echo "== test $t"
+        "$bin/$t" --test-threads=1 >"$out/test-$t.log" 2>&1 || { status=1; echo "FAILED $t"; }
+        grep -E "test result|FAILED|panicked" "$out/test-$t.log"
+      done ;;
+    check)
+      [ -x "$bin/moe" ] || continue
+      echo "== moe info / moe check"
+      "$bin/moe" info >"$out/moe-info.txt" 2>&1 || status=1
+      grep -i cuda "$out/moe-info.txt" | head -20
+      "$bin/moe" check --backends cuda >"$out/moe-check.txt" 2>&1 || { status=1; echo "FAILED moe check"; }
+      tail -5 "$out/moe-check.txt" ;;
+    peer)
+      echo "== torch peer"
+      python3 "$bin/gpu_torch_moe.py" --out "$out/peer.json" ${PEER_ARGS:-} >"$out/peer.log" 2>&1 || { status=1; echo "FAILED peer"; tail -5 "$out/peer.log"; } ;;
+    bench)
+      echo "== gpu bench"
+      peer=(); [ -f "$out/peer.json" ] && peer=(--peer-json "$out/peer.json")
+      if [ -x "$bin/moe" ]; then
+        "$bin/moe" bench --backend cuda --tokens 1,16,128,1024,4096,16384 --json "$out/bench.json" "${peer[@]}" \
+          2>&1 | tee "$out/bench.log" || status=1
+      else
+        "$bin/gpu_bench" --out "$out/bench.json" "${peer[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" || status=1
+      fi ;;
+  esac
+done
+exit $status
