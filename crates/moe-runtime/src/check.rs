@@ -2,10 +2,14 @@
 //! backend and on `reference`, feed both the same fresh random weights and input, compare.
 //! Skips come only from `can_implement` reasons.
 
+use std::time::Duration;
+
 use moe_core::backend::Hardware;
+use moe_core::comm::{create_communication, run_in_process, CommOptions, SharedTransport, StrategyChoice};
 use moe_core::compare::{rel_l2_tensors, tolerance};
+use moe_core::config::ParallelConfig;
 use moe_core::weights::random_hidden;
-use moe_core::{BackendRegistry, BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, QuantFormat, Result};
+use moe_core::{BackendRegistry, BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, QuantFormat, Result, Tensor};
 
 use crate::presets::{family_config, Shape};
 
@@ -24,6 +28,10 @@ pub struct CheckCase {
     pub tokens: usize,
     /// Scheduler chunk size.
     pub chunk_size: Option<usize>,
+    /// Expert-parallel ranks (in-process threads) and the strategy; `1` runs the local path.
+    pub ep: usize,
+    /// Communication strategy when `ep > 1`.
+    pub strategy: StrategyChoice,
 }
 
 impl CheckCase {
@@ -32,19 +40,35 @@ impl CheckCase {
         let mut c = family_config(self.family, self.shape, self.dtype)?;
         c.quant = self.quant;
         c.chunk_size = self.chunk_size;
+        c.validate()?;
         Ok(c)
+    }
+
+    /// A single-rank, unchunked, unquantized case.
+    pub fn new(family: &'static str, shape: Shape, dtype: DType, tokens: usize) -> Self {
+        CheckCase {
+            family,
+            shape,
+            dtype,
+            quant: QuantFormat::None,
+            tokens,
+            chunk_size: None,
+            ep: 1,
+            strategy: StrategyChoice::Local,
+        }
     }
 
     /// One-line description.
     pub fn label(&self) -> String {
         format!(
-            "{} {} {} {} T={}{}",
+            "{} {} {} {} T={}{}{}",
             self.family,
             self.shape.name,
             self.dtype,
             self.quant,
             self.tokens,
-            self.chunk_size.map(|c| format!(" chunk={c}")).unwrap_or_default()
+            self.chunk_size.map(|c| format!(" chunk={c}")).unwrap_or_default(),
+            if self.ep > 1 { format!(" ep={} {:?}", self.ep, self.strategy) } else { String::new() }
         )
     }
 }
@@ -95,7 +119,7 @@ pub fn check_case(
     if let Err(reason) = provider.can_implement(&cfg, hw) {
         return CheckOutcome::Skipped(reason);
     }
-    match run_pair(registry, hw, backend, &cfg, case.tokens, seed) {
+    match run_pair(registry, hw, backend, &cfg, case, seed) {
         Ok(rel_err) => CheckOutcome::Ran { rel_err, tol: tolerance(cfg.act_dtype, cfg.weight_dtype, cfg.quant) },
         Err(e) => CheckOutcome::Failed(e.to_string()),
     }
@@ -106,11 +130,11 @@ fn run_pair(
     hw: &Hardware,
     backend: &str,
     cfg: &MoeConfig,
-    tokens: usize,
+    case: &CheckCase,
     seed: u64,
 ) -> Result<f64> {
     let weights = MoeWeights::random(cfg, seed)?;
-    let hidden = random_hidden(tokens, cfg.hidden_size, cfg.act_dtype, seed + 1)?;
+    let hidden = random_hidden(case.tokens, cfg.hidden_size, cfg.act_dtype, seed + 1)?;
     // The oracle: same (rounded) weights and input, f32 activations and output.
     let mut ref_cfg = cfg.clone();
     ref_cfg.act_dtype = DType::F32;
@@ -123,14 +147,18 @@ fn run_pair(
     )?;
     reference.load_weights(&weights)?;
     let expected = reference.forward(&hidden.to_dtype(DType::F32)?)?;
-    let mut moe = ConfigurableMoe::build(
-        cfg.clone(),
-        registry,
-        hw,
-        BuildOptions { backend: backend.into(), ..Default::default() },
-    )?;
-    moe.load_weights(&weights)?;
-    let out = moe.forward(&hidden)?;
+    let out = if case.ep > 1 {
+        run_expert_parallel(registry, hw, backend, cfg, case, &weights, &hidden)?
+    } else {
+        let mut moe = ConfigurableMoe::build(
+            cfg.clone(),
+            registry,
+            hw,
+            BuildOptions { backend: backend.into(), ..Default::default() },
+        )?;
+        moe.load_weights(&weights)?;
+        moe.forward(&hidden)?
+    };
     if out.dtype() != cfg.act_dtype {
         return Err(moe_core::MoeError::DType {
             op: "check",
@@ -139,6 +167,36 @@ fn run_pair(
         });
     }
     rel_l2_tensors(&out.to_host()?, &expected)
+}
+
+/// Runs `case.ep` in-process ranks of `backend`; rank `r < ep - 1` holds a share of the tokens
+/// proportional to `r + 1` and the last rank holds none, as data-parallel attention may hand
+/// them over: uneven counts and a zero-token rank that still joins every collective.
+fn run_expert_parallel(
+    registry: &BackendRegistry,
+    hw: &Hardware,
+    backend: &str,
+    cfg: &MoeConfig,
+    case: &CheckCase,
+    weights: &MoeWeights,
+    hidden: &Tensor,
+) -> Result<Tensor> {
+    let ep = case.ep;
+    let total: usize = (1..ep).sum();
+    let mut counts: Vec<usize> = (0..ep).map(|r| if r + 1 < ep { case.tokens * (r + 1) / total } else { 0 }).collect();
+    counts[0] += case.tokens - counts.iter().sum::<usize>();
+    let offsets: Vec<usize> = counts.iter().scan(0, |a, &c| Some(std::mem::replace(a, *a + c))).collect();
+    let outs = run_in_process(ep, Duration::from_secs(60), |rank, transport| {
+        let mut c = cfg.clone();
+        c.parallel = ParallelConfig { ep_size: ep, ep_rank: rank };
+        let opts = CommOptions { choice: case.strategy, ..Default::default() };
+        let (comm, _stats) = create_communication(&c, SharedTransport::new(Box::new(transport)), &opts)?;
+        let bo = BuildOptions { backend: backend.into(), comm: Some(comm), eplb: None };
+        let mut moe = ConfigurableMoe::build(c, registry, hw, bo)?;
+        moe.load_weights(weights)?;
+        moe.forward(&hidden.narrow_rows(offsets[rank], counts[rank])?)?.to_host()
+    })?;
+    Tensor::cat_rows(&outs, &[cfg.hidden_size], cfg.act_dtype)
 }
 
 /// The cases `moe check` runs: every family on a small and a medium shape, f32 and bf16, a
@@ -153,16 +211,26 @@ pub fn default_cases(quick: bool) -> Vec<CheckCase> {
                 if quick && shape == medium {
                     continue;
                 }
-                v.push(CheckCase { family, shape, dtype, quant: QuantFormat::None, tokens, chunk_size: None });
+                v.push(CheckCase::new(family, shape, dtype, tokens));
             }
-            v.push(CheckCase {
-                family,
-                shape: small,
-                dtype,
-                quant: QuantFormat::None,
-                tokens: 23,
-                chunk_size: Some(7),
-            });
+            v.push(CheckCase { chunk_size: Some(7), ..CheckCase::new(family, small, dtype, 23) });
+        }
+        // Communication axis: in-process expert parallelism, both strategies, uneven tokens.
+        for (ep, strategy, dtype) in [
+            (2, StrategyChoice::AllToAll, DType::F32),
+            (4, StrategyChoice::AllGatherReduceScatter, DType::F32),
+            (2, StrategyChoice::AllGatherReduceScatter, DType::BF16),
+            (4, StrategyChoice::AllToAll, DType::BF16),
+        ] {
+            v.push(CheckCase { ep, strategy, chunk_size: Some(8), ..CheckCase::new(family, small, dtype, 29) });
+        }
+    }
+    // Quant axis: every weight format on a shape its groups divide (vs the same quantized
+    // weights dequantized by the reference).
+    let quant_shape = Shape { name: "check-quant", experts: 16, top_k: 4, hidden: 256, intermediate: 128 };
+    for quant in QuantFormat::ALL {
+        for family in ["qwen3_moe", "gpt_oss"] {
+            v.push(CheckCase { quant, ..CheckCase::new(family, quant_shape, DType::BF16, 19) });
         }
     }
     v
