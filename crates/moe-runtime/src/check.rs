@@ -9,7 +9,9 @@ use moe_core::comm::{create_communication, run_in_process, CommOptions, SharedTr
 use moe_core::compare::{rel_l2_tensors, tolerance};
 use moe_core::config::ParallelConfig;
 use moe_core::weights::random_hidden;
-use moe_core::{BackendRegistry, BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, QuantFormat, Result, Tensor};
+use moe_core::{
+    BackendRegistry, BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, QuantFormat, Result, Tensor,
+};
 
 use crate::presets::{family_config, Shape};
 
