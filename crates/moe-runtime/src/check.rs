@@ -8,6 +8,7 @@ use moe_core::backend::Hardware;
 use moe_core::comm::{create_communication, run_in_process, CommOptions, SharedTransport, StrategyChoice};
 use moe_core::compare::{rel_l2_tensors, tolerance};
 use moe_core::config::ParallelConfig;
+use moe_core::eplb::balancer::{DynamicEplb, EplbOptions};
 use moe_core::weights::random_hidden;
 use moe_core::{
     BackendRegistry, BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, QuantFormat, Result, Tensor,
@@ -34,6 +35,9 @@ pub struct CheckCase {
     pub ep: usize,
     /// Communication strategy when `ep > 1`.
     pub strategy: StrategyChoice,
+    /// Physical slots for dynamic EPLB (experts plus replicas); the balancer re-plans and
+    /// migrates weights after every forward, and each forward must still match the reference.
+    pub eplb_slots: Option<usize>,
 }
 
 impl CheckCase {
@@ -42,6 +46,7 @@ impl CheckCase {
         let mut c = family_config(self.family, self.shape, self.dtype)?;
         c.quant = self.quant;
         c.chunk_size = self.chunk_size;
+        c.eplb_slots = self.eplb_slots;
         c.validate()?;
         Ok(c)
     }
@@ -57,20 +62,22 @@ impl CheckCase {
             chunk_size: None,
             ep: 1,
             strategy: StrategyChoice::Local,
+            eplb_slots: None,
         }
     }
 
     /// One-line description.
     pub fn label(&self) -> String {
         format!(
-            "{} {} {} {} T={}{}{}",
+            "{} {} {} {} T={}{}{}{}",
             self.family,
             self.shape.name,
             self.dtype,
             self.quant,
             self.tokens,
             self.chunk_size.map(|c| format!(" chunk={c}")).unwrap_or_default(),
-            if self.ep > 1 { format!(" ep={} {:?}", self.ep, self.strategy) } else { String::new() }
+            if self.ep > 1 { format!(" ep={} {:?}", self.ep, self.strategy) } else { String::new() },
+            self.eplb_slots.map(|n| format!(" eplb={n}")).unwrap_or_default()
         )
     }
 }
@@ -141,6 +148,7 @@ fn run_pair(
     let mut ref_cfg = cfg.clone();
     ref_cfg.act_dtype = DType::F32;
     ref_cfg.chunk_size = None;
+    ref_cfg.eplb_slots = None;
     let mut reference = ConfigurableMoe::build(
         ref_cfg,
         registry,
@@ -151,6 +159,8 @@ fn run_pair(
     let expected = reference.forward(&hidden.to_dtype(DType::F32)?)?;
     let out = if case.ep > 1 {
         run_expert_parallel(registry, hw, backend, cfg, case, &weights, &hidden)?
+    } else if cfg.eplb_slots.is_some() {
+        return run_dynamic_eplb(registry, hw, backend, cfg, &weights, &hidden, &expected);
     } else {
         let mut moe = ConfigurableMoe::build(
             cfg.clone(),
@@ -169,6 +179,38 @@ fn run_pair(
         });
     }
     rel_l2_tensors(&out.to_host()?, &expected)
+}
+
+/// Three forwards under a dynamic balancer that re-plans and migrates weights between slots after
+/// every forward; returns the worst relative error against the reference output.
+fn run_dynamic_eplb(
+    registry: &BackendRegistry,
+    hw: &Hardware,
+    backend: &str,
+    cfg: &MoeConfig,
+    weights: &MoeWeights,
+    hidden: &Tensor,
+    expected: &Tensor,
+) -> Result<f64> {
+    let opts = EplbOptions { window: 1, interval: 1, min_gain: 0.0, ..EplbOptions::for_config(cfg) };
+    let eplb = DynamicEplb::single_rank(cfg, opts)?;
+    let bo = BuildOptions { backend: backend.into(), comm: None, eplb: Some(Box::new(eplb)) };
+    let mut moe = ConfigurableMoe::build(cfg.clone(), registry, hw, bo)?;
+    moe.load_weights(weights)?;
+    let mut worst = 0.0f64;
+    let mut placements = vec![moe.eplb().slot_to_expert()];
+    for _ in 0..3 {
+        let out = moe.forward(hidden)?;
+        worst = worst.max(rel_l2_tensors(&out.to_host()?, expected)?);
+        placements.push(moe.eplb().slot_to_expert());
+    }
+    if placements.windows(2).all(|p| p[0] == p[1]) {
+        return Err(moe_core::MoeError::config(
+            "eplb_slots",
+            "the dynamic balancer never migrated a slot, so this case would test nothing",
+        ));
+    }
+    Ok(worst)
 }
 
 /// Runs `case.ep` in-process ranks of `backend`; rank `r < ep - 1` holds a share of the tokens
@@ -225,6 +267,10 @@ pub fn default_cases(quick: bool) -> Vec<CheckCase> {
             (4, StrategyChoice::AllToAll, DType::BF16),
         ] {
             v.push(CheckCase { ep, strategy, chunk_size: Some(8), ..CheckCase::new(family, small, dtype, 29) });
+        }
+        // EPLB axis: 16 experts in 24 slots, re-planned and migrated after every forward.
+        for dtype in [DType::F32, DType::BF16] {
+            v.push(CheckCase { eplb_slots: Some(24), chunk_size: Some(9), ..CheckCase::new(family, small, dtype, 31) });
         }
     }
     // Quant axis: every weight format on a shape its groups divide (vs the same quantized
