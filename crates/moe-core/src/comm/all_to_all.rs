@@ -57,7 +57,7 @@ impl AllToAll {
     }
 
     fn plan<'a>(&self, plan: &'a DispatchPlan) -> Result<&'a Plan> {
-        plan.state.downcast_ref::<Plan>().ok_or_else(|| self.err("the dispatch plan comes from another strategy"))
+        super::plan_state(plan, NAME, self.transport.rank())
     }
 }
 
@@ -71,15 +71,9 @@ impl Communication for AllToAll {
     }
 
     fn is_workload_feasible(&self, cfg: &MoeConfig, tokens_per_rank: usize) -> std::result::Result<(), String> {
-        if cfg.parallel.ep_size != self.transport.world_size() {
-            return Err(format!(
-                "the config has ep_size {} but the transport has {} ranks",
-                cfg.parallel.ep_size,
-                self.transport.world_size()
-            ));
-        }
+        super::check_world(cfg, self.transport.world_size())?;
         // worst case: every token of every rank lands here (skewed routing)
-        let row = cfg.hidden_size * (cfg.act_dtype.size_bytes() + 4) + 8 * cfg.top_k;
+        let row = super::token_bytes(cfg);
         let bytes = cfg.parallel.ep_size.saturating_mul(tokens_per_rank).saturating_mul(row);
         if bytes > self.limits.max_receive_bytes {
             return Err(format!(

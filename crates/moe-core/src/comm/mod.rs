@@ -72,3 +72,27 @@ pub trait Communication: Send + fmt::Debug {
     /// Returns partial outputs (f32 `[received, H]`) to their home ranks, summed: f32 `[local, H]`.
     fn combine(&mut self, plan: &DispatchPlan, partial: Tensor) -> Result<Tensor>;
 }
+
+/// `Ok` when the transport's world size is the config's `ep_size`, else the mismatch in words.
+pub(crate) fn check_world(cfg: &MoeConfig, world: usize) -> std::result::Result<(), String> {
+    if cfg.parallel.ep_size != world {
+        return Err(format!("the config has ep_size {} but the transport has {world} ranks", cfg.parallel.ep_size));
+    }
+    Ok(())
+}
+
+/// Bytes one token occupies in flight on a rank: its activations (act dtype), its f32 partial
+/// output and its k (id, weight) pairs. Strategies size their worst cases with it.
+pub(crate) fn token_bytes(cfg: &MoeConfig) -> usize {
+    cfg.hidden_size * (cfg.act_dtype.size_bytes() + 4) + 8 * cfg.top_k
+}
+
+/// The strategy-specific state of `plan`, or an error naming `strategy` and `rank` when the plan
+/// came from another strategy.
+pub(crate) fn plan_state<'a, P: 'static>(plan: &'a DispatchPlan, strategy: &str, rank: usize) -> Result<&'a P> {
+    plan.state.downcast_ref::<P>().ok_or_else(|| crate::MoeError::Comm {
+        strategy: strategy.into(),
+        rank,
+        reason: "the dispatch plan comes from another strategy".into(),
+    })
+}
