@@ -244,6 +244,18 @@ impl Tensor {
         }
     }
 
+    /// Mutable host data, or an error if the tensor is on a device. The shape and dtype stay
+    /// fixed: callers may only overwrite elements.
+    pub fn host_mut(&mut self) -> Result<&mut HostData> {
+        match &mut self.storage {
+            Storage::Host(h) => Ok(h),
+            Storage::Device(d) => Err(MoeError::Device(format!(
+                "tensor is on {}; it cannot be written in place from the host",
+                d.location()
+            ))),
+        }
+    }
+
     /// A host copy (no copy of data already on the host beyond the clone).
     pub fn to_host(&self) -> Result<Tensor> {
         match &self.storage {

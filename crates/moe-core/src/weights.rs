@@ -54,6 +54,57 @@ impl ExpertWeights {
             b2: sel(&self.b2)?,
         })
     }
+
+    /// Overwrites entry `dst` with entry `src` of `from`: both projections with every quant part,
+    /// and both biases, so no half of a pair is left stale.
+    pub fn copy_expert_from(&mut self, dst: usize, from: &ExpertWeights, src: usize) -> Result<()> {
+        let (n, from_n) = (self.num_experts(), from.num_experts());
+        self.w13.copy_expert_from(dst, &from.w13, src)?;
+        self.w2.copy_expert_from(dst, &from.w2, src)?;
+        for (d, f) in [(&mut self.b13, &from.b13), (&mut self.b2, &from.b2)] {
+            match (d, f) {
+                (Some(d), Some(f)) => crate::quant::copy_row(d, dst, n, f, src, from_n)?,
+                (None, None) => {}
+                _ => {
+                    return Err(MoeError::config(
+                        "expert_bias",
+                        "migration source and destination disagree about expert biases",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies bias row `src` of `from` (`[n, width]`) into row `slot` of a backend's flat f32 copy
+/// `dst`. Both or neither side must have the bias: a half-migrated pair is an error.
+pub fn copy_bias_row(
+    dst: Option<&mut [f32]>,
+    from: Option<&Tensor>,
+    slot: usize,
+    src: usize,
+    width: usize,
+) -> Result<()> {
+    match (dst, from) {
+        (Some(d), Some(f)) => {
+            let row = f.narrow_rows(src, 1)?.to_f32_vec()?;
+            let out = d.get_mut(slot * width..(slot + 1) * width).ok_or_else(|| {
+                MoeError::shape(
+                    "copy_bias_row",
+                    format!("slot {slot} of width {width}"),
+                    format!("{} values", row.len()),
+                )
+            })?;
+            if row.len() != width {
+                return Err(MoeError::shape("copy_bias_row", format!("rows of {width}"), format!("{:?}", f.shape())));
+            }
+            out.copy_from_slice(&row);
+            Ok(())
+        }
+        (None, None) => Ok(()),
+        _ => Err(MoeError::config("expert_bias", "migration source and destination disagree about expert biases")),
+    }
 }
 
 /// The shared expert MLP.

@@ -3,7 +3,7 @@
 
 use moe_core::quant::ExpertTensor;
 use moe_core::tensor::{HostData, Tensor};
-use moe_core::weights::{ExpertWeights, SharedWeights};
+use moe_core::weights::{copy_bias_row, ExpertWeights, SharedWeights};
 use moe_core::{Activation, MoeError, Result};
 use rayon::prelude::*;
 
@@ -127,19 +127,7 @@ impl<F: Family> Experts<F> {
         self.w13.pack_one(slot, &s13[src * 2 * i * h..(src + 1) * 2 * i * h]);
         self.w2.pack_one(slot, &s2[src * h * i..(src + 1) * h * i]);
         for (dst, from, width) in [(&mut self.b13, &w.b13, 2 * i), (&mut self.b2, &w.b2, h)] {
-            match (dst, from) {
-                (Some(d), Some(f)) => {
-                    let f = f.to_f32_vec()?;
-                    d[slot * width..(slot + 1) * width].copy_from_slice(&f[src * width..(src + 1) * width]);
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(MoeError::config(
-                        "expert_bias",
-                        "migration source and destination disagree about expert biases",
-                    ))
-                }
-            }
+            copy_bias_row(dst.as_deref_mut(), from.as_ref(), slot, src, width)?;
         }
         Ok(())
     }

@@ -266,21 +266,19 @@ impl ExpertBackend for ReferenceBackend {
 
     fn replace_slot(&mut self, slot: usize, weights: &ExpertWeights, src: usize) -> Result<()> {
         let loaded = self.loaded.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: "reference".into() })?;
-        let n = loaded.experts.num_experts();
-        loaded.experts.w13.copy_expert_from(slot, &weights.w13, src)?;
-        loaded.experts.w2.copy_expert_from(slot, &weights.w2, src)?;
-        for (dst, from) in [(&mut loaded.experts.b13, &weights.b13), (&mut loaded.experts.b2, &weights.b2)] {
-            match (dst, from) {
-                (Some(d), Some(f)) => crate::quant::copy_row(d, slot, n, f, src, weights.num_experts())?,
-                (None, None) => {}
-                _ => {
-                    return Err(MoeError::config(
-                        "expert_bias",
-                        "migration source and destination disagree about biases",
-                    ))
-                }
-            }
+        loaded.experts.copy_expert_from(slot, weights, src)?;
+        let Some(dense) = self.dense.as_mut() else {
+            return self.post_load();
+        };
+        // Only the replaced slot needs dequantizing again.
+        let x = &loaded.experts;
+        let m = quant_method(self.cfg.quant, self.cfg.weight_dtype)?;
+        dense.w13[slot] = m.dequantize_expert(&x.w13, slot)?;
+        dense.w2[slot] = m.dequantize_expert(&x.w2, slot)?;
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        for (d, b, width) in [(&mut dense.b13, &x.b13, 2 * i), (&mut dense.b2, &x.b2, h)] {
+            crate::weights::copy_bias_row(d.as_deref_mut(), b.as_ref(), slot, slot, width)?;
         }
-        self.post_load()
+        Ok(())
     }
 }

@@ -130,22 +130,7 @@ impl SlotStore for ExpertWeights {
     }
 
     fn write_slot(&mut self, slot: LocalSlot, from: &ExpertWeights, src: usize) -> Result<()> {
-        let n = self.num_experts();
-        self.w13.copy_expert_from(slot.0, &from.w13, src)?;
-        self.w2.copy_expert_from(slot.0, &from.w2, src)?;
-        for (dst, f) in [(&mut self.b13, &from.b13), (&mut self.b2, &from.b2)] {
-            match (dst, f) {
-                (Some(d), Some(f)) => crate::quant::copy_row(d, slot.0, n, f, src, from.num_experts())?,
-                (None, None) => {}
-                _ => {
-                    return Err(MoeError::config(
-                        "expert_bias",
-                        "migration source and destination disagree about expert biases",
-                    ))
-                }
-            }
-        }
-        Ok(())
+        self.copy_expert_from(slot.0, from, src)
     }
 }
 

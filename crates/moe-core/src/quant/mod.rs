@@ -216,9 +216,16 @@ pub fn select_rows(t: &Tensor, ids: &[usize], n: usize) -> Result<Tensor> {
     Tensor::from_host(shape, data)
 }
 
-/// Copies leading-dimension row `src` of `from` into row `dst` of `to` (host, same dtype/row shape).
+/// Copies leading-dimension row `src` of `from` into row `dst` of `to` in place (host, same
+/// dtype/row shape; `to_n` and `from_n` are the leading dimensions the caller expects).
 pub fn copy_row(to: &mut Tensor, dst: usize, to_n: usize, from: &Tensor, src: usize, from_n: usize) -> Result<()> {
-    if to.shape()[1..] != from.shape()[1..] || to.dtype() != from.dtype() || dst >= to_n || src >= from_n {
+    if to.shape()[1..] != from.shape()[1..]
+        || to.dtype() != from.dtype()
+        || to.dim(0)? != to_n
+        || from.dim(0)? != from_n
+        || dst >= to_n
+        || src >= from_n
+    {
         return Err(MoeError::shape(
             "copy_row",
             format!("{} {:?} row {dst} < {to_n}", to.dtype(), to.shape()),
@@ -229,22 +236,17 @@ pub fn copy_row(to: &mut Tensor, dst: usize, to_n: usize, from: &Tensor, src: us
     fn put<T: Clone>(d: &mut [T], s: &[T], dst: usize, src: usize, row: usize) {
         d[dst * row..(dst + 1) * row].clone_from_slice(&s[src * row..(src + 1) * row]);
     }
-    let mut host = to.host()?.clone();
-    match (&mut host, from.host()?) {
+    let (to_dtype, from_dtype) = (to.dtype(), from.dtype());
+    match (to.host_mut()?, from.host()?) {
         (HostData::F32(d), HostData::F32(s)) => put(d, s, dst, src, row),
         (HostData::BF16(d), HostData::BF16(s)) => put(d, s, dst, src, row),
         (HostData::F16(d), HostData::F16(s)) => put(d, s, dst, src, row),
         (HostData::I32(d), HostData::I32(s)) => put(d, s, dst, src, row),
         (HostData::U8(d), HostData::U8(s)) => put(d, s, dst, src, row),
         _ => {
-            return Err(MoeError::DType {
-                op: "copy_row",
-                expected: to.dtype().to_string(),
-                got: from.dtype().to_string(),
-            })
+            return Err(MoeError::DType { op: "copy_row", expected: to_dtype.to_string(), got: from_dtype.to_string() })
         }
     }
-    *to = Tensor::from_host(to.shape().to_vec(), host)?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ mod simd;
 use half::{bf16, f16};
 use moe_core::quant::ExpertTensor;
 use moe_core::tensor::{HostData, Tensor};
-use moe_core::weights::{ExpertWeights, SharedWeights};
+use moe_core::weights::{copy_bias_row, ExpertWeights, SharedWeights};
 use moe_core::{Activation, DType, MoeError, QuantFormat, Result};
 use rayon::prelude::*;
 
@@ -173,17 +173,8 @@ impl QuantExperts {
         self.w13.copy_from(slot, &QMat::from_tensor(&one.w13)?, 0)?;
         self.w2.copy_from(slot, &QMat::from_tensor(&one.w2)?, 0)?;
         let (h, i) = (self.hidden, self.inter);
-        for (dst, from, width) in [(&mut self.b13, &one.b13, 2 * i), (&mut self.b2, &one.b2, h)] {
-            match (dst, from) {
-                (Some(d), Some(f)) => d[slot * width..(slot + 1) * width].copy_from_slice(&f.to_f32_vec()?),
-                (None, None) => {}
-                _ => {
-                    return Err(MoeError::config(
-                        "expert_bias",
-                        "migration source and destination disagree about biases",
-                    ))
-                }
-            }
+        for (dst, from, width) in [(&mut self.b13, &w.b13, 2 * i), (&mut self.b2, &w.b2, h)] {
+            copy_bias_row(dst.as_deref_mut(), from.as_ref(), slot, src, width)?;
         }
         Ok(())
     }
