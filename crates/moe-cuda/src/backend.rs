@@ -60,6 +60,11 @@ pub struct CudaBackend {
     host_routing: bool,
     poison: bool,
     wgmma: Option<GemmTile>,
+    tma_min_rows: usize,
+    gather: bool,
+    y16: bool,
+    /// The T256 tile scheduler's block counter (zeroed before each launch).
+    tile_counter: CudaSlice<u32>,
 }
 
 /// 16-bit bit patterns of a float tensor in `dtype` (converting if it is stored otherwise).
@@ -86,6 +91,7 @@ impl CudaBackend {
         };
         let dev = CudaDevice::get(ordinal)?;
         let host_routing = cfg.parallel.ep_size > 1 || cfg.eplb_slots.is_some();
+        let tile_counter = dev.zeros::<u32>(1)?;
         Ok(CudaBackend {
             cfg,
             dev,
@@ -95,11 +101,16 @@ impl CudaBackend {
             ws: Workspace::default(),
             masked_max: heuristics::masked_max_tokens(),
             host_routing,
+            tma_min_rows: heuristics::tma_min_rows(),
+            gather: std::env::var("MOE_CUDA_GATHER").as_deref() != Ok("0"),
+            y16: std::env::var("MOE_CUDA_Y16").as_deref() != Ok("0"),
+            tile_counter,
             poison: false,
             wgmma: match std::env::var("MOE_CUDA_WGMMA").as_deref() {
                 Ok("0") => None,
                 Ok("128") => Some(GemmTile::W128),
-                _ => Some(GemmTile::W256),
+                Ok("256") => Some(GemmTile::W256),
+                _ => Some(GemmTile::T256),
             },
         })
     }
@@ -113,20 +124,46 @@ impl CudaBackend {
     pub fn plan(&self, tokens: usize) -> Plan {
         let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
-        p.tile = self.upgrade(p.tile);
+        p.tile = self.upgrade(p.tile, tokens * self.cfg.top_k / n_local.max(1));
         p
     }
 
-    /// The Hopper wgmma tile replaces the mma.sync tile of the same rows on sm_90a.
-    fn upgrade(&self, tile: GemmTile) -> GemmTile {
+    /// The Hopper wgmma tile replaces the mma.sync tile of the same rows on sm_90a; the TMA tile
+    /// only where experts average at least `tma_min_rows` rows (the cp.async tile below that).
+    fn upgrade(&self, tile: GemmTile, rows_per_expert: usize) -> GemmTile {
         match self.wgmma {
+            Some(GemmTile::T256) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => {
+                if rows_per_expert >= self.tma_min_rows {
+                    GemmTile::T256
+                } else {
+                    GemmTile::W256
+                }
+            }
             Some(w) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => w,
             _ => tile,
         }
     }
 
+    /// Benchmarks and tests: whether the TMA tile gathers token rows itself in the contiguous
+    /// layout (default; `MOE_CUDA_GATHER=0` turns it off) instead of reading a permuted copy.
+    pub fn set_gather(&mut self, on: bool) {
+        self.gather = on;
+    }
+
+    /// Benchmarks and tests: whether the TMA tile writes expert outputs in the activation dtype
+    /// (default; `MOE_CUDA_Y16=0` keeps f32), halving the traffic of the unpermute-reduce.
+    pub fn set_y16(&mut self, on: bool) {
+        self.y16 = on;
+    }
+
+    /// Benchmarks and tests: the smallest average rows per expert that use the TMA tile.
+    pub fn set_tma_min_rows(&mut self, rows: usize) {
+        self.tma_min_rows = rows;
+    }
+
     /// Benchmarks and tests: the wgmma tile used for large groups on sm_90a (`None`: mma.sync
-    /// only). Default `W256`; `MOE_CUDA_WGMMA=0` turns it off, `=128` picks `W128`.
+    /// only). Default `T256` (TMA, warp-specialized); `MOE_CUDA_WGMMA=0` turns it off, `=128`
+    /// picks `W128`, `=256` the cp.async `W256`.
     pub fn set_wgmma(&mut self, tile: Option<GemmTile>) {
         self.wgmma = tile.filter(|t| t.needs_sm90a());
     }
@@ -278,6 +315,9 @@ impl CudaBackend {
         Ok((self.dev.ptr(&s), Some(s)))
     }
 
+    /// One grouped GEMM. `a_rows` and `w_rows` are the row counts of the A buffer and of the
+    /// stacked weights (`experts * n_total`), which bound the TMA maps of the T256 tile. Returns
+    /// the element type the down projection wrote its outputs in (0 f32, 1 bf16, 2 f16).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -288,7 +328,23 @@ impl CudaBackend {
         n: usize,
         k: usize,
         splits: usize,
-    ) -> Result<()> {
+        a_rows: usize,
+        w_rows: usize,
+        token_of_row: u64,
+    ) -> Result<i32> {
+        // The TMA tile needs 16-byte aligned operands; anything else takes the cp.async tile.
+        let tile = if tile.uses_tma() && (!p.a.is_multiple_of(16) || !p.w.is_multiple_of(16)) {
+            if token_of_row != 0 {
+                return Err(MoeError::shape(
+                    "cuda.gemm",
+                    "16-byte aligned activations for the gather",
+                    p.a.to_string(),
+                ));
+            }
+            GemmTile::W256
+        } else {
+            tile
+        };
         p.n = n as i32;
         p.k = k as i32;
         let (id, cols) = if gate_up {
@@ -302,9 +358,37 @@ impl CudaBackend {
         if blocks > i32::MAX as usize {
             return Err(MoeError::shape("cuda.gemm", "fewer than 2^31 blocks", blocks.to_string()));
         }
+        if tile.uses_tma() {
+            let b_box = if gate_up { tile.block_n() / 2 } else { tile.block_n() } as u32;
+            let a = if token_of_row != 0 {
+                TmaDesc::default() // rows are gathered with cp.async
+            } else {
+                self.dev.tensor_map_16(p.a, a_rows, k, tile.block_m() as u32, 64)?
+            };
+            // Launches are stream-ordered, so one counter serves them all.
+            let counter = self.dev.ptr(&self.tile_counter);
+            self.dev.memset_ptr(counter, 4)?;
+            let tp = TmaGemmParams {
+                tile_counter: counter,
+                a,
+                b: self.dev.tensor_map_16(p.w, w_rows, k, b_box, 64)?,
+                p,
+                num_m: tiles as i32,
+                // Routed outputs only: the unpermute reads 16-bit y, the shared expert's finalize f32.
+                y16: (!gate_up && splits == 1 && self.y16 && p.mode != GemmMode::Dense as i32) as i32,
+                token_of_row,
+            };
+            let grid = blocks.min(self.dev.sm_count() as usize) as u32;
+            self.dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &tp)?;
+            let y_elem = match self.elem {
+                Elem::Bf16 => 1,
+                Elem::F16 => 2,
+            };
+            return Ok(if tp.y16 != 0 { y_elem } else { 0 });
+        }
         let grid = (blocks as u32, 1, splits as u32);
         self.dev.launch(id, grid, tile.threads(), tile.smem_bytes(), &p)?;
-        Ok(())
+        Ok(0)
     }
 
     fn act_params(&self) -> (i32, f32, f32) {
@@ -514,7 +598,17 @@ impl ExpertBackend for CudaBackend {
         let offsets = self.scratch("offsets", (n_local + 1) * 4)?;
         let tile_expert = self.scratch("tile_expert", plan.tiles * 4)?;
         let tile_end = self.scratch("tile_end", plan.tiles * 4)?;
-        let a = self.scratch("a", plan.rows * h * 2)?;
+        // The TMA tile gathers token rows itself; otherwise permute copies them into `a`.
+        let gather = plan.tile.uses_tma()
+            && plan.layout == Layout::Contiguous
+            && !routing.weights_on_input()
+            && x.is_multiple_of(16)
+            && self.gather;
+        let (a, token_of_row) = if gather {
+            (x, self.scratch("token_of_row", plan.rows * 4)?)
+        } else {
+            (self.scratch("a", plan.rows * h * 2)?, 0)
+        };
         let act = self.scratch("act", plan.rows * inter * 2)?;
         let splits = self.down_splits(&plan, t);
         let y = self.scratch("y", splits * plan.rows * h * 4)?;
@@ -561,7 +655,7 @@ impl ExpertBackend for CudaBackend {
             slot_start: slots.start as i32,
             max_m: max_m as i32,
             scale_input: routing.weights_on_input() as i32,
-            ..Default::default()
+            token_of_row,
         };
         dev.launch(KernelId::Permute(self.elem), (pairs as u32, 1, 1), 128, 0, &pp)?;
         let w = self.w()?;
@@ -579,11 +673,12 @@ impl ExpertBackend for CudaBackend {
             ..Default::default()
         };
         let g1 = GemmParams { a, w: dev.ptr(&w.w13), bias: dev.ptr_opt(w.b13.as_ref()), out: act, ..base };
-        self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1)?;
+        let a_rows = if gather { t } else { plan.rows };
+        self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1, a_rows, n_local * 2 * inter, token_of_row)?;
         let split_stride = (plan.rows * h) as i64;
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
-        self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits)?;
+        let y_elem = self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits, plan.rows, n_local * h, 0)?;
         let out = self.out_alloc::<f32>(t * h)?;
         let up = UnpermuteParams {
             y,
@@ -596,7 +691,7 @@ impl ExpertBackend for CudaBackend {
             unweighted: routing.weights_on_input() as i32,
             split_stride,
             splits: splits as i32,
-            pad: 0,
+            y_elem,
         };
         dev.launch(KernelId::Unpermute, (t as u32, 1, 1), 256, 0, &up)?;
         let out = CudaBuffer::new(dev.clone(), Slice::F32(out), t * h).with_flag(flag, k);
@@ -628,7 +723,7 @@ impl ExpertBackend for CudaBackend {
             .as_ref()
             .map(|s| (dev.ptr(&s.w13), dev.ptr(&s.w2), s.gate.as_ref().map(|g| dev.ptr(g)), s.inter));
         if let Some((w13, w2, gate, inter)) = shared {
-            let tile = self.upgrade(heuristics::tile_for(t));
+            let tile = self.upgrade(heuristics::tile_for(t), t);
             let tiles = t.div_ceil(tile.block_m());
             let act = self.scratch("shared_act", t * inter * 2)?;
             let ys = self.scratch("shared_y", t * h * 4)?;
@@ -642,8 +737,8 @@ impl ExpertBackend for CudaBackend {
                 limit,
                 ..Default::default()
             };
-            self.gemm(true, tile, tiles, GemmParams { a: x, w: w13, out: act, ..base }, inter, h, 1)?;
-            self.gemm(false, tile, tiles, GemmParams { a: act, w: w2, out: ys, ..base }, h, inter, 1)?;
+            self.gemm(true, tile, tiles, GemmParams { a: x, w: w13, out: act, ..base }, inter, h, 1, t, 2 * inter, 0)?;
+            self.gemm(false, tile, tiles, GemmParams { a: act, w: w2, out: ys, ..base }, h, inter, 1, t, h, 0)?;
             fp.shared = ys;
             if let Some(g) = gate {
                 let gbuf = self.scratch("shared_gate", t * 4)?;

@@ -201,6 +201,57 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// A TMA map of a row-major 16-bit matrix `[rows, cols]` at `ptr`, loaded in boxes of
+    /// `box_rows x box_cols` with the 128-byte swizzle the wgmma operand descriptors expect.
+    /// Out-of-range rows and columns read as zero.
+    pub fn tensor_map_16(
+        &self,
+        ptr: u64,
+        rows: usize,
+        cols: usize,
+        box_rows: u32,
+        box_cols: u32,
+    ) -> CudaResult<crate::kernels::TmaDesc> {
+        use cudarc::driver::sys::{
+            CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+            CUtensorMapSwizzle,
+        };
+        if !ptr.is_multiple_of(16) || !cols.is_multiple_of(8) || box_cols * 2 != 128 || rows == 0 {
+            return Err(CudaError::Kernel(format!(
+                "TMA map needs a 16-byte aligned base, a row stride multiple of 16 bytes and 128-byte rows \
+                 (ptr {ptr:#x}, [{rows}, {cols}], box {box_rows} x {box_cols})"
+            )));
+        }
+        let dims = [cols as u64, rows as u64];
+        let strides = [(cols * 2) as u64];
+        let boxes = [box_cols, box_rows];
+        let elem_strides = [1u32, 1];
+        let mut map = CUtensorMap { opaque: [0; 16] };
+        // SAFETY: `map` is a valid out-pointer; the dims/strides/box arrays have rank (2) and
+        // rank - 1 entries as the driver requires; `ptr` is a live device allocation of at least
+        // rows x cols 16-bit elements (the caller's buffer) and is only read by later launches.
+        let res = unsafe {
+            cudarc::driver::sys::cuTensorMapEncodeTiled(
+                &mut map,
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        res.result().map_err(|e| CudaError::driver("cuTensorMapEncodeTiled", e))?;
+        Ok(crate::kernels::TmaDesc { opaque: map.opaque })
+    }
+}
+
 /// Grow-only named scratch buffers, reused across forwards (stream-ordered, so a buffer can be
 /// rewritten by the next forward as soon as the previous one's kernels were queued).
 #[derive(Default)]

@@ -13,6 +13,18 @@ pub fn masked_max_tokens() -> usize {
     std::env::var("MOE_CUDA_MASKED_MAX_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MASKED_MAX_TOKENS)
 }
 
+/// Default smallest average rows per expert that use the TMA warp-specialized tile (`T256`) on
+/// sm_90a instead of the cp.async `W256` tile. 0: T256 wherever a 128-row tile is chosen. With
+/// its dynamic tile scheduler T256 won at every measured point on the H100, including the
+/// weight-bound deepseek-v3 T = 4096 (128 rows per expert: 11.4 ms against 12.2-12.4 ms for
+/// W256; docs/perf/cuda.md).
+pub const DEFAULT_TMA_MIN_ROWS: usize = 0;
+
+/// The T256 switch point: `MOE_CUDA_TMA_MIN_ROWS` or the default (0: always T256).
+pub fn tma_min_rows() -> usize {
+    std::env::var("MOE_CUDA_TMA_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TMA_MIN_ROWS)
+}
+
 /// Row layout of the expert inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {

@@ -80,11 +80,15 @@ pub enum GemmTile {
     W128,
     /// Hopper wgmma (sm_90a only), 128 x 256, BK 64, two warpgroups, 4 stages, swizzled tiles.
     W256,
+    /// Hopper wgmma (sm_90a only), 128 x 256, BK 64: a TMA producer warpgroup and two MMA
+    /// warpgroups over a 4-stage mbarrier ring, persistent grid (`TmaGemmParams`).
+    T256,
 }
 
 impl GemmTile {
     /// Every tile.
-    pub const ALL: [GemmTile; 5] = [GemmTile::M16, GemmTile::M64, GemmTile::M128, GemmTile::W128, GemmTile::W256];
+    pub const ALL: [GemmTile; 6] =
+        [GemmTile::M16, GemmTile::M64, GemmTile::M128, GemmTile::W128, GemmTile::W256, GemmTile::T256];
     /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
     pub const BK: usize = 32;
 
@@ -93,13 +97,13 @@ impl GemmTile {
         match self {
             GemmTile::M16 => 16,
             GemmTile::M64 => 64,
-            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 128,
+            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 128,
         }
     }
 
     /// Columns of the weight tile (BN).
     pub fn block_n(self) -> usize {
-        if self == GemmTile::W256 {
+        if matches!(self, GemmTile::W256 | GemmTile::T256) {
             256
         } else {
             128
@@ -108,7 +112,7 @@ impl GemmTile {
 
     fn block_k(self) -> usize {
         match self {
-            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 => 64,
+            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 64,
             GemmTile::M128 => Self::BK,
         }
     }
@@ -118,19 +122,25 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 => 128,
             GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
+            GemmTile::T256 => 384,
         }
     }
 
     fn stages(self) -> usize {
         match self {
-            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 4,
+            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 4,
             GemmTile::M64 => 3,
         }
     }
 
     /// Whether the tile uses Hopper-only instructions (wgmma): only for an `sm_90a` build.
     pub fn needs_sm90a(self) -> bool {
-        matches!(self, GemmTile::W128 | GemmTile::W256)
+        matches!(self, GemmTile::W128 | GemmTile::W256 | GemmTile::T256)
+    }
+
+    /// Whether the kernel takes [`TmaGemmParams`] and runs a persistent grid.
+    pub fn uses_tma(self) -> bool {
+        self == GemmTile::T256
     }
 
     /// Dynamic shared memory per block in bytes.
@@ -139,6 +149,9 @@ impl GemmTile {
         match self {
             // Unpadded swizzled tiles plus 1 KiB to align them to 1024 bytes.
             GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
+            // Plus a full and an empty mbarrier per stage.
+            // Plus full/empty mbarriers per stage, the scheduler's 2-slot ring and its block ids.
+            GemmTile::T256 => (s * (m + n) * k * 2 + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             _ => (s * (m + n) * (k + 8) * 2) as u32,
         }
     }
@@ -150,6 +163,7 @@ impl GemmTile {
             GemmTile::M128 => "m128",
             GemmTile::W128 => "w128",
             GemmTile::W256 => "w256",
+            GemmTile::T256 => "t256",
         }
     }
 }
@@ -358,8 +372,7 @@ pub struct PermuteParams {
     pub slot_start: i32,
     pub max_m: i32,
     pub scale_input: i32,
-    pub pad0: i32,
-    pub pad1: i32,
+    pub token_of_row: u64,
 }
 
 /// Unpermute launch parameters (`UnpermuteParams`).
@@ -376,7 +389,7 @@ pub struct UnpermuteParams {
     pub unweighted: i32,
     pub split_stride: i64,
     pub splits: i32,
-    pub pad: i32,
+    pub y_elem: i32,
 }
 
 /// Shared-expert gate launch parameters (`SharedGateParams`).
@@ -437,6 +450,27 @@ pub struct GemmParams {
     pub split_stride: i64,
 }
 
+/// A TMA tensor map (`CUtensorMap`, 128 opaque bytes) as a kernel parameter.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TmaDesc {
+    pub opaque: [u64; 16],
+}
+
+/// Parameters of the TMA tiles (`TmaGemmParams`): tensor maps of A and of the weights, the
+/// grouped GEMM parameters, and the row-tile count the persistent grid walks.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TmaGemmParams {
+    pub a: TmaDesc,
+    pub b: TmaDesc,
+    pub p: GemmParams,
+    pub num_m: i32,
+    pub y16: i32,
+    pub token_of_row: u64,
+    pub tile_counter: u64,
+}
+
 // SAFETY: each is `#[repr(C)]` plain data (u64 device addresses and 4/8-byte scalars) whose
 // field order and types match the CUDA struct of the same name, so passing it by value as a
 // kernel parameter reproduces the device layout exactly.
@@ -459,6 +493,9 @@ unsafe impl DeviceRepr for FinalizeParams {}
 unsafe impl DeviceRepr for GemmParams {}
 // SAFETY: see above.
 unsafe impl DeviceRepr for FillParams {}
+// SAFETY: see above; the tensor maps are opaque bytes written by cuTensorMapEncodeTiled, and the
+// 64-byte alignment matches the CUDA declaration (TMA requires it in parameter space).
+unsafe impl DeviceRepr for TmaGemmParams {}
 
 #[cfg(test)]
 mod tests {
@@ -520,5 +557,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<FinalizeParams>(), 48);
         assert_eq!(std::mem::size_of::<GemmParams>(), 104);
         assert_eq!(std::mem::size_of::<FillParams>(), 24);
+        // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
+        assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
+        assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);
     }
 }

@@ -166,9 +166,20 @@ fn every_family_and_dtype_matches_reference_on_both_layouts() {
             let Some(hw) = usable(&cfg, name) else { continue };
             let w = MoeWeights::random(&cfg, 7).unwrap();
             let mut p = pair(&cfg, &w, full(&cfg), &hw);
-            for (masked_max, wgmma) in
-                [(0usize, Some(GemmTile::W256)), (1 << 20, Some(GemmTile::W128)), (0, Some(GemmTile::W128)), (0, None)]
-            {
+            // (masked switch point, wgmma tile, T256 gathers token rows, T256 writes 16-bit
+            // expert outputs); T256 at every size (its rows-per-expert switch off).
+            for (masked_max, wgmma, gather, y16) in [
+                (0usize, Some(GemmTile::T256), false, true),
+                (0, Some(GemmTile::T256), true, false),
+                (0, Some(GemmTile::W256), false, true),
+                (1 << 20, Some(GemmTile::T256), false, true),
+                (1 << 20, Some(GemmTile::W128), false, true),
+                (0, Some(GemmTile::W128), false, true),
+                (0, None, false, true),
+            ] {
+                p.cuda.set_tma_min_rows(0);
+                p.cuda.set_gather(gather);
+                p.cuda.set_y16(y16);
                 p.cuda.set_masked_max_tokens(masked_max);
                 p.cuda.set_wgmma(wgmma);
                 for (i, tokens) in [0usize, 1, 5, 37, 300, 700].into_iter().enumerate() {
