@@ -63,6 +63,7 @@ pub struct CudaBackend {
     wgmma: Option<GemmTile>,
     graphs: GraphCache,
     use_graphs: bool,
+    graph_max: Option<usize>,
     router: crate::router::RouterGemm,
 }
 
@@ -90,6 +91,7 @@ impl CudaBackend {
         };
         let dev = CudaDevice::get(ordinal)?;
         let host_routing = cfg.parallel.ep_size > 1 || cfg.eplb_slots.is_some();
+        let router = crate::router::RouterGemm::from_env(cfg.num_experts, cfg.hidden_size);
         Ok(CudaBackend {
             cfg,
             dev,
@@ -102,7 +104,8 @@ impl CudaBackend {
             poison: false,
             graphs: GraphCache::default(),
             use_graphs: crate::graph::graphs_default(),
-            router: crate::router::RouterGemm::from_env(),
+            graph_max: crate::graph::graph_max_tokens(),
+            router,
             wgmma: match std::env::var("MOE_CUDA_WGMMA").as_deref() {
                 Ok("0") => None,
                 Ok("128") => Some(GemmTile::W128),
@@ -171,6 +174,18 @@ impl CudaBackend {
         }
     }
 
+    /// Whether a forward of `t` tokens runs as a CUDA graph: `1 <= t <=` the graph limit
+    /// (`MOE_CUDA_GRAPH_MAX_TOKENS`; default the larger of 32 and the masked switch point).
+    pub fn graphs_apply(&self, t: usize) -> bool {
+        let max = self.graph_max.unwrap_or(self.masked_max.max(crate::graph::DEFAULT_GRAPH_MAX_TOKENS));
+        self.use_graphs && t >= 1 && t <= max
+    }
+
+    /// Overrides the largest token count run as a CUDA graph (`None`: the default rule).
+    pub fn set_graph_max_tokens(&mut self, t: Option<usize>) {
+        self.graph_max = t;
+    }
+
     /// Graphs built, replays and node updates so far.
     pub fn graph_stats(&self) -> GraphStats {
         self.graphs.stats()
@@ -178,14 +193,15 @@ impl CudaBackend {
 
     /// A graph recording for a forward of `t` tokens, when graphs apply to it.
     fn graph_recording(&self, t: usize) -> Result<Option<Recording>> {
-        if self.use_graphs && t >= 1 && t <= self.masked_max && !crate::graph::recording() {
+        if self.graphs_apply(t) && !crate::graph::recording() {
             return Ok(Some(Recording::start()?));
         }
         Ok(None)
     }
 
     /// Router logits at or above `tokens` tokens use cuBLAS SGEMM (f32, no TF32) when libcublas
-    /// loads; `usize::MAX` keeps the warp kernel everywhere.
+    /// loads; `usize::MAX` keeps the warp kernel everywhere. Default: from
+    /// `T * experts * hidden >=` [`crate::router::ROUTER_BLAS_MIN_MACS`].
     pub fn set_router_blas_min_tokens(&mut self, tokens: usize) {
         self.router.set_min_tokens(tokens);
     }

@@ -352,6 +352,16 @@ fn build(dev: &CudaDevice, ops: &[Op]) -> CudaResult<Entry> {
     Ok(Entry { graph, exec, nodes, ops: ops.to_vec() })
 }
 
+/// Default largest forward run as a graph. Both layouts are graph-safe (launch shapes depend only
+/// on T); above a few dozen tokens launches are a negligible share of the forward.
+pub const DEFAULT_GRAPH_MAX_TOKENS: usize = 32;
+
+/// `MOE_CUDA_GRAPH_MAX_TOKENS` or, unset, the larger of [`DEFAULT_GRAPH_MAX_TOKENS`] and the
+/// masked switch point in use.
+pub fn graph_max_tokens() -> Option<usize> {
+    std::env::var("MOE_CUDA_GRAPH_MAX_TOKENS").ok().and_then(|v| v.parse().ok())
+}
+
 /// Whether CUDA graphs are on by default: `MOE_CUDA_GRAPHS=0` turns them off.
 pub fn graphs_default() -> bool {
     !matches!(std::env::var("MOE_CUDA_GRAPHS").as_deref(), Ok("0") | Ok("off") | Ok("false"))

@@ -40,17 +40,23 @@ pub fn runtime_notes(hw: &moe_core::Hardware) -> Vec<String> {
         heuristics::DEFAULT_MASKED_MAX_TOKENS
     )];
     v.push(format!(
-        "cuda: CUDA graphs for forwards of 1..={} tokens: {} (MOE_CUDA_GRAPHS=0 turns them off)",
-        heuristics::masked_max_tokens(),
+        "cuda: CUDA graphs for forwards of 1..={} tokens: {} (MOE_CUDA_GRAPHS=0 turns them off, \
+         MOE_CUDA_GRAPH_MAX_TOKENS moves the limit)",
+        graph::graph_max_tokens()
+            .unwrap_or_else(|| heuristics::masked_max_tokens().max(graph::DEFAULT_GRAPH_MAX_TOKENS)),
         if graph::graphs_default() { "on" } else { "off" }
     ));
     v.push(match router::cublas_available() {
-        Ok(()) => format!(
-            "cuda: router logits by cuBLAS SGEMM (f32) from {} tokens, f32 kernel below \
-             (MOE_CUDA_ROUTER_BLAS_MIN_TOKENS; default {})",
-            router::router_blas_min_tokens(),
-            router::DEFAULT_ROUTER_BLAS_MIN_TOKENS
-        ),
+        Ok(()) => match std::env::var("MOE_CUDA_ROUTER_BLAS_MIN_TOKENS") {
+            Ok(t) => {
+                format!("cuda: router logits by cuBLAS SGEMM (f32) from {t} tokens (MOE_CUDA_ROUTER_BLAS_MIN_TOKENS)")
+            }
+            Err(_) => format!(
+                "cuda: router logits by cuBLAS SGEMM (f32) from T * experts * hidden >= {}, the f32 kernel \
+                 below (MOE_CUDA_ROUTER_BLAS_MIN_TOKENS sets a token count)",
+                router::ROUTER_BLAS_MIN_MACS
+            ),
+        },
         Err(e) => format!("cuda: router: {e}"),
     });
     v.push(format!("cuda: kernel cache {} (MOE_KERNEL_CACHE)", nvrtc::cache_dir().display()));

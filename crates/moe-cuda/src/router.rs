@@ -12,18 +12,22 @@ use cudarc::driver::CudaContext;
 use crate::device::CudaDevice;
 use crate::error::{CudaError, CudaResult};
 
-/// Default smallest token count that uses cuBLAS for the router.
-pub const DEFAULT_ROUTER_BLAS_MIN_TOKENS: usize = 64;
+/// Default switch: cuBLAS from this many multiply-adds (`T * experts * hidden`). Below it the
+/// warp kernel is faster (cuBLAS plus the f32 widening cost ~20 us at any size); measured on the
+/// H100 (docs/perf/cuda.md): deepseek-v3 crosses at T ~ 24 (44 M), qwen3-30b-a3b between 128
+/// (34 M, kernel faster) and 1024.
+pub const ROUTER_BLAS_MIN_MACS: usize = 48_000_000;
 
 /// Tokens per SGEMM: bounds the f32 activation scratch (`CHUNK * H * 4` bytes).
 pub(crate) const CHUNK: usize = 4096;
 
-/// The switch point: `MOE_CUDA_ROUTER_BLAS_MIN_TOKENS` or the default.
-pub fn router_blas_min_tokens() -> usize {
+/// The switch point for `experts` x `hidden`: `MOE_CUDA_ROUTER_BLAS_MIN_TOKENS` or the token count
+/// that reaches [`ROUTER_BLAS_MIN_MACS`].
+pub fn router_blas_min_tokens(experts: usize, hidden: usize) -> usize {
     std::env::var("MOE_CUDA_ROUTER_BLAS_MIN_TOKENS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_ROUTER_BLAS_MIN_TOKENS)
+        .unwrap_or_else(|| ROUTER_BLAS_MIN_MACS.div_ceil((experts * hidden).max(1)))
 }
 
 /// `Ok` when libcublas can be loaded, else the reason (probed once).
@@ -75,8 +79,8 @@ impl std::fmt::Debug for RouterGemm {
 
 impl RouterGemm {
     /// The switch point from the environment.
-    pub(crate) fn from_env() -> Self {
-        RouterGemm { min_tokens: router_blas_min_tokens(), handle: None, failed: None }
+    pub(crate) fn from_env(experts: usize, hidden: usize) -> Self {
+        RouterGemm { min_tokens: router_blas_min_tokens(experts, hidden), handle: None, failed: None }
     }
 
     pub(crate) fn set_min_tokens(&mut self, t: usize) {
