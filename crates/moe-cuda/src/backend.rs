@@ -18,6 +18,7 @@ use moe_core::{DType, Logical, MoeConfig, MoeError, Physical, Result, Tensor, To
 use crate::buffer::{device_buffer, CudaBuffer, ErrorFlag, Half16, Slice};
 use crate::device::{CudaDevice, Workspace};
 use crate::error::CudaError;
+use crate::graph::{GraphCache, GraphStats, Recording};
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::*;
 
@@ -65,6 +66,10 @@ pub struct CudaBackend {
     y16: bool,
     /// The T256 tile scheduler's block counter (zeroed before each launch).
     tile_counter: CudaSlice<u32>,
+    graphs: GraphCache,
+    use_graphs: bool,
+    graph_max: Option<usize>,
+    router: crate::router::RouterGemm,
 }
 
 /// 16-bit bit patterns of a float tensor in `dtype` (converting if it is stored otherwise).
@@ -92,6 +97,7 @@ impl CudaBackend {
         let dev = CudaDevice::get(ordinal)?;
         let host_routing = cfg.parallel.ep_size > 1 || cfg.eplb_slots.is_some();
         let tile_counter = dev.zeros::<u32>(1)?;
+        let router = crate::router::RouterGemm::from_env(cfg.num_experts, cfg.hidden_size);
         Ok(CudaBackend {
             cfg,
             dev,
@@ -106,6 +112,10 @@ impl CudaBackend {
             y16: std::env::var("MOE_CUDA_Y16").as_deref() != Ok("0"),
             tile_counter,
             poison: false,
+            graphs: GraphCache::default(),
+            use_graphs: crate::graph::graphs_default(),
+            graph_max: crate::graph::graph_max_tokens(),
+            router,
             wgmma: match std::env::var("MOE_CUDA_WGMMA").as_deref() {
                 Ok("0") => None,
                 Ok("128") => Some(GemmTile::W128),
@@ -182,9 +192,55 @@ impl CudaBackend {
         want.clamp(1, 8).min((self.cfg.intermediate_size / 256).max(1))
     }
 
+    /// The masked/contiguous switch point in use.
+    pub fn masked_max_tokens(&self) -> usize {
+        self.masked_max
+    }
+
     /// Overrides the masked/contiguous switch point (benchmarks measure it with this).
     pub fn set_masked_max_tokens(&mut self, t: usize) {
         self.masked_max = t;
+    }
+
+    /// Decode-sized forwards (`1 <= T <=` the masked switch point) run as cached CUDA graphs
+    /// (default on; `MOE_CUDA_GRAPHS=0` turns them off). Results are bitwise the same either way.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        if !on {
+            self.graphs.clear();
+        }
+    }
+
+    /// Whether a forward of `t` tokens runs as a CUDA graph: `1 <= t <=` the graph limit
+    /// (`MOE_CUDA_GRAPH_MAX_TOKENS`; default the larger of 32 and the masked switch point).
+    pub fn graphs_apply(&self, t: usize) -> bool {
+        let max = self.graph_max.unwrap_or(self.masked_max.max(crate::graph::DEFAULT_GRAPH_MAX_TOKENS));
+        self.use_graphs && t >= 1 && t <= max
+    }
+
+    /// Overrides the largest token count run as a CUDA graph (`None`: the default rule).
+    pub fn set_graph_max_tokens(&mut self, t: Option<usize>) {
+        self.graph_max = t;
+    }
+
+    /// Graphs built, replays and node updates so far.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs.stats()
+    }
+
+    /// A graph recording for a forward of `t` tokens, when graphs apply to it.
+    fn graph_recording(&self, t: usize) -> Result<Option<Recording>> {
+        if self.graphs_apply(t) && !crate::graph::recording() {
+            return Ok(Some(Recording::start()?));
+        }
+        Ok(None)
+    }
+
+    /// Router logits at or above `tokens` tokens use cuBLAS SGEMM (f32, no TF32) when libcublas
+    /// loads; `usize::MAX` keeps the warp kernel everywhere. Default: from
+    /// `T * experts * hidden >=` [`crate::router::ROUTER_BLAS_MIN_MACS`].
+    pub fn set_router_blas_min_tokens(&mut self, tokens: usize) {
+        self.router.set_min_tokens(tokens);
     }
 
     /// Tests: fill every output and scratch buffer with NaN bytes before kernels write them, so
@@ -477,8 +533,38 @@ impl ExpertBackend for CudaBackend {
         let t = hidden.dim(0)?;
         hidden.expect_shape("cuda.router_logits", &[t, h])?;
         let (x, _keep) = self.act_ptr(hidden, "cuda.router_logits")?;
-        let w = self.w()?;
         let out = self.out_alloc::<f32>(t * e)?;
+        let dev = self.dev.clone();
+        if self.router.ready(&dev, t) {
+            let w = self.w()?;
+            let (wp, bp) = (dev.ptr(&w.router_w), dev.ptr_opt(w.router_b.as_ref()));
+            let x32 = self.scratch("router_x32", t.min(crate::router::CHUNK) * h * 4)?;
+            let logits = dev.ptr(&out);
+            for start in (0..t).step_by(crate::router::CHUNK) {
+                let n = (t - start).min(crate::router::CHUNK);
+                let lp = logits + (start * e * 4) as u64;
+                let pp = RouterPrepParams {
+                    x: x + (start * h * 2) as u64,
+                    x32,
+                    bias: bp,
+                    logits: lp,
+                    n: (n * h) as i64,
+                    tokens: n as i32,
+                    experts: e as i32,
+                };
+                dev.launch(
+                    KernelId::RouterPrep(self.elem),
+                    ((n * h).div_ceil(256).min(8192) as u32, 1, 1),
+                    256,
+                    0,
+                    &pp,
+                )?;
+                let beta = if bp != 0 { 1.0 } else { 0.0 };
+                self.router.sgemm(&dev, wp, x32, lp, n, e, h, beta)?;
+            }
+            return Ok(CudaBuffer::new(dev, Slice::F32(out), t * e).into_tensor(vec![t, e], DType::F32));
+        }
+        let w = self.w()?;
         let p = RouterLogitsParams {
             x,
             w: self.dev.ptr(&w.router_w),
@@ -591,6 +677,9 @@ impl ExpertBackend for CudaBackend {
             None => self.new_flag()?,
         };
         let dev = self.dev.clone();
+        // From here to the unpermute, launches and memsets may be recorded into a CUDA graph.
+        let out = self.out_alloc::<f32>(t * h)?;
+        let rec = self.graph_recording(t)?;
         let counts = self.scratch("counts", n_local * 4)?;
         dev.memset_ptr(counts, n_local * 4)?;
         let pos = self.scratch("pos", pairs * 4)?;
@@ -679,7 +768,6 @@ impl ExpertBackend for CudaBackend {
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
         let y_elem = self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits, plan.rows, n_local * h, 0)?;
-        let out = self.out_alloc::<f32>(t * h)?;
         let up = UnpermuteParams {
             y,
             row_of,
@@ -694,6 +782,9 @@ impl ExpertBackend for CudaBackend {
             y_elem,
         };
         dev.launch(KernelId::Unpermute, (t as u32, 1, 1), 256, 0, &up)?;
+        if let Some(rec) = rec {
+            self.graphs.launch(&dev, rec.finish())?;
+        }
         let out = CudaBuffer::new(dev.clone(), Slice::F32(out), t * h).with_flag(flag, k);
         Ok(out.into_tensor(vec![t, h], DType::F32))
     }
@@ -717,6 +808,7 @@ impl ExpertBackend for CudaBackend {
             ..Default::default()
         };
         let (x, _kx) = self.act_ptr(hidden, "cuda.finalize")?;
+        let rec = if self.w()?.shared.is_some() { self.graph_recording(t)? } else { None };
         let shared = self
             .w()?
             .shared
@@ -748,6 +840,9 @@ impl ExpertBackend for CudaBackend {
             }
         }
         dev.launch(KernelId::Finalize(self.elem), ((t * h).div_ceil(256) as u32, 1, 1), 256, 0, &fp)?;
+        if let Some(rec) = rec {
+            self.graphs.launch(&dev, rec.finish())?;
+        }
         let mut buf = CudaBuffer::new(dev, Slice::U16(out), t * h);
         if let Some((f, k)) = flag {
             buf = buf.with_flag(f, k);

@@ -142,7 +142,15 @@ impl CudaDevice {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        // Inside a CUDA-graph recording (crate::graph) the launch becomes a graph node instead.
+        // Any other stream operation added to the forward path must do the same.
         let f = self.func(id)?;
+        // SAFETY: `P` is a `#[repr(C)]` plain-data parameter struct (DeviceRepr); its bytes are
+        // exactly what the kernel receives by value.
+        let bytes = || unsafe { std::slice::from_raw_parts(p as *const P as *const u8, std::mem::size_of::<P>()) };
+        if crate::graph::try_record(|| crate::graph::Op::Kernel { id, grid, block, smem, params: bytes().to_vec() }) {
+            return Ok(());
+        }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the parameter struct mirrors the kernel's signature (checked by unit tests);
         // every pointer inside was taken from a live allocation sized by the caller for this
@@ -256,12 +264,14 @@ impl CudaDevice {
 /// rewritten by the next forward as soon as the previous one's kernels were queued).
 #[derive(Default)]
 pub struct Workspace {
-    bufs: HashMap<&'static str, CudaSlice<u8>>,
+    // The address is kept beside the buffer: taking it from the slice records events on every
+    // forward (cudarc's multi-stream tracking), which decode-sized forwards cannot afford.
+    bufs: HashMap<&'static str, (CudaSlice<u8>, u64)>,
 }
 
 impl std::fmt::Debug for Workspace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let total: usize = self.bufs.values().map(|b| b.len()).sum();
+        let total: usize = self.bufs.values().map(|b| b.0.len()).sum();
         write!(f, "Workspace({} buffers, {total} bytes)", self.bufs.len())
     }
 }
@@ -270,18 +280,20 @@ impl Workspace {
     /// The device address of scratch buffer `name` holding at least `bytes`.
     pub fn get(&mut self, dev: &CudaDevice, name: &'static str, bytes: usize) -> CudaResult<u64> {
         let need = bytes.max(16);
-        let grow = self.bufs.get(name).is_none_or(|b| b.len() < need);
+        let grow = self.bufs.get(name).is_none_or(|b| b.0.len() < need);
         if grow {
             // Round up so slowly growing token counts do not reallocate every forward.
             let cap = need.next_power_of_two();
-            self.bufs.insert(name, dev.alloc::<u8>(cap)?);
+            let b = dev.alloc::<u8>(cap)?;
+            let p = dev.ptr(&b);
+            self.bufs.insert(name, (b, p));
         }
-        Ok(self.bufs.get(name).map_or(0, |b| dev.ptr(b)))
+        Ok(self.bufs.get(name).map_or(0, |b| b.1))
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.bufs.values().map(|b| b.len()).sum()
+        self.bufs.values().map(|b| b.0.len()).sum()
     }
 }
 
@@ -294,6 +306,9 @@ impl CudaDevice {
     /// Fills `bytes` at `ptr` with the byte `value` (stream-ordered).
     pub fn memset_ptr_value(&self, ptr: u64, value: u8, bytes: usize) -> CudaResult<()> {
         if bytes == 0 {
+            return Ok(());
+        }
+        if crate::graph::try_record(|| crate::graph::Op::Memset { ptr, value, bytes }) {
             return Ok(());
         }
         // SAFETY: `ptr` comes from a live allocation of at least `bytes` (workspace or buffer);

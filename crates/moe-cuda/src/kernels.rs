@@ -173,6 +173,8 @@ impl GemmTile {
 pub enum KernelId {
     /// `router_logits_{dt}`.
     RouterLogits(Elem),
+    /// `router_prep_{dt}` (f32 activations and bias rows for the cuBLAS router).
+    RouterPrep(Elem),
     /// `moe_route`.
     Route,
     /// `moe_count`.
@@ -201,7 +203,7 @@ impl KernelId {
     /// The module that defines this kernel.
     pub fn module(self) -> Module {
         match self {
-            KernelId::RouterLogits(_) | KernelId::Route => Module::Route,
+            KernelId::RouterLogits(_) | KernelId::RouterPrep(_) | KernelId::Route => Module::Route,
             KernelId::Count
             | KernelId::Layout
             | KernelId::Permute(_)
@@ -218,6 +220,7 @@ impl KernelId {
     pub fn name(self) -> String {
         match self {
             KernelId::RouterLogits(d) => format!("router_logits_{}", d.suffix()),
+            KernelId::RouterPrep(d) => format!("router_prep_{}", d.suffix()),
             KernelId::Route => "moe_route".into(),
             KernelId::Count => "moe_count".into(),
             KernelId::Layout => "moe_layout".into(),
@@ -239,6 +242,7 @@ impl KernelId {
         for d in [Elem::Bf16, Elem::F16] {
             v.extend([
                 KernelId::RouterLogits(d),
+                KernelId::RouterPrep(d),
                 KernelId::Permute(d),
                 KernelId::SharedGate(d),
                 KernelId::Finalize(d),
@@ -304,6 +308,19 @@ pub struct RouterLogitsParams {
     pub experts: i32,
     pub hidden: i32,
     pub pad: i32,
+}
+
+/// cuBLAS router preparation parameters (`RouterPrepParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouterPrepParams {
+    pub x: u64,
+    pub x32: u64,
+    pub bias: u64,
+    pub logits: u64,
+    pub n: i64,
+    pub tokens: i32,
+    pub experts: i32,
 }
 
 /// Routing launch parameters (`RouteParams`).
@@ -476,6 +493,8 @@ pub struct TmaGemmParams {
 // kernel parameter reproduces the device layout exactly.
 unsafe impl DeviceRepr for RouterLogitsParams {}
 // SAFETY: see above.
+unsafe impl DeviceRepr for RouterPrepParams {}
+// SAFETY: see above.
 unsafe impl DeviceRepr for RouteParams {}
 // SAFETY: see above.
 unsafe impl DeviceRepr for CountParams {}
@@ -548,6 +567,7 @@ mod tests {
     fn param_structs_have_the_cuda_sizes() {
         // Sizes computed from the CUDA declarations (8-byte alignment, no hidden padding).
         assert_eq!(std::mem::size_of::<RouterLogitsParams>(), 48);
+        assert_eq!(std::mem::size_of::<RouterPrepParams>(), 48);
         assert_eq!(std::mem::size_of::<RouteParams>(), 80);
         assert_eq!(std::mem::size_of::<CountParams>(), 48);
         assert_eq!(std::mem::size_of::<LayoutParams>(), 48);
