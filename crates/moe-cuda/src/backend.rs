@@ -62,6 +62,7 @@ pub struct CudaBackend {
     poison: bool,
     wgmma: Option<GemmTile>,
     tma_min_rows: usize,
+    decode_max: Option<usize>,
     gather: bool,
     y16: bool,
     /// The T256 tile scheduler's block counter (zeroed before each launch).
@@ -108,6 +109,7 @@ impl CudaBackend {
             masked_max: heuristics::masked_max_tokens(),
             host_routing,
             tma_min_rows: heuristics::tma_min_rows(),
+            decode_max: heuristics::decode_max_tokens(),
             gather: std::env::var("MOE_CUDA_GATHER").as_deref() != Ok("0"),
             y16: std::env::var("MOE_CUDA_Y16").as_deref() != Ok("0"),
             tile_counter,
@@ -133,6 +135,15 @@ impl CudaBackend {
     /// The launch plan `run_moe` uses for `tokens` tokens.
     pub fn plan(&self, tokens: usize) -> Plan {
         let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
+        let decode = match self.decode_max {
+            Some(m) => tokens <= m,
+            None => heuristics::decode_auto(tokens, self.cfg.top_k, self.cfg.num_experts),
+        };
+        // The decode kernels keep the token row in shared memory (48 KiB without opt-in).
+        if decode && self.cfg.hidden_size * 2 <= 48 * 1024 {
+            let pairs = tokens * self.cfg.top_k;
+            return Plan { layout: Layout::Decode, tile: GemmTile::M16, tiles: 0, rows: pairs };
+        }
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
         p.tile = self.upgrade(p.tile, tokens * self.cfg.top_k / n_local.max(1));
         p
@@ -195,6 +206,12 @@ impl CudaBackend {
     /// The masked/contiguous switch point in use.
     pub fn masked_max_tokens(&self) -> usize {
         self.masked_max
+    }
+
+    /// Overrides the largest token count of the matrix-vector decode path (`Some(0)` turns it
+    /// off, `None` restores the automatic choice [`heuristics::decode_auto`]).
+    pub fn set_decode_max_tokens(&mut self, t: Option<usize>) {
+        self.decode_max = t;
     }
 
     /// Overrides the masked/contiguous switch point (benchmarks measure it with this).
@@ -680,6 +697,44 @@ impl ExpertBackend for CudaBackend {
         // From here to the unpermute, launches and memsets may be recorded into a CUDA graph.
         let out = self.out_alloc::<f32>(t * h)?;
         let rec = self.graph_recording(t)?;
+        if plan.layout == Layout::Decode {
+            let act = self.scratch("act", pairs * inter * 2)?;
+            let w = self.w()?;
+            let (act_kind, alpha, limit) = self.act_params();
+            let dp = DecodeParams {
+                x,
+                ids,
+                weights: wts,
+                w13: dev.ptr(&w.w13),
+                b13: dev.ptr_opt(w.b13.as_ref()),
+                w2: dev.ptr(&w.w2),
+                b2: dev.ptr_opt(w.b2.as_ref()),
+                act,
+                out: dev.ptr(&out),
+                err: dev.ptr(&flag.slice),
+                tokens: t as i32,
+                k: k as i32,
+                hidden: h as i32,
+                inter: inter as i32,
+                slot_start: slots.start as i32,
+                n_local: n_local as i32,
+                slot_total: slots.total as i32,
+                act_kind,
+                alpha,
+                limit,
+                scale_input: routing.weights_on_input() as i32,
+                pad: 0,
+            };
+            const WARPS: usize = 8; // DECODE_WARPS: one output column per warp
+            let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);
+            dev.launch(KernelId::DecodeGateUp(self.elem), grid_up, 256, (h * 2) as u32, &dp)?;
+            dev.launch(KernelId::DecodeDown(self.elem), (h.div_ceil(WARPS) as u32, t as u32, 1), 256, 0, &dp)?;
+            if let Some(rec) = rec {
+                self.graphs.launch(&dev, rec.finish())?;
+            }
+            let out = CudaBuffer::new(dev.clone(), Slice::F32(out), t * h).with_flag(flag, k);
+            return Ok(out.into_tensor(vec![t, h], DType::F32));
+        }
         let counts = self.scratch("counts", n_local * 4)?;
         dev.memset_ptr(counts, n_local * 4)?;
         let pos = self.scratch("pos", pairs * 4)?;
@@ -729,6 +784,9 @@ impl ExpertBackend for CudaBackend {
                 (GemmMode::Contiguous, 0)
             }
             Layout::Masked { max_m } => (GemmMode::Masked, max_m),
+            Layout::Decode => {
+                return Err(MoeError::unsupported(NAME, "internal: the decode layout reached the grouped path"))
+            }
         };
         let pp = PermuteParams {
             x,

@@ -28,9 +28,28 @@ pub fn tma_min_rows() -> usize {
     std::env::var("MOE_CUDA_TMA_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TMA_MIN_ROWS)
 }
 
+/// Whether a forward of `tokens` tokens runs the matrix-vector decode path (two launches
+/// straight from the routing, no layout). Each (token, choice) pair reads its expert's weights
+/// itself, so the path wins while few pairs share an expert: up to 2 tokens, or while the pairs
+/// number at most a quarter of the experts. Measured on the H100 (docs/perf/cuda.md): decode
+/// beat the masked layout at T = 1, 2 on all four standard shapes, at T <= 8 on qwen3-30b-a3b
+/// and deepseek-v3, and lost at T = 4 on mixtral-8x7b (8 experts, 2 choices) and at T = 16 on
+/// deepseek-v3.
+pub fn decode_auto(tokens: usize, k: usize, experts: usize) -> bool {
+    tokens <= 2 || tokens * k * 4 <= experts
+}
+
+/// `MOE_CUDA_DECODE_MAX_TOKENS`: a fixed largest token count for the decode path (0 turns it
+/// off) instead of [`decode_auto`].
+pub fn decode_max_tokens() -> Option<usize> {
+    std::env::var("MOE_CUDA_DECODE_MAX_TOKENS").ok().and_then(|v| v.parse().ok())
+}
+
 /// Row layout of the expert inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
+    /// No layout: each (token, choice) pair runs as matrix-vector products (decode sizes).
+    Decode,
     /// `[local_experts, max_m, H]`; expert `e` uses its first `counts[e]` rows.
     Masked {
         /// Rows reserved per expert (a multiple of the tile's BM, at least the token count).

@@ -16,12 +16,19 @@ pub enum Module {
     Permute,
     /// Grouped GEMMs with fused epilogues, one module per element type.
     GroupedGemm(Elem),
+    /// Matrix-vector expert MLPs for decode-sized forwards.
+    Decode,
 }
 
 impl Module {
     /// Every module.
-    pub const ALL: [Module; 4] =
-        [Module::Route, Module::Permute, Module::GroupedGemm(Elem::Bf16), Module::GroupedGemm(Elem::F16)];
+    pub const ALL: [Module; 5] = [
+        Module::Route,
+        Module::Permute,
+        Module::GroupedGemm(Elem::Bf16),
+        Module::GroupedGemm(Elem::F16),
+        Module::Decode,
+    ];
 
     /// File stem, used in cache file names and errors.
     pub fn name(self) -> &'static str {
@@ -30,6 +37,7 @@ impl Module {
             Module::Permute => "permute",
             Module::GroupedGemm(Elem::Bf16) => "grouped_gemm_bf16",
             Module::GroupedGemm(Elem::F16) => "grouped_gemm_f16",
+            Module::Decode => "decode",
         }
     }
 
@@ -39,6 +47,7 @@ impl Module {
             Module::Route => include_str!("../kernels/route.cu"),
             Module::Permute => include_str!("../kernels/permute.cu"),
             Module::GroupedGemm(_) => include_str!("../kernels/grouped_gemm.cu"),
+            Module::Decode => include_str!("../kernels/decode.cu"),
         };
         let select = match self {
             Module::GroupedGemm(Elem::Bf16) => "#define MOE_GEMM_BF16 1\n",
@@ -197,6 +206,10 @@ pub enum KernelId {
     GemmGateUp(Elem, GemmTile),
     /// `gemm_down_{dt}_{tile}`.
     GemmDown(Elem, GemmTile),
+    /// `moe_decode_gate_up_{dt}`.
+    DecodeGateUp(Elem),
+    /// `moe_decode_down_{dt}`.
+    DecodeDown(Elem),
 }
 
 impl KernelId {
@@ -213,6 +226,7 @@ impl KernelId {
             | KernelId::FillRandom(_)
             | KernelId::FillRandomF32 => Module::Permute,
             KernelId::GemmGateUp(d, _) | KernelId::GemmDown(d, _) => Module::GroupedGemm(d),
+            KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) => Module::Decode,
         }
     }
 
@@ -232,6 +246,8 @@ impl KernelId {
             KernelId::FillRandomF32 => "moe_fill_random_f32".into(),
             KernelId::GemmGateUp(d, t) => format!("gemm_gate_up_{}_{}", d.suffix(), t.name()),
             KernelId::GemmDown(d, t) => format!("gemm_down_{}_{}", d.suffix(), t.name()),
+            KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
+            KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
         }
     }
 
@@ -247,6 +263,8 @@ impl KernelId {
                 KernelId::SharedGate(d),
                 KernelId::Finalize(d),
                 KernelId::FillRandom(d),
+                KernelId::DecodeGateUp(d),
+                KernelId::DecodeDown(d),
             ]);
             for t in GemmTile::ALL {
                 v.extend([KernelId::GemmGateUp(d, t), KernelId::GemmDown(d, t)]);
@@ -467,6 +485,34 @@ pub struct GemmParams {
     pub split_stride: i64,
 }
 
+/// Decode matrix-vector launch parameters (`DecodeParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeParams {
+    pub x: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub w13: u64,
+    pub b13: u64,
+    pub w2: u64,
+    pub b2: u64,
+    pub act: u64,
+    pub out: u64,
+    pub err: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub hidden: i32,
+    pub inter: i32,
+    pub slot_start: i32,
+    pub n_local: i32,
+    pub slot_total: i32,
+    pub act_kind: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub scale_input: i32,
+    pub pad: i32,
+}
+
 /// A TMA tensor map (`CUtensorMap`, 128 opaque bytes) as a kernel parameter.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, Default)]
@@ -515,6 +561,8 @@ unsafe impl DeviceRepr for FillParams {}
 // SAFETY: see above; the tensor maps are opaque bytes written by cuTensorMapEncodeTiled, and the
 // 64-byte alignment matches the CUDA declaration (TMA requires it in parameter space).
 unsafe impl DeviceRepr for TmaGemmParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for DecodeParams {}
 
 #[cfg(test)]
 mod tests {
@@ -579,6 +627,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<FillParams>(), 24);
         // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
         assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);
     }
 }

@@ -39,6 +39,12 @@ pub fn runtime_notes(hw: &moe_core::Hardware) -> Vec<String> {
         heuristics::masked_max_tokens(),
         heuristics::DEFAULT_MASKED_MAX_TOKENS
     )];
+    v.push(match heuristics::decode_max_tokens() {
+        Some(t) => format!("cuda: matrix-vector decode path up to {t} tokens (MOE_CUDA_DECODE_MAX_TOKENS)"),
+        None => "cuda: matrix-vector decode path up to 2 tokens, or while tokens x top_k <= experts / 4 \
+                 (MOE_CUDA_DECODE_MAX_TOKENS fixes a count, 0 = off)"
+            .into(),
+    });
     v.push(format!(
         "cuda: CUDA graphs for forwards of 1..={} tokens: {} (MOE_CUDA_GRAPHS=0 turns them off, \
          MOE_CUDA_GRAPH_MAX_TOKENS moves the limit)",

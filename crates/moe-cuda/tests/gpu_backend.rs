@@ -167,19 +167,21 @@ fn every_family_and_dtype_matches_reference_on_both_layouts() {
             let w = MoeWeights::random(&cfg, 7).unwrap();
             let mut p = pair(&cfg, &w, full(&cfg), &hw);
             // (masked switch point, wgmma tile, T256 gathers token rows, T256 writes 16-bit
-            // expert outputs); T256 at every size (its rows-per-expert switch off).
-            for (masked_max, wgmma, gather, y16) in [
-                (0usize, Some(GemmTile::T256), false, true),
-                (0, Some(GemmTile::T256), true, false),
-                (0, Some(GemmTile::W256), false, true),
-                (1 << 20, Some(GemmTile::T256), false, true),
-                (1 << 20, Some(GemmTile::W128), false, true),
-                (0, Some(GemmTile::W128), false, true),
-                (0, None, false, true),
+            // expert outputs, decode path up to); T256 at every size (its rows-per-expert switch
+            // off).
+            for (masked_max, wgmma, gather, y16, decode_max) in [
+                (0usize, Some(GemmTile::T256), false, true, 0usize),
+                (0, Some(GemmTile::T256), true, false, 0),
+                (0, Some(GemmTile::W256), false, true, 0),
+                (1 << 20, Some(GemmTile::T256), false, true, 0),
+                (1 << 20, Some(GemmTile::W128), false, true, 8),
+                (0, Some(GemmTile::W128), false, true, 0),
+                (0, None, false, true, 2),
             ] {
                 p.cuda.set_tma_min_rows(0);
                 p.cuda.set_gather(gather);
                 p.cuda.set_y16(y16);
+                p.cuda.set_decode_max_tokens(Some(decode_max));
                 p.cuda.set_masked_max_tokens(masked_max);
                 p.cuda.set_wgmma(wgmma);
                 for (i, tokens) in [0usize, 1, 5, 37, 300, 700].into_iter().enumerate() {
@@ -214,13 +216,14 @@ fn partial_slot_range_and_empty_experts() {
         let wts: Vec<f32> = (0..tokens * 2).map(|i| 0.25 + (i % 3) as f32 * 0.2).collect();
         let routing = TopK::from_vecs(tokens, 2, ids, wts, false).unwrap();
         let x = random_hidden(tokens, 128, DType::BF16, 9).unwrap();
-        for masked_max in [0usize, 1 << 20] {
+        for (masked_max, decode_max) in [(0usize, 0usize), (1 << 20, 0), (0, 16)] {
             p.cuda.set_masked_max_tokens(masked_max);
+            p.cuda.set_decode_max_tokens(Some(decode_max));
             let got = p.cuda.run_moe(&BackendInput::plain(x.clone()), &routing).unwrap().to_f32_vec().unwrap();
             let x32 = x.to_dtype(DType::F32).unwrap();
             let want = p.reference.run_moe(&BackendInput::plain(x32), &routing).unwrap().to_f32_vec().unwrap();
             let err = rel_l2(&got, &want);
-            assert!(err < 1e-2, "T={tokens} masked_max={masked_max}: {err:e}");
+            assert!(err < 1e-2, "T={tokens} masked_max={masked_max} decode_max={decode_max}: {err:e}");
         }
     }
 }
@@ -287,11 +290,16 @@ fn cuda_graphs_are_bitwise_equal_to_plain_launches() {
             // Masked layout with the m16 tile (T <= 16, split-K down GEMM where it applies) and
             // the m64 tile (17..=32), and the contiguous layout at the same sizes: every layout a
             // decode-sized graph can hold.
-            for (i, (masked_max, tokens)) in
-                [0usize, 32].into_iter().flat_map(|m| [1usize, 3, 16, 17, 32].map(|t| (m, t))).enumerate()
+            // The decode path (T <= 2 in the third configuration) adds its own graphs.
+            for (i, ((masked_max, decode_max), tokens)) in [(0usize, 0usize), (32, 0), (0, 2)]
+                .into_iter()
+                .flat_map(|m| [1usize, 3, 16, 17, 32].map(|t| (m, t)))
+                .enumerate()
             {
                 graph.cuda.set_masked_max_tokens(masked_max);
                 plain.cuda.set_masked_max_tokens(masked_max);
+                graph.cuda.set_decode_max_tokens(Some(decode_max));
+                plain.cuda.set_decode_max_tokens(Some(decode_max));
                 graph.cuda.set_graph_max_tokens(Some(32));
                 assert!(graph.cuda.graphs_apply(tokens));
                 for rep in 0..3u64 {
