@@ -20,7 +20,7 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("moe_cuda", "gpu_backend", "nvrtc_compile"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("moe_cuda", "gpu_backend", "nvrtc_compile", "gpu_fp8_tile", "gpu_quant"):
         name = "unit" if m["target"]["name"] == "moe_cuda" else m["target"]["name"]
         print(m["executable"], name)
 ' | while read -r exe name; do cp "$exe" "$dest/$name"; done
@@ -33,6 +33,6 @@ else
   echo "warning: moe-cli did not build; gpu-run.sh skips moe info/check/bench" >&2
 fi
 cp python/peers/gpu_torch_moe.py scripts/gpu-run.sh "$dest/"
-strip "$dest"/unit "$dest"/gpu_backend "$dest"/nvrtc_compile "$dest"/gpu_bench "$dest"/moe 2>/dev/null || true
+strip "$dest"/unit "$dest"/gpu_backend "$dest"/gpu_fp8_tile "$dest"/gpu_quant "$dest"/nvrtc_compile "$dest"/gpu_bench "$dest"/moe 2>/dev/null || true
 du -sh "$dest"
 ls -l "$dest"

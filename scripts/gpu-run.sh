@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for s in $steps; do
   case "$s" in
     tests)
-      for t in ${TESTS:-unit nvrtc_compile gpu_backend}; do
+      for t in ${TESTS:-unit nvrtc_compile gpu_backend gpu_fp8_tile gpu_quant}; do
         [ -x "$bin/$t" ] || continue
         echo "== test $t"
         "$bin/$t" --test-threads=1 >"$out/test-$t.log" 2>&1 || { status=1; echo "FAILED $t"; }

@@ -290,6 +290,13 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 da, u64 db
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(da), "l"(db), "r"(1));
 }
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 da, u64 db, F16Tag) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -636,6 +643,183 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
 #endif
 }
 
+
+// ---- FP8 (e4m3) TMA tile: block-scaled weights and activations (DeepSeek-V3 FP8) ----
+// The T256 structure (TMA producer warpgroup, two wgmma consumer warpgroups, dynamic scheduler)
+// with 128 x 128 tiles and 128-byte k-tiles, i.e. one 128-channel scale block per k-tile. Each
+// k-tile's MMAs start a fresh partial sum (scale-d = 0) that is promoted into the f32
+// accumulator with the activation scale of its row x the weight block scale of its columns, as
+// DeepSeek prescribes: Hopper's FP8 MMAs accumulate with limited precision, so the running sum
+// over K stays on the CUDA cores. 64 + 64 accumulator registers a thread.
+// Requires N % 128 == 0 when gate_up (the up rows start on a scale block) and K % 16 == 0.
+struct F8TmaParams {
+    TmaDesc a;  // A e4m3 [a_rows, K], box 128 x 128
+    TmaDesc b;  // W e4m3 [experts * n_total, K], box 128 x 64 (gate_up, twice) / 128 x 128 (down)
+    GemmParams p;
+    int num_m;
+    int y16;
+    u64 tile_counter;
+    u64 a_scales;  // f32 [ceil(K / 128), a_rows]
+    u64 w_scales;  // f32 [experts][ceil(K / 128), n_total]: block scale of each weight row
+    int a_rows, pad;
+};
+
+#define F8_BK 128
+#define F8_BN 128
+#define F8_STAGES 6
+
+template <bool GATE_UP, class Tag>
+__device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
+#ifdef MOE_HAS_WGMMA
+    constexpr int A_BYTES = TW_BM * F8_BK, B_BYTES = F8_BN * F8_BK, STAGES = F8_STAGES;
+    const GemmParams& p = tp.p;
+    extern __shared__ __align__(16) unsigned char f8_smem[];
+    unsigned char* base = (unsigned char*)(((size_t)f8_smem + 1023) & ~(size_t)1023);
+    unsigned char* As = base;
+    unsigned char* Bs = base + STAGES * A_BYTES;
+    u64* full = (u64*)(Bs + STAGES * B_BYTES);
+    u64* empty = full + STAGES;
+    u64* sched_full = empty + STAGES;
+    u64* sched_empty = sched_full + 2;
+    int* sched_block = (int*)(sched_empty + 2);
+    const int tid = threadIdx.x, wg = tid >> 7;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 8);
+        }
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(&sched_full[s], 1);
+            mbar_init(&sched_empty[s], 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    const int K = p.K, N = p.N, num_n = p.num_n;
+    const int n_total = GATE_UP ? 2 * N : N;
+    const int KT = (K + F8_BK - 1) / F8_BK;
+    const int total = tp.num_m * num_n;
+    // The scheduler helpers read these fields of a TmaGemmParams.
+    TmaGemmParams sp;
+    sp.p = p;
+    sp.num_m = tp.num_m;
+    sp.tile_counter = tp.tile_counter;
+    if (wg == 0) {
+        if (tid != 0) return;
+        int stage = 0;
+        u32 phase = 0;
+        for (int it = 0;; ++it) {
+            int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0;
+            const int b = next_block(sp, total, tile, nb, e, row0, row_end);
+            const int slot = it & 1;
+            mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+            sched_block[slot] = b;
+            mbar_arrive(&sched_full[slot]);
+            if (b < 0) break;
+            const int wrow = e * n_total + nb * (GATE_UP ? F8_BN / 2 : F8_BN);
+            for (int kt = 0; kt < KT; ++kt) {
+                mbar_wait(&empty[stage], phase ^ 1);
+                const int k0 = kt * F8_BK;
+                mbar_expect_tx(&full[stage], A_BYTES + B_BYTES);
+                tma_load_2d(As + stage * A_BYTES, &tp.a, &full[stage], k0, row0);
+                if (GATE_UP) {
+                    tma_load_2d(Bs + stage * B_BYTES, &tp.b, &full[stage], k0, wrow);
+                    tma_load_2d(Bs + stage * B_BYTES + B_BYTES / 2, &tp.b, &full[stage], k0, wrow + N);
+                } else {
+                    tma_load_2d(Bs + stage * B_BYTES, &tp.b, &full[stage], k0, wrow);
+                }
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+        return;
+    }
+    const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2;
+    int stage = 0;
+    u32 phase = 0;
+    constexpr int NI = F8_BN / 8;
+    float d[F8_BN / 2], acc[1][NI][4];
+    const float* a_scales = (const float*)tp.a_scales;
+    for (int it = 0;; ++it) {
+        const int slot = it & 1;
+        mbar_wait(&sched_full[slot], (it >> 1) & 1);
+        const int b = sched_block[slot];
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&sched_empty[slot]);
+        if (b < 0) break;
+        int tile, nb, e, row0, row_end;
+        block_coords_of(b, tp.num_m, num_n, tile, nb);
+        tile_rows(p, tile, TW_BM, e, row0, row_end);
+        const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN);
+        // This thread's two rows; the weight rows whose block scales apply: gate_up the gate
+        // block (columns 0..63 of the tile) and the up block (64..127), down one block.
+        const int r_lo = row0 + c * 64 + warp * 16 + g, r_hi = r_lo + 8;
+        const int wr0 = n0, wr1 = GATE_UP ? N + n0 : n0;
+        const float* ws = (const float*)tp.w_scales + (size_t)e * KT * n_total;
+        auto load_scales = [&](int kt, float& a_lo, float& a_hi, float& b0, float& b1) {
+            a_lo = r_lo < tp.a_rows ? a_scales[(size_t)kt * tp.a_rows + r_lo] : 0.f;
+            a_hi = r_hi < tp.a_rows ? a_scales[(size_t)kt * tp.a_rows + r_hi] : 0.f;
+            b0 = ws[(size_t)kt * n_total + wr0];
+            b1 = ws[(size_t)kt * n_total + wr1];
+        };
+        float a_lo, a_hi, b0, b1;
+        load_scales(0, a_lo, a_hi, b0, b1);
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
+        for (int kt = 0; kt < KT; ++kt) {
+            mbar_wait(&full[stage], phase);
+            const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
+            const unsigned char* bs = Bs + stage * B_BYTES;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < F8_BK; kk += 32)
+                wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
+            wgmma_commit();
+            // This k-tile's scales (loaded last iteration) and the next k-tile's, in flight
+            // while the MMAs run.
+            const float s00 = a_lo * b0, s01 = a_lo * b1, s10 = a_hi * b0, s11 = a_hi * b1;
+            if (kt + 1 < KT) load_scales(kt + 1, a_lo, a_hi, b0, b1);
+            wgmma_wait<0>();
+            if (lane == 0) mbar_arrive(&empty[stage]);
+            if (++stage == STAGES) {
+                stage = 0;
+                phase ^= 1;
+            }
+            // Register 4 j + r: row lo (r < 2) or hi; column block 1 (the up rows) for j >= NI/2
+            // in gate_up, one block in down.
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const bool blk1 = GATE_UP && j >= NI / 2;
+                acc[0][j][0] = fmaf(d[4 * j + 0], blk1 ? s01 : s00, acc[0][j][0]);
+                acc[0][j][1] = fmaf(d[4 * j + 1], blk1 ? s01 : s00, acc[0][j][1]);
+                acc[0][j][2] = fmaf(d[4 * j + 2], blk1 ? s11 : s10, acc[0][j][2]);
+                acc[0][j][3] = fmaf(d[4 * j + 3], blk1 ? s11 : s10, acc[0][j][3]);
+            }
+        }
+        if (GATE_UP) {
+            // Pair gate column block j with up block j + NI/2 in the order store_acc expects.
+            float pairs[1][NI][4];
+#pragma unroll
+            for (int j = 0; j < NI / 2; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    pairs[0][2 * j][r] = acc[0][j][r];
+                    pairs[0][2 * j + 1][r] = acc[0][j + NI / 2][r];
+                }
+            store_acc<1, NI, true, Tag>(p, pairs, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+        } else if (tp.y16) {
+            store_acc<1, NI, false, Tag, true>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+        } else {
+            store_acc<1, NI, false, Tag>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+        }
+    }
+#endif
+}
+
 // Tile configurations: (name, dtype, BM, BN, BK, warps along M, warps along N, stages).
 // Must match `GemmTile` in src/kernels.rs.
 #define GEMM_ENTRY(NAME, DT, TAG, BM, BN, BK, WMW, WNW, ST)                                              \
@@ -654,6 +838,15 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
         gemm_down_##DT##_##NAME(const __grid_constant__ TmaGemmParams p) {                              \
         tma_ws_gemm<false, TAG>(p);                                                                     \
     }
+#define F8_TMA_ENTRY(NAME, DT, TAG)                                                                          \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                \
+        gemm_gate_up_##DT##_##NAME(const __grid_constant__ F8TmaParams p) {                             \
+        f8_tma_ws_gemm<true, TAG>(p);                                                                   \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                \
+        gemm_down_##DT##_##NAME(const __grid_constant__ F8TmaParams p) {                                \
+        f8_tma_ws_gemm<false, TAG>(p);                                                                  \
+    }
 #define WGMMA_ENTRY(NAME, DT, TAG, BN, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(256, 1) gemm_gate_up_##DT##_##NAME(GemmParams p) { \
         wgmma_gemm<BN, ST, true, TAG>(p);                                                          \
@@ -671,6 +864,7 @@ GEMM_ENTRY(m128, bf16, Bf16Tag, 128, 128, 32, 2, 4, 4)
 WGMMA_ENTRY(w128, bf16, Bf16Tag, 128, 4)
 WGMMA_ENTRY(w256, bf16, Bf16Tag, 256, 4)
 TMA_WS_ENTRY(t256, bf16, Bf16Tag)
+F8_TMA_ENTRY(f8t128, bf16, Bf16Tag)
 #endif
 #ifdef MOE_GEMM_F16
 GEMM_ENTRY(m16, f16, F16Tag, 16, 128, 64, 1, 4, 4)
@@ -679,4 +873,5 @@ GEMM_ENTRY(m128, f16, F16Tag, 128, 128, 32, 2, 4, 4)
 WGMMA_ENTRY(w128, f16, F16Tag, 128, 4)
 WGMMA_ENTRY(w256, f16, F16Tag, 256, 4)
 TMA_WS_ENTRY(t256, f16, F16Tag)
+F8_TMA_ENTRY(f8t128, f16, F16Tag)
 #endif

@@ -186,7 +186,8 @@ impl CudaBackend {
     /// only). Default `T256` (TMA, warp-specialized); `MOE_CUDA_WGMMA=0` turns it off, `=128`
     /// picks `W128`, `=256` the cp.async `W256`.
     pub fn set_wgmma(&mut self, tile: Option<GemmTile>) {
-        self.wgmma = tile.filter(|t| t.needs_sm90a());
+        // F8T128 is the FP8 store's tile, not a bf16/f16 one.
+        self.wgmma = tile.filter(|t| t.needs_sm90a() && *t != GemmTile::F8T128);
     }
 
     /// K splits of the down projection: decode-sized problems have too few output tiles to keep

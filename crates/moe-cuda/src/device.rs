@@ -221,28 +221,53 @@ impl CudaDevice {
         box_rows: u32,
         box_cols: u32,
     ) -> CudaResult<crate::kernels::TmaDesc> {
+        self.tensor_map_2d(ptr, rows, cols, 2, box_rows, box_cols)
+    }
+
+    /// [`Self::tensor_map_16`] for elements of `elem_bytes` (1: e4m3, 2: bf16/f16); a box row
+    /// must be 128 bytes.
+    pub fn tensor_map_2d(
+        &self,
+        ptr: u64,
+        rows: usize,
+        cols: usize,
+        elem_bytes: usize,
+        box_rows: u32,
+        box_cols: u32,
+    ) -> CudaResult<crate::kernels::TmaDesc> {
         use cudarc::driver::sys::{
             CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
             CUtensorMapSwizzle,
         };
-        if !ptr.is_multiple_of(16) || !cols.is_multiple_of(8) || box_cols * 2 != 128 || rows == 0 {
+        let row_bytes = cols * elem_bytes;
+        if !ptr.is_multiple_of(16)
+            || !row_bytes.is_multiple_of(16)
+            || box_cols as usize * elem_bytes != 128
+            || rows == 0
+            || !(1..=2).contains(&elem_bytes)
+        {
             return Err(CudaError::Kernel(format!(
-                "TMA map needs a 16-byte aligned base, a row stride multiple of 16 bytes and 128-byte rows \
-                 (ptr {ptr:#x}, [{rows}, {cols}], box {box_rows} x {box_cols})"
+                "TMA map needs a 16-byte aligned base, a row stride multiple of 16 bytes and 128-byte box rows \
+                 (ptr {ptr:#x}, [{rows}, {cols}] x {elem_bytes} B, box {box_rows} x {box_cols})"
             )));
         }
         let dims = [cols as u64, rows as u64];
-        let strides = [(cols * 2) as u64];
+        let strides = [row_bytes as u64];
         let boxes = [box_cols, box_rows];
         let elem_strides = [1u32, 1];
+        let dtype = if elem_bytes == 1 {
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8
+        } else {
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16
+        };
         let mut map = CUtensorMap { opaque: [0; 16] };
         // SAFETY: `map` is a valid out-pointer; the dims/strides/box arrays have rank (2) and
         // rank - 1 entries as the driver requires; `ptr` is a live device allocation of at least
-        // rows x cols 16-bit elements (the caller's buffer) and is only read by later launches.
+        // rows x cols elements (the caller's buffer) and is only read by later launches.
         let res = unsafe {
             cudarc::driver::sys::cuTensorMapEncodeTiled(
                 &mut map,
-                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                dtype,
                 2,
                 ptr as *mut std::ffi::c_void,
                 dims.as_ptr(),

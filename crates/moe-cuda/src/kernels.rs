@@ -92,12 +92,22 @@ pub enum GemmTile {
     /// Hopper wgmma (sm_90a only), 128 x 256, BK 64: a TMA producer warpgroup and two MMA
     /// warpgroups over a 4-stage mbarrier ring, persistent grid (`TmaGemmParams`).
     T256,
+    /// The T256 structure for e4m3 operands with block scales: 128 x 128 tiles, 128-byte
+    /// k-tiles, 6 stages (`F8TmaParams`).
+    F8T128,
 }
 
 impl GemmTile {
     /// Every tile.
-    pub const ALL: [GemmTile; 6] =
-        [GemmTile::M16, GemmTile::M64, GemmTile::M128, GemmTile::W128, GemmTile::W256, GemmTile::T256];
+    pub const ALL: [GemmTile; 7] = [
+        GemmTile::M16,
+        GemmTile::M64,
+        GemmTile::M128,
+        GemmTile::W128,
+        GemmTile::W256,
+        GemmTile::T256,
+        GemmTile::F8T128,
+    ];
     /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
     pub const BK: usize = 32;
 
@@ -106,7 +116,7 @@ impl GemmTile {
         match self {
             GemmTile::M16 => 16,
             GemmTile::M64 => 64,
-            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 128,
+            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::F8T128 => 128,
         }
     }
 
@@ -123,6 +133,7 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 64,
             GemmTile::M128 => Self::BK,
+            GemmTile::F8T128 => 128,
         }
     }
 
@@ -131,20 +142,21 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 => 128,
             GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
-            GemmTile::T256 => 384,
+            GemmTile::T256 | GemmTile::F8T128 => 384,
         }
     }
 
     fn stages(self) -> usize {
         match self {
             GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 4,
+            GemmTile::F8T128 => 6,
             GemmTile::M64 => 3,
         }
     }
 
     /// Whether the tile uses Hopper-only instructions (wgmma): only for an `sm_90a` build.
     pub fn needs_sm90a(self) -> bool {
-        matches!(self, GemmTile::W128 | GemmTile::W256 | GemmTile::T256)
+        matches!(self, GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::F8T128)
     }
 
     /// Whether the kernel takes [`TmaGemmParams`] and runs a persistent grid.
@@ -161,6 +173,8 @@ impl GemmTile {
             // Plus a full and an empty mbarrier per stage.
             // Plus full/empty mbarriers per stage, the scheduler's 2-slot ring and its block ids.
             GemmTile::T256 => (s * (m + n) * k * 2 + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
+            // One byte per element.
+            GemmTile::F8T128 => (s * (m + n) * k + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             _ => (s * (m + n) * (k + 8) * 2) as u32,
         }
     }
@@ -173,6 +187,7 @@ impl GemmTile {
             GemmTile::W128 => "w128",
             GemmTile::W256 => "w256",
             GemmTile::T256 => "t256",
+            GemmTile::F8T128 => "f8t128",
         }
     }
 }
@@ -534,6 +549,22 @@ pub struct TmaGemmParams {
     pub tile_counter: u64,
 }
 
+/// Parameters of the FP8 TMA tile (`F8TmaParams`): e4m3 operands with f32 block scales.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct F8TmaParams {
+    pub a: TmaDesc,
+    pub b: TmaDesc,
+    pub p: GemmParams,
+    pub num_m: i32,
+    pub y16: i32,
+    pub tile_counter: u64,
+    pub a_scales: u64,
+    pub w_scales: u64,
+    pub a_rows: i32,
+    pub pad: i32,
+}
+
 // SAFETY: each is `#[repr(C)]` plain data (u64 device addresses and 4/8-byte scalars) whose
 // field order and types match the CUDA struct of the same name, so passing it by value as a
 // kernel parameter reproduces the device layout exactly.
@@ -563,6 +594,8 @@ unsafe impl DeviceRepr for FillParams {}
 unsafe impl DeviceRepr for TmaGemmParams {}
 // SAFETY: see above.
 unsafe impl DeviceRepr for DecodeParams {}
+// SAFETY: as for TmaGemmParams.
+unsafe impl DeviceRepr for F8TmaParams {}
 
 #[cfg(test)]
 mod tests {
@@ -628,6 +661,8 @@ mod tests {
         // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
         assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
         assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
+        // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
+        assert_eq!(std::mem::size_of::<F8TmaParams>(), 448);
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);
     }
 }

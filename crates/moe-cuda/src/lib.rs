@@ -17,6 +17,7 @@ pub mod bench;
 pub mod buffer;
 pub mod device;
 pub mod error;
+pub mod fp8_gemm;
 pub mod graph;
 pub mod heuristics;
 pub mod kernels;

@@ -1,0 +1,87 @@
+//! The Hopper FP8 grouped GEMM (`GemmTile::F8T128`): e4m3 activations and weights with f32
+//! block scales (DeepSeek-V3 FP8: weights per 128 x 128 block, activations per row per 128
+//! channels), TMA-fed, warp-specialized, per-k-tile promotion into f32. The quantized-expert
+//! store launches it for large token counts; the row tiles come from the backend's layouts.
+
+use crate::device::CudaDevice;
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::{Elem, F8TmaParams, GemmParams, GemmTile, KernelId};
+
+/// One FP8 grouped GEMM launch. `params` carries the row-tile mapping (mode, tile map, counts),
+/// `a` (e4m3 `[a_rows, k]`), `w` (e4m3 `[w_rows, k]`, experts stacked), `out`, `bias` and the
+/// activation; `n` and `k` are set here.
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Gemm {
+    /// gate_up (fused bias + activation, output in the activation dtype) or down.
+    pub gate_up: bool,
+    /// Tile mapping, pointers and epilogue parameters.
+    pub params: GemmParams,
+    /// Row tiles of 128 rows.
+    pub tiles: usize,
+    /// Output columns (gate_up: the intermediate size; its weights hold 2n rows per expert).
+    pub n: usize,
+    /// Reduction size in elements (= bytes).
+    pub k: usize,
+    /// Rows of `a` (bounds the TMA map and the scale reads).
+    pub a_rows: usize,
+    /// f32 `[ceil(k / 128), a_rows]`: the activation scale of each row per 128 channels.
+    pub a_scales: u64,
+    /// Stacked weight rows (`experts * n_total`).
+    pub w_rows: usize,
+    /// f32 `[experts][ceil(k / 128), n_total]`: the block scale of each weight row.
+    pub w_scales: u64,
+    /// down: write outputs in the activation dtype instead of f32.
+    pub y16: bool,
+}
+
+/// Why the FP8 tile cannot run this problem on `arch`, if it cannot.
+pub fn refuse(arch: &str, n: usize, k: usize, gate_up: bool) -> Option<String> {
+    if arch != "sm_90a" {
+        return Some(format!("the FP8 wgmma tile needs Hopper (sm_90a), not {arch}"));
+    }
+    if gate_up && !n.is_multiple_of(128) {
+        return Some(format!("intermediate size {n} is not a multiple of 128 (the up rows must start a scale block)"));
+    }
+    if !k.is_multiple_of(16) {
+        return Some(format!("reduction size {k} is not a multiple of 16 bytes (TMA row stride)"));
+    }
+    None
+}
+
+/// Launches `g` on `dev`'s stream; `counter` is a u32 device word the tile scheduler uses
+/// (zeroed here, stream-ordered).
+pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaResult<()> {
+    if let Some(why) = refuse(dev.arch(), g.n, g.k, g.gate_up) {
+        return Err(CudaError::Kernel(why));
+    }
+    let tile = GemmTile::F8T128;
+    let mut p = g.params;
+    p.n = g.n as i32;
+    p.k = g.k as i32;
+    let cols = if g.gate_up { tile.block_n() / 2 } else { tile.block_n() };
+    let num_n = g.n.div_ceil(cols);
+    p.num_n = num_n as i32;
+    let blocks = num_n * g.tiles;
+    if blocks == 0 || g.a_rows == 0 {
+        return Ok(());
+    }
+    if blocks > i32::MAX as usize {
+        return Err(CudaError::Kernel(format!("{blocks} FP8 GEMM blocks exceed 2^31")));
+    }
+    dev.memset_ptr(counter, 4)?;
+    let fp = F8TmaParams {
+        a: dev.tensor_map_2d(p.a, g.a_rows, g.k, 1, tile.block_m() as u32, 128)?,
+        b: dev.tensor_map_2d(p.w, g.w_rows, g.k, 1, cols as u32, 128)?,
+        p,
+        num_m: g.tiles as i32,
+        y16: g.y16 as i32,
+        tile_counter: counter,
+        a_scales: g.a_scales,
+        w_scales: g.w_scales,
+        a_rows: g.a_rows as i32,
+        pad: 0,
+    };
+    let id = if g.gate_up { KernelId::GemmGateUp(elem, tile) } else { KernelId::GemmDown(elem, tile) };
+    let grid = blocks.min(dev.sm_count() as usize) as u32;
+    dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &fp)
+}
