@@ -1,8 +1,8 @@
 //! Stand-alone GPU benchmark over the standard grid (the same measurement `moe bench --backend
 //! cuda` runs), for the lent GPU machine: `gpu_bench [--out FILE] [--peer-json FILE]
-//! [--shapes a,b] [--tokens 1,16] [--masked-max N] [--target-ms MS]`.
+//! [--shapes a,b] [--tokens 1,16] [--masked-max N] [--target-ms MS] [--quant FMT]`.
 
-use moe_cuda::bench::{run_grid, STANDARD_SHAPES, STANDARD_TOKENS};
+use moe_cuda::bench::{run_grid_quant, STANDARD_SHAPES, STANDARD_TOKENS};
 
 fn main() {
     if let Err(e) = run() {
@@ -25,7 +25,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let masked_max = opt("--masked-max").map(|v| v.parse()).transpose()?;
     let target_ms: f64 = opt("--target-ms").map(|v| v.parse()).transpose()?.unwrap_or(200.0);
     let peer = opt("--peer-json").map(std::path::PathBuf::from);
-    let doc = run_grid(&shapes, &tokens, peer.as_deref(), masked_max, target_ms)?;
+    let quant = match opt("--quant") {
+        Some(q) => moe_core::QuantFormat::parse(&q)?,
+        None => moe_core::QuantFormat::None,
+    };
+    let doc = run_grid_quant(&shapes, &tokens, peer.as_deref(), masked_max, target_ms, quant)?;
     if let Some(out) = opt("--out") {
         std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
     }

@@ -20,6 +20,7 @@ use crate::device::{CudaDevice, Workspace};
 use crate::error::CudaError;
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::*;
+use crate::quant::QuantExperts;
 
 const NAME: &str = "cuda";
 
@@ -34,6 +35,8 @@ struct DeviceWeights {
     b13: Option<CudaSlice<f32>>,
     b2: Option<CudaSlice<f32>>,
     shared: Option<SharedDevice>,
+    /// Quantized formats: the packed experts (then `w13`/`w2` are unused one-element buffers).
+    quant: Option<QuantExperts>,
 }
 
 #[derive(Debug)]
@@ -112,6 +115,9 @@ impl CudaBackend {
     /// The launch plan `run_moe` uses for `tokens` tokens.
     pub fn plan(&self, tokens: usize) -> Plan {
         let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
+        if self.cfg.quant != moe_core::QuantFormat::None {
+            return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
+        }
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
         p.tile = self.upgrade(p.tile);
         p
@@ -207,12 +213,24 @@ impl CudaBackend {
             }),
             None => None,
         };
+        let quant = if cfg.quant != moe_core::QuantFormat::None {
+            // A few distinct experts quantized on the host, replicated into every slot.
+            Some(QuantExperts::random(&self.dev, self.elem, &cfg, n, 4, seed as u64)?)
+        } else {
+            None
+        };
+        let (w13, w2) = if quant.is_some() {
+            (self.dev.alloc::<u16>(1)?, self.dev.alloc::<u16>(1)?)
+        } else {
+            (self.random16(n * 2 * i * h, h, seed ^ 4)?, self.random16(n * h * i, i, seed ^ 5)?)
+        };
         let w = DeviceWeights {
+            quant,
             router_w: self.random32(e * h, (3.0 / h as f32).sqrt(), seed ^ 1)?,
             router_b: if cfg.router_bias { Some(self.random32(e, 0.1, seed ^ 2)?) } else { None },
             corr_bias: if cfg.routing.uses_correction_bias() { Some(self.random32(e, 0.05, seed ^ 3)?) } else { None },
-            w13: self.random16(n * 2 * i * h, h, seed ^ 4)?,
-            w2: self.random16(n * h * i, i, seed ^ 5)?,
+            w13,
+            w2,
             b13: if cfg.expert_bias { Some(self.random32(n * 2 * i, 0.05, seed ^ 6)?) } else { None },
             b2: if cfg.expert_bias { Some(self.random32(n * h, 0.05, seed ^ 7)?) } else { None },
             shared,
@@ -326,8 +344,15 @@ impl CudaBackend {
 
     fn upload_experts(&self, x: &ExpertWeights) -> Result<ExpertSlices> {
         let wd = self.cfg.act_dtype;
-        let w13 = self.dev.upload(&bits16(x.w13.part("weight")?, wd)?)?;
-        let w2 = self.dev.upload(&bits16(x.w2.part("weight")?, wd)?)?;
+        let (w13, w2) = if self.cfg.quant != moe_core::QuantFormat::None {
+            // Quantized experts live in `QuantExperts`.
+            (self.dev.alloc::<u16>(1)?, self.dev.alloc::<u16>(1)?)
+        } else {
+            (
+                self.dev.upload(&bits16(x.w13.part("weight")?, wd)?)?,
+                self.dev.upload(&bits16(x.w2.part("weight")?, wd)?)?,
+            )
+        };
         let b13 = x.b13.as_ref().map(|b| b.to_f32_vec().and_then(|v| Ok(self.dev.upload(&v)?))).transpose()?;
         let b2 = x.b2.as_ref().map(|b| b.to_f32_vec().and_then(|v| Ok(self.dev.upload(&v)?))).transpose()?;
         Ok((w13, w2, b13, b2))
@@ -356,7 +381,18 @@ impl ExpertBackend for CudaBackend {
                 format!("{} experts", x.num_experts()),
             ));
         }
+        if x.w13.format != self.cfg.quant || x.w2.format != self.cfg.quant {
+            return Err(MoeError::config(
+                "quant",
+                format!("the backend was configured for {} but the weights are {}", self.cfg.quant, x.w13.format),
+            ));
+        }
         let (w13, w2, b13, b2) = self.upload_experts(x)?;
+        let quant = if self.cfg.quant != moe_core::QuantFormat::None {
+            Some(QuantExperts::upload(&self.dev, self.elem, x)?)
+        } else {
+            None
+        };
         let up32 = |t: &Tensor| -> Result<CudaSlice<f32>> { Ok(self.dev.upload(&t.to_f32_vec()?)?) };
         let shared = match (&weights.shared, self.cfg.shared_expert) {
             (Some(s), Some(sc)) => Some(SharedDevice {
@@ -376,6 +412,7 @@ impl ExpertBackend for CudaBackend {
             b13,
             b2,
             shared,
+            quant,
         });
         Ok(())
     }
@@ -579,11 +616,16 @@ impl ExpertBackend for CudaBackend {
             ..Default::default()
         };
         let g1 = GemmParams { a, w: dev.ptr(&w.w13), bias: dev.ptr_opt(w.b13.as_ref()), out: act, ..base };
-        self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1)?;
         let split_stride = (plan.rows * h) as i64;
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
-        self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits)?;
+        if let Some(q) = &w.quant {
+            q.gemm(&dev, Proj::GateUp, plan.tile, plan.tiles, crate::quant::params(&g1), inter, h, 1)?;
+            q.gemm(&dev, Proj::Down, plan.tile, plan.tiles, crate::quant::params(&g2), h, inter, splits)?;
+        } else {
+            self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1)?;
+            self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits)?;
+        }
         let out = self.out_alloc::<f32>(t * h)?;
         let up = UnpermuteParams {
             y,
@@ -674,13 +716,18 @@ impl ExpertBackend for CudaBackend {
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let dev = self.dev.clone();
         let dw = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        if let Some(q) = dw.quant.as_mut() {
+            q.replace_slot(&dev, slot, &one, 0)?;
+        }
         let copy = |dst: &mut CudaSlice<u16>, src: &CudaSlice<u16>, len: usize| -> Result<()> {
             let mut view = dst.slice_mut(slot * len..(slot + 1) * len);
             dev.stream().memcpy_dtod(src, &mut view).map_err(|e| CudaError::driver("replace_slot copy", e))?;
             Ok(())
         };
-        copy(&mut dw.w13, &w13, 2 * i * h)?;
-        copy(&mut dw.w2, &w2, h * i)?;
+        if dw.quant.is_none() {
+            copy(&mut dw.w13, &w13, 2 * i * h)?;
+            copy(&mut dw.w2, &w2, h * i)?;
+        }
         let copy32 = |dst: &mut Option<CudaSlice<f32>>, src: &Option<CudaSlice<f32>>, len: usize| -> Result<()> {
             if let (Some(d), Some(s)) = (dst.as_mut(), src.as_ref()) {
                 let mut view = d.slice_mut(slot * len..(slot + 1) * len);

@@ -6,6 +6,7 @@
 //! - [`device`]: context, stream, kernel loading, buffers and the reusable workspace.
 //! - [`kernels`]: [`kernels::KernelId`], the one source of kernel names, and launch parameters.
 //! - [`backend`] / [`provider`]: the expert backend and its capability answers.
+//! - [`quant`]: quantized experts packed on the device and their weight-only GEMMs.
 //! - [`nccl`]: the NCCL transport for expert parallelism (docs/ep.md).
 //!
 //! Every library is loaded at run time (cudarc `dynamic-loading`), so this crate builds and its
@@ -22,6 +23,7 @@ pub mod nccl;
 pub mod nvrtc;
 pub mod probe;
 pub mod provider;
+pub mod quant;
 
 pub use backend::CudaBackend;
 pub use buffer::CudaBuffer;
