@@ -116,7 +116,9 @@ impl CudaBackend {
     pub fn plan(&self, tokens: usize) -> Plan {
         let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
         if self.cfg.quant != moe_core::QuantFormat::None {
-            return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
+            let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+            let fp8 = crate::quant::fp8_mma_ok(self.dev.arch(), self.cfg.quant, h, i);
+            return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max, fp8);
         }
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
         p.tile = self.upgrade(p.tile);
@@ -601,8 +603,8 @@ impl ExpertBackend for CudaBackend {
             ..Default::default()
         };
         dev.launch(KernelId::Permute(self.elem), (pairs as u32, 1, 1), 128, 0, &pp)?;
-        let w = self.w()?;
         let (act_kind, alpha, limit) = self.act_params();
+        let w = self.w()?;
         let base = GemmParams {
             tile_expert,
             tile_end,
@@ -619,9 +621,20 @@ impl ExpertBackend for CudaBackend {
         let split_stride = (plan.rows * h) as i64;
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
-        if let Some(q) = &w.quant {
-            q.gemm(&dev, Proj::GateUp, plan.tile, plan.tiles, crate::quant::params(&g1), inter, h, 1)?;
-            q.gemm(&dev, Proj::Down, plan.tile, plan.tiles, crate::quant::params(&g2), h, inter, splits)?;
+        if w.quant.is_some() {
+            let f = crate::quant::Forward {
+                plan,
+                pairs,
+                n_local,
+                g1: crate::quant::params(&g1),
+                g2: crate::quant::params(&g2),
+                hidden: h,
+                inter,
+                down_splits: splits,
+            };
+            if let Some(q) = self.weights.as_mut().and_then(|w| w.quant.as_mut()) {
+                q.forward(&dev, &f)?;
+            }
         } else {
             self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1)?;
             self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits)?;

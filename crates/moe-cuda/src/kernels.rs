@@ -204,6 +204,12 @@ pub enum KernelId {
     GemmDown(Elem, GemmTile),
     /// `qgemm_{gate_up|down}_{dt}_{tile}` of the quantized module of one format.
     QGemm(QuantKind, Elem, QuantTile, Proj),
+    /// `qg_act_{dt}`: bias + activation over split-K gate_up partial sums.
+    QAct(QuantKind, Elem),
+    /// `moe_quant_rows_{dt}` (FP8 formats): rows to e4m3 with per-128 scales.
+    QuantRows(QuantKind, Elem),
+    /// `f8gemm_{gate_up|down}_{dt}` (FP8 formats): FP8 tensor-core GEMM, 128 x 128 tiles.
+    F8Gemm(QuantKind, Elem, Proj),
 }
 
 impl KernelId {
@@ -220,7 +226,10 @@ impl KernelId {
             | KernelId::FillRandom(_)
             | KernelId::FillRandomF32 => Module::Permute,
             KernelId::GemmGateUp(d, _) | KernelId::GemmDown(d, _) => Module::GroupedGemm(d),
-            KernelId::QGemm(q, d, _, _) => Module::QuantGemm(q, d),
+            KernelId::QGemm(q, d, _, _)
+            | KernelId::QAct(q, d)
+            | KernelId::QuantRows(q, d)
+            | KernelId::F8Gemm(q, d, _) => Module::QuantGemm(q, d),
         }
     }
 
@@ -240,6 +249,9 @@ impl KernelId {
             KernelId::GemmGateUp(d, t) => format!("gemm_gate_up_{}_{}", d.suffix(), t.name()),
             KernelId::GemmDown(d, t) => format!("gemm_down_{}_{}", d.suffix(), t.name()),
             KernelId::QGemm(_, d, t, proj) => format!("qgemm_{}_{}_{}", proj.name(), d.suffix(), t.name()),
+            KernelId::QAct(_, d) => format!("qg_act_{}", d.suffix()),
+            KernelId::QuantRows(_, d) => format!("moe_quant_rows_{}", d.suffix()),
+            KernelId::F8Gemm(_, d, proj) => format!("f8gemm_{}_{}", proj.name(), d.suffix()),
         }
     }
 
@@ -261,6 +273,14 @@ impl KernelId {
             for q in QuantKind::ALL {
                 for t in QuantTile::ALL {
                     v.extend([KernelId::QGemm(q, d, t, Proj::GateUp), KernelId::QGemm(q, d, t, Proj::Down)]);
+                }
+                v.push(KernelId::QAct(q, d));
+                if q.is_fp8() {
+                    v.extend([
+                        KernelId::QuantRows(q, d),
+                        KernelId::F8Gemm(q, d, Proj::GateUp),
+                        KernelId::F8Gemm(q, d, Proj::Down),
+                    ]);
                 }
             }
         }
@@ -519,6 +539,11 @@ impl QuantKind {
         }
     }
 
+    /// e4m3 weights (the FP8 tensor-core path applies on sm_89+).
+    pub fn is_fp8(self) -> bool {
+        matches!(self, QuantKind::Fp8Block | QuantKind::Fp8Tensor)
+    }
+
     /// Bits per packed weight.
     pub fn bits(self) -> usize {
         match self {
@@ -605,6 +630,78 @@ impl QuantTile {
         }
     }
 }
+
+/// FP8 GEMM tile rows (`F8_BM`), k-block (`F8_BK`), threads and dynamic shared memory.
+pub mod fp8_tile {
+    /// Rows per tile.
+    pub const BM: usize = 128;
+    /// k per block (one scale block).
+    pub const BK: usize = 128;
+    /// Threads per block.
+    pub const THREADS: u32 = 256;
+    /// 3 stages of A and B (rows padded to 144 bytes) plus A and B scales.
+    pub const SMEM: u32 = (3 * (2 * 128 * 144) + 3 * 128 * 4 * 2) as u32;
+}
+
+impl KernelId {
+    /// Dynamic shared memory of the quantized-module kernels (None for the others).
+    pub fn quant_smem(self) -> Option<u32> {
+        match self {
+            KernelId::QGemm(q, _, t, _) => Some(t.smem_bytes(q)),
+            KernelId::F8Gemm(..) => Some(fp8_tile::SMEM),
+            _ => None,
+        }
+    }
+}
+
+/// Split-K gate_up activation parameters (`QActParams` in quant_gemm.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QActParams {
+    pub partial: u64,
+    pub bias: u64,
+    pub out: u64,
+    pub tile_expert: u64,
+    pub tile_end: u64,
+    pub counts: u64,
+    pub split_stride: i64,
+    pub n: i32,
+    pub splits: i32,
+    pub mode: i32,
+    pub max_m: i32,
+    pub bm: i32,
+    pub act: i32,
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+/// FP8 row quantization parameters (`QuantRowsParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantRowsParams {
+    pub x: u64,
+    pub q: u64,
+    pub scales: u64,
+    pub rows: i32,
+    pub k: i32,
+}
+
+/// FP8 GEMM parameters (`Fp8GemmParams`): the quantized GEMM's plus the activation scales.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fp8GemmParams {
+    pub g: QGemmParams,
+    pub a_scales: u64,
+    pub rows_total: i32,
+    pub pad: i32,
+}
+
+// SAFETY: `#[repr(C)]` plain data matching the CUDA structs of the same names.
+unsafe impl DeviceRepr for QActParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for QuantRowsParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for Fp8GemmParams {}
 
 /// Quantized grouped GEMM launch parameters (`QGemmParams` in quant_gemm.cu).
 #[repr(C)]
@@ -701,6 +798,10 @@ mod tests {
                         src.contains(&format!("_ENTRY({}, {},", t.name(), d.suffix()))
                     }
                     KernelId::QGemm(_, d, t, _) => src.contains(&format!("QGEMM_ENTRY({}, {},", t.name(), d.suffix())),
+                    KernelId::QAct(_, d) => src.contains(&format!("QACT_ENTRY({},", d.suffix())),
+                    KernelId::QuantRows(_, d) | KernelId::F8Gemm(_, d, _) => {
+                        src.contains(&format!("FP8_ENTRY({},", d.suffix()))
+                    }
                     _ => false,
                 };
             assert!(found, "{name} is not defined in {}", id.module().name());
@@ -721,6 +822,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<GemmParams>(), 104);
         assert_eq!(std::mem::size_of::<FillParams>(), 24);
         assert_eq!(std::mem::size_of::<QGemmParams>(), 128);
+        assert_eq!(std::mem::size_of::<QActParams>(), 88);
+        assert_eq!(std::mem::size_of::<QuantRowsParams>(), 32);
+        assert_eq!(std::mem::size_of::<Fp8GemmParams>(), 144);
     }
 
     #[test]

@@ -14,10 +14,13 @@ use moe_core::quant::{quant_method, ExpertTensor, QuantFormat};
 use moe_core::weights::ExpertWeights;
 use moe_core::{DType, MoeConfig, MoeError, Result};
 
-use crate::device::CudaDevice;
+use crate::device::{CudaDevice, Workspace};
 use crate::error::CudaError;
 use crate::heuristics::{self, Layout, Plan};
-use crate::kernels::{Elem, GemmTile, KernelId, Proj, QGemmParams, QuantKind, QuantTile};
+use crate::kernels::{
+    fp8_tile, Elem, Fp8GemmParams, GemmMode, GemmTile, KernelId, Proj, QActParams, QGemmParams, QuantKind,
+    QuantRowsParams, QuantTile,
+};
 
 /// Host-side parts of one expert projection in the device layout.
 #[derive(Debug, Default, Clone)]
@@ -82,6 +85,24 @@ fn group_words(rows: usize, cols: usize, groups: &[u8], group: usize, span: usiz
     out
 }
 
+/// 4-bit words for the kernel's shift-and-mask conversion: in every 32-bit word, elements
+/// (2k, 2k + 1) move to nibbles (k, k + 4) (stored order: low nibble = even element).
+pub fn repack_nibbles(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for w in bytes.chunks(4) {
+        let mut word = [0u8; 4];
+        word[..w.len()].copy_from_slice(w);
+        let v = u32::from_le_bytes(word);
+        let mut r = 0u32;
+        for k in 0..4 {
+            r |= ((v >> (8 * k)) & 0xF) << (4 * k);
+            r |= ((v >> (8 * k + 4)) & 0xF) << (16 + 4 * k);
+        }
+        out.extend_from_slice(&r.to_le_bytes()[..w.len()]);
+    }
+    out
+}
+
 #[derive(Debug)]
 struct Mxfp4Packer;
 impl Packer for Mxfp4Packer {
@@ -89,7 +110,7 @@ impl Packer for Mxfp4Packer {
         QuantKind::Mxfp4
     }
     fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
-        let w = expert_bytes(t, "blocks", e)?.to_vec();
+        let w = repack_nibbles(expert_bytes(t, "blocks", e)?);
         let s = expert_bytes(t, "scales", e)?;
         if let Some(i) = s.iter().position(|&b| b == 255) {
             return Err(bad(t.format, format!("expert {e}: E8M0 NaN scale (255) at flat index {i}")));
@@ -105,7 +126,7 @@ impl Packer for Nvfp4Packer {
         QuantKind::Nvfp4
     }
     fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
-        let w = expert_bytes(t, "weight", e)?.to_vec();
+        let w = repack_nibbles(expert_bytes(t, "weight", e)?);
         let s = expert_bytes(t, "weight_scale", e)?;
         let g = expert_f32(t, "weight_scale_2", e)?;
         let g = *g.first().ok_or_else(|| bad(t.format, "empty weight_scale_2"))?;
@@ -136,7 +157,9 @@ impl Packer for Int4Packer {
                 ));
             }
         }
-        let w = expert_bytes(t, "weight_packed", e)?.to_vec();
+        let w = repack_nibbles(expert_bytes(t, "weight_packed", e)?);
+        // The kernel reads code q as MAGIC + q (128 in bf16, 1024 in f16) and subtracts MAGIC + z.
+        let magic = if elem == Elem::Bf16 { 128.0 } else { 1024.0 };
         let s = expert_f32(t, "weight_scale", e)?;
         let z = match t.parts.get("weight_zero_point") {
             Some(_) => expert_bytes(t, "weight_zero_point", e)?.to_vec(),
@@ -149,7 +172,7 @@ impl Packer for Int4Packer {
                 if !(sc.is_finite() && sc > 0.0) {
                     return Err(bad(t.format, format!("expert {e}: scale {sc} at row {r}, group {g}")));
                 }
-                let word = bits16(sc, elem) as u32 | ((bits16(-(z[r * groups + g] as f32), elem) as u32) << 16);
+                let word = bits16(sc, elem) as u32 | ((bits16(-(magic + z[r * groups + g] as f32), elem) as u32) << 16);
                 scales[(g * rows + r) * 4..(g * rows + r + 1) * 4].copy_from_slice(&word.to_le_bytes());
             }
         }
@@ -241,10 +264,25 @@ pub fn refuse(cfg: &MoeConfig) -> Option<String> {
     None
 }
 
+/// Whether FP8 weights run large groups on FP8 tensor cores: sm_89+, both sizes multiples of
+/// the 128-deep scale blocks, and not turned off with `MOE_CUDA_FP8_MMA=0`.
+pub fn fp8_mma_ok(arch: &str, format: QuantFormat, hidden: usize, inter: usize) -> bool {
+    let sm: u32 = arch.trim_start_matches("sm_").trim_end_matches('a').parse().unwrap_or(0);
+    matches!(format, QuantFormat::Fp8Block | QuantFormat::Fp8Tensor)
+        && sm >= 89
+        && hidden.is_multiple_of(128)
+        && inter.is_multiple_of(128)
+        && std::env::var("MOE_CUDA_FP8_MMA").as_deref() != Ok("0")
+}
+
 /// The launch plan of a quantized forward: the heuristics' layout with row tiles of at most 64
-/// (the quantized GEMM has m16 and m64 tiles).
-pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize) -> Plan {
+/// (the weight-only GEMM has m16 and m64 tiles); 128-row contiguous tiles stay when the FP8
+/// tensor-core GEMM runs them (`fp8_mma`).
+pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize, fp8_mma: bool) -> Plan {
     let p = heuristics::plan(tokens, k, n_local, masked_max);
+    if p.tile.block_m() == 128 && p.layout == Layout::Contiguous && fp8_mma {
+        return Plan { tile: GemmTile::M128, ..p };
+    }
     if p.tile.block_m() <= 64 {
         return Plan { tile: if p.tile.block_m() <= 16 { GemmTile::M16 } else { GemmTile::M64 }, ..p };
     }
@@ -308,6 +346,30 @@ pub struct QuantExperts {
     elem: Elem,
     w13: DeviceProj,
     w2: DeviceProj,
+    ws: Workspace,
+}
+
+/// What one quantized forward takes from the backend: the plan, the permuted activations and
+/// outputs (inside `g1`/`g2`: `g1.a` the permuted rows, `g1.out` the activation buffer, `g2.a`
+/// the same activation buffer, `g2.out` the f32 partial outputs), biases, tile map, epilogue.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward {
+    /// The plan of [`plan`].
+    pub plan: Plan,
+    /// Routed (token, expert) pairs.
+    pub pairs: usize,
+    /// Local slots.
+    pub n_local: usize,
+    /// gate_up launch parameters.
+    pub g1: QGemmParams,
+    /// down launch parameters (`split_stride` set for split K).
+    pub g2: QGemmParams,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Intermediate size.
+    pub inter: usize,
+    /// K splits of the down projection (the backend sized `g2.out` for them).
+    pub down_splits: usize,
 }
 
 fn driver(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoeError {
@@ -391,7 +453,7 @@ impl QuantExperts {
             }
         }
         dev.synchronize()?;
-        Ok(QuantExperts { format, packer, elem, w13, w2 })
+        Ok(QuantExperts { format, packer, elem, w13, w2, ws: Workspace::default() })
     }
 
     /// Benchmarks: `n` slots of `format` from `distinct` random experts quantized on the host and
@@ -460,20 +522,112 @@ impl QuantExperts {
         Ok(())
     }
 
-    /// Launches one projection's grouped GEMM. `p` carries activations, output, bias, the row
-    /// tile map and the epilogue; this fills in the weights and the grid.
+    /// Both projections of one forward: FP8 tensor cores for 128-row tiles of FP8 weights
+    /// (activations quantized per row per 128 channels in between), the weight-only GEMMs
+    /// otherwise, with gate_up split over K at decode sizes (bias + activation in `qg_act`).
+    pub fn forward(&mut self, dev: &CudaDevice, f: &Forward) -> Result<()> {
+        let (h, inter, rows) = (f.hidden, f.inter, f.plan.rows);
+        if f.plan.tile.block_m() == fp8_tile::BM {
+            let qa = self.ws.get(dev, "f8_a", rows * h)?;
+            let sa = self.ws.get(dev, "f8_sa", rows * (h / 128) * 4)?;
+            self.quant_rows(dev, f.g1.a, qa, sa, rows, h)?;
+            let g1 = QGemmParams { a: qa, ..f.g1 };
+            self.fp8_gemm(dev, Proj::GateUp, f.plan.tiles, g1, sa, rows, inter, h)?;
+            let qact = self.ws.get(dev, "f8_act", rows * inter)?;
+            let sact = self.ws.get(dev, "f8_sact", rows * (inter / 128) * 4)?;
+            self.quant_rows(dev, f.g1.out, qact, sact, rows, inter)?;
+            let g2 = QGemmParams { a: qact, ..f.g2 };
+            return self.fp8_gemm(dev, Proj::Down, f.plan.tiles, g2, sact, rows, h, inter);
+        }
+        let splits = self.gate_up_splits(dev, f);
+        if splits > 1 {
+            let stride = rows * 2 * inter;
+            let partial = self.ws.get(dev, "gu_partial", splits * stride * 4)?;
+            let g1 = QGemmParams { out: partial, split_stride: stride as i64, ..f.g1 };
+            self.gemm(dev, Proj::GateUp, f.plan.tile, f.plan.tiles, g1, inter, h, splits)?;
+            let ap = QActParams {
+                partial,
+                bias: f.g1.bias,
+                out: f.g1.out,
+                tile_expert: f.g1.tile_expert,
+                tile_end: f.g1.tile_end,
+                counts: f.g1.counts,
+                split_stride: stride as i64,
+                n: inter as i32,
+                splits: splits as i32,
+                mode: f.g1.mode,
+                max_m: f.g1.max_m,
+                bm: f.plan.tile.block_m() as i32,
+                act: f.g1.act,
+                alpha: f.g1.alpha,
+                limit: f.g1.limit,
+            };
+            dev.launch(
+                KernelId::QAct(self.packer.kind(), self.elem),
+                (inter.div_ceil(256) as u32, rows as u32, 1),
+                256,
+                0,
+                &ap,
+            )?;
+        } else {
+            self.gemm(dev, Proj::GateUp, f.plan.tile, f.plan.tiles, f.g1, inter, h, 1)?;
+        }
+        self.gemm(dev, Proj::Down, f.plan.tile, f.plan.tiles, f.g2, h, inter, f.down_splits)
+    }
+
+    /// K splits of gate_up: decode-sized problems have too few column blocks to keep every SM
+    /// streaming weights (same reasoning as the bf16 down projection), so partial sums go to a
+    /// scratch buffer and `qg_act` adds them with the bias and activation.
+    fn gate_up_splits(&self, dev: &CudaDevice, f: &Forward) -> usize {
+        if f.plan.tile != GemmTile::M16 || f.plan.rows > 65535 || f.g1.mode == GemmMode::Dense as i32 {
+            return 1;
+        }
+        let active = f.pairs.min(f.n_local).max(1);
+        let ctas = f.inter.div_ceil(QuantTile::BN / 2) * active;
+        let want = (4 * dev.sm_count() as usize).div_ceil(ctas);
+        want.clamp(1, 8).min((f.hidden / (4 * QuantTile::BK)).max(1))
+    }
+
+    fn quant_rows(&self, dev: &CudaDevice, x: u64, q: u64, scales: u64, rows: usize, k: usize) -> Result<()> {
+        let p = QuantRowsParams { x, q, scales, rows: rows as i32, k: k as i32 };
+        let warps = rows * (k / 128);
+        dev.launch(KernelId::QuantRows(self.packer.kind(), self.elem), (warps.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    fn fp8_gemm(
         &self,
         dev: &CudaDevice,
         proj: Proj,
-        tile: GemmTile,
         tiles: usize,
-        mut p: QGemmParams,
+        mut g: QGemmParams,
+        a_scales: u64,
+        rows: usize,
         n: usize,
         k: usize,
-        splits: usize,
     ) -> Result<()> {
+        let d = self.proj(proj, n, k)?;
+        g.w = dev.ptr(&d.w);
+        g.scales = d.scales.as_ref().map_or(0, |s| dev.ptr(s));
+        g.col_scale = d.col.as_ref().map_or(0, |s| dev.ptr(s));
+        g.exp_scale = d.exp.as_ref().map_or(0, |s| dev.ptr(s));
+        g.n = n as i32;
+        g.k = k as i32;
+        let cols = if proj == Proj::GateUp { QuantTile::BN / 2 } else { QuantTile::BN };
+        let num_n = n.div_ceil(cols);
+        g.num_n = num_n as i32;
+        let blocks = num_n * tiles;
+        if blocks > i32::MAX as usize {
+            return Err(MoeError::shape("cuda.fp8_gemm", "fewer than 2^31 blocks", blocks.to_string()));
+        }
+        let p = Fp8GemmParams { g, a_scales, rows_total: rows as i32, pad: 0 };
+        let id = KernelId::F8Gemm(self.packer.kind(), self.elem, proj);
+        dev.launch(id, (blocks as u32, 1, 1), fp8_tile::THREADS, fp8_tile::SMEM, &p)?;
+        Ok(())
+    }
+
+    fn proj(&self, proj: Proj, n: usize, k: usize) -> Result<&DeviceProj> {
         let d = match proj {
             Proj::GateUp => &self.w13,
             Proj::Down => &self.w2,
@@ -486,6 +640,24 @@ impl QuantExperts {
                 format!("[{}, {}]", d.rows, d.cols),
             ));
         }
+        Ok(d)
+    }
+
+    /// Launches one projection's weight-only grouped GEMM. `p` carries activations, output,
+    /// bias, the row tile map and the epilogue; this fills in the weights and the grid.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        dev: &CudaDevice,
+        proj: Proj,
+        tile: GemmTile,
+        tiles: usize,
+        mut p: QGemmParams,
+        n: usize,
+        k: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let d = self.proj(proj, n, k)?;
         let qt = match tile.block_m() {
             16 => QuantTile::M16,
             64 => QuantTile::M64,
@@ -511,5 +683,30 @@ impl QuantExperts {
         let id = KernelId::QGemm(kind, self.elem, qt, proj);
         dev.launch(id, (blocks as u32, 1, splits.max(1) as u32), qt.threads(), qt.smem_bytes(kind), &p)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nibble_repack_puts_consecutive_elements_in_halves() {
+        // Elements 0..7 with value = index: bytes (1 << 4 | 0), (3 << 4 | 2), ...
+        let bytes = [0x10u8, 0x32, 0x54, 0x76];
+        let w = u32::from_le_bytes(repack_nibbles(&bytes).try_into().unwrap());
+        for k in 0..4 {
+            let t = w >> (4 * k);
+            assert_eq!(t & 0xF, 2 * k);
+            assert_eq!((t >> 16) & 0xF, 2 * k + 1);
+        }
+    }
+
+    #[test]
+    fn group_words_pack_consecutive_groups() {
+        // 2 rows, 128 columns, groups of 32 -> 4 groups; span 64 -> 2 words of 2 bytes per row.
+        let groups: Vec<u8> = (0..8).collect();
+        let w = group_words(2, 128, &groups, 32, 64);
+        assert_eq!(w, vec![0, 1, 4, 5, 2, 3, 6, 7]);
     }
 }
