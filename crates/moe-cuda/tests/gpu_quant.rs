@@ -205,7 +205,7 @@ fn corrupt_and_unsupported_parts_are_named_errors() {
     // GPTQ act-order.
     let cfg4 = config(QuantFormat::Int4Group, DType::BF16, false, 256, 128);
     let mut w = MoeWeights::random(&cfg4, 1).unwrap();
-    let g: Vec<i32> = (0..8 * 256).map(|c| ((c % 256) as i32 * 7 % 256) / 128).collect();
+    let g: Vec<i32> = (0..8 * 256i32).map(|c| ((c % 256) * 7 % 256) / 128).collect();
     w.experts.w13.parts.insert("weight_g_idx".into(), Tensor::from_host(vec![8, 256], HostData::I32(g)).unwrap());
     let e = load(&cfg4, &w);
     assert!(e.contains("act-order"), "{e}");
