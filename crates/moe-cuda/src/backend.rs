@@ -730,7 +730,7 @@ impl ExpertBackend for CudaBackend {
         let dev = self.dev.clone();
         let dw = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
         if let Some(q) = dw.quant.as_mut() {
-            q.replace_slot(&dev, slot, &one, 0)?;
+            q.replace_slot(&dev, slot, weights, src)?;
         }
         let copy = |dst: &mut CudaSlice<u16>, src: &CudaSlice<u16>, len: usize| -> Result<()> {
             let mut view = dst.slice_mut(slot * len..(slot + 1) * len);

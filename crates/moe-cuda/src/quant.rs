@@ -426,6 +426,9 @@ impl QuantExperts {
             return Err(bad(format, format!("w13 is {format} but w2 is {}", x.w2.format)));
         }
         let packer = packer(format).map_err(|r| MoeError::unsupported("cuda", r))?;
+        if x.num_experts() == 0 || src.is_empty() {
+            return Err(MoeError::shape("cuda.load_weights", "at least one local expert", "none"));
+        }
         let method = quant_method(format, DType::BF16)?;
         method.validate(&x.w13)?;
         method.validate(&x.w2)?;
@@ -502,8 +505,12 @@ impl QuantExperts {
         if weights.w13.format != self.format || weights.w2.format != self.format {
             return Err(bad(self.format, format!("replace_slot got {} weights", weights.w13.format)));
         }
-        let a = self.packer.pack(&weights.w13, src, self.elem)?;
-        let b = self.packer.pack(&weights.w2, src, self.elem)?;
+        let one = weights.select_experts(&[src])?;
+        let method = quant_method(self.format, DType::BF16)?;
+        method.validate(&one.w13)?;
+        method.validate(&one.w2)?;
+        let a = self.packer.pack(&one.w13, 0, self.elem)?;
+        let b = self.packer.pack(&one.w2, 0, self.elem)?;
         for (d, t, p) in [(&self.w13, &weights.w13, &a), (&self.w2, &weights.w2, &b)] {
             if (d.rows, d.cols) != (t.rows, t.cols) {
                 return Err(MoeError::shape(
