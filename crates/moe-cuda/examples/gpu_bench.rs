@@ -1,6 +1,6 @@
 //! Stand-alone GPU benchmark over the standard grid (the same measurement `moe bench --backend
 //! cuda` runs), for the lent GPU machine: `gpu_bench [--out FILE] [--peer-json FILE]
-//! [--shapes a,b] [--tokens 1,16] [--masked-max N] [--target-ms MS] [--quant FMT]`.
+//! [--shapes a,b] [--tokens 1,16] [--masked-max N] [--target-ms MS] [--graph-micro] [--quant FMT]`.
 
 use moe_cuda::bench::{run_grid_quant, STANDARD_SHAPES, STANDARD_TOKENS};
 
@@ -25,6 +25,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let masked_max = opt("--masked-max").map(|v| v.parse()).transpose()?;
     let target_ms: f64 = opt("--target-ms").map(|v| v.parse()).transpose()?.unwrap_or(200.0);
     let peer = opt("--peer-json").map(std::path::PathBuf::from);
+    if args.iter().any(|a| a == "--graph-micro") {
+        println!("{}", moe_cuda::bench::graph_micro(0)?);
+    }
     let quant = match opt("--quant") {
         Some(q) => moe_core::QuantFormat::parse(&q)?,
         None => moe_core::QuantFormat::None,

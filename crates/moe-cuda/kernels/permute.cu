@@ -68,7 +68,8 @@ struct PermuteParams {
     u64 a;        // [rows, H] out
     u64 row_of;   // [T*k] i32 out: layout row, -1 when not local
     int pairs, k, hidden, slot_start;
-    int max_m, scale_input, pad0, pad1;
+    int max_m, scale_input;
+    u64 token_of_row;  // [rows] i32 out, or 0: gather mode records tokens instead of copying rows
 };
 
 // One block per (token, choice): copies the token's row into its layout row.
@@ -85,6 +86,10 @@ __device__ void permute(const PermuteParams& p) {
     if (threadIdx.x == 0) ((int*)p.row_of)[i] = row;
     if (row < 0) return;
     const int t = i / p.k;
+    if (p.token_of_row) {
+        if (threadIdx.x == 0) ((int*)p.token_of_row)[row] = t;
+        return;
+    }
     const uint4* src = (const uint4*)((const u16*)p.x + (size_t)t * p.hidden);
     uint4* dst = (uint4*)((u16*)p.a + (size_t)row * p.hidden);
     const float s = p.scale_input ? ((const float*)p.weights)[i] : 1.f;
@@ -102,14 +107,24 @@ extern "C" __global__ void moe_permute_bf16(PermuteParams p) { permute<Bf16Tag>(
 extern "C" __global__ void moe_permute_f16(PermuteParams p) { permute<F16Tag>(p); }
 
 struct UnpermuteParams {
-    u64 y;        // [rows, H] f32 expert outputs
+    u64 y;        // [rows, H] expert outputs: f32, or 16-bit when y_elem != 0
     u64 row_of;   // [T*k] i32
     u64 weights;  // [T*k] f32
     u64 out;      // [T, H] f32
     int tokens, k, hidden, unweighted;
     long long split_stride;  // elements between split-K partials of y
-    int splits, pad;
+    int splits, y_elem;      // y_elem: 0 f32, 1 bf16, 2 f16 (one split only)
 };
+
+__device__ __forceinline__ float4 load_y4(const UnpermuteParams& p, size_t i4) {
+    if (p.y_elem == 0) return ((const float4*)p.y)[i4];
+    const uint2 v = ((const uint2*)p.y)[i4];
+    const u16 e[4] = {(u16)(v.x & 0xFFFF), (u16)(v.x >> 16), (u16)(v.y & 0xFFFF), (u16)(v.y >> 16)};
+    if (p.y_elem == 1)
+        return make_float4(to_f32(e[0], Bf16Tag()), to_f32(e[1], Bf16Tag()), to_f32(e[2], Bf16Tag()),
+                           to_f32(e[3], Bf16Tag()));
+    return make_float4(to_f32(e[0], F16Tag()), to_f32(e[1], F16Tag()), to_f32(e[2], F16Tag()), to_f32(e[3], F16Tag()));
+}
 
 // out[t] = sum over local choices of w * y[row] (w = 1 when the weight scaled the input).
 extern "C" __global__ void moe_unpermute(UnpermuteParams p) {
@@ -125,7 +140,7 @@ extern "C" __global__ void moe_unpermute(UnpermuteParams p) {
             int r = row_of[j];
             if (r < 0) continue;
             float s = p.unweighted ? 1.f : w[j];
-            float4 v = y[(size_t)r * h4 + c];
+            float4 v = load_y4(p, (size_t)r * h4 + c);
             for (int z = 1; z < p.splits; ++z) {
                 float4 u = y[(size_t)z * (p.split_stride / 4) + (size_t)r * h4 + c];
                 v.x += u.x;

@@ -46,6 +46,31 @@ __device__ void router_logits(const RouterLogitsParams& p) {
 extern "C" __global__ void router_logits_bf16(RouterLogitsParams p) { router_logits<Bf16Tag>(p); }
 extern "C" __global__ void router_logits_f16(RouterLogitsParams p) { router_logits<F16Tag>(p); }
 
+struct RouterPrepParams {
+    u64 x;       // [T, H] 16-bit activations
+    u64 x32;     // [T, H] f32 out (the SGEMM's input)
+    u64 bias;    // [E] f32 or 0
+    u64 logits;  // [T, E] f32: the bias rows, which the SGEMM then adds to (beta = 1)
+    long long n; // T * H
+    int tokens, experts;
+};
+
+// Before the cuBLAS router SGEMM (large T): activations to f32 and the bias broadcast.
+template <class Tag>
+__device__ void router_prep(const RouterPrepParams& p) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (long long i = first; i < p.n; i += stride) ((float*)p.x32)[i] = to_f32(((const u16*)p.x)[i], Tag());
+    if (p.bias) {
+        const long long m = (long long)p.tokens * p.experts;
+        for (long long i = first; i < m; i += stride)
+            ((float*)p.logits)[i] = ((const float*)p.bias)[i % p.experts];
+    }
+}
+
+extern "C" __global__ void router_prep_bf16(RouterPrepParams p) { router_prep<Bf16Tag>(p); }
+extern "C" __global__ void router_prep_f16(RouterPrepParams p) { router_prep<F16Tag>(p); }
+
 struct RouteParams {
     u64 logits;   // [T, E] f32
     u64 bias;     // [E] f32 selection bias (DeepSeek-V3) or 0

@@ -18,6 +18,7 @@ use moe_core::{DType, Logical, MoeConfig, MoeError, Physical, Result, Tensor, To
 use crate::buffer::{device_buffer, CudaBuffer, ErrorFlag, Half16, Slice};
 use crate::device::{CudaDevice, Workspace};
 use crate::error::CudaError;
+use crate::graph::{GraphCache, GraphStats, Recording};
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::*;
 use crate::quant::QuantExperts;
@@ -63,6 +64,16 @@ pub struct CudaBackend {
     host_routing: bool,
     poison: bool,
     wgmma: Option<GemmTile>,
+    tma_min_rows: usize,
+    decode_max: Option<usize>,
+    gather: bool,
+    y16: bool,
+    /// The T256 tile scheduler's block counter (zeroed before each launch).
+    tile_counter: CudaSlice<u32>,
+    graphs: GraphCache,
+    use_graphs: bool,
+    graph_max: Option<usize>,
+    router: crate::router::RouterGemm,
 }
 
 /// 16-bit bit patterns of a float tensor in `dtype` (converting if it is stored otherwise).
@@ -89,6 +100,8 @@ impl CudaBackend {
         };
         let dev = CudaDevice::get(ordinal)?;
         let host_routing = cfg.parallel.ep_size > 1 || cfg.eplb_slots.is_some();
+        let tile_counter = dev.zeros::<u32>(1)?;
+        let router = crate::router::RouterGemm::from_env(cfg.num_experts, cfg.hidden_size);
         Ok(CudaBackend {
             cfg,
             dev,
@@ -98,11 +111,21 @@ impl CudaBackend {
             ws: Workspace::default(),
             masked_max: heuristics::masked_max_tokens(),
             host_routing,
+            tma_min_rows: heuristics::tma_min_rows(),
+            decode_max: heuristics::decode_max_tokens(),
+            gather: std::env::var("MOE_CUDA_GATHER").as_deref() != Ok("0"),
+            y16: std::env::var("MOE_CUDA_Y16").as_deref() != Ok("0"),
+            tile_counter,
             poison: false,
+            graphs: GraphCache::default(),
+            use_graphs: crate::graph::graphs_default(),
+            graph_max: crate::graph::graph_max_tokens(),
+            router,
             wgmma: match std::env::var("MOE_CUDA_WGMMA").as_deref() {
                 Ok("0") => None,
                 Ok("128") => Some(GemmTile::W128),
-                _ => Some(GemmTile::W256),
+                Ok("256") => Some(GemmTile::W256),
+                _ => Some(GemmTile::T256),
             },
         })
     }
@@ -120,21 +143,56 @@ impl CudaBackend {
             let fp8 = crate::quant::fp8_mma_ok(self.dev.arch(), self.cfg.quant, h, i);
             return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max, fp8);
         }
+        let decode = match self.decode_max {
+            Some(m) => tokens <= m,
+            None => heuristics::decode_auto(tokens, self.cfg.top_k, self.cfg.num_experts),
+        };
+        // The decode kernels keep the token row in shared memory (48 KiB without opt-in).
+        if decode && self.cfg.hidden_size * 2 <= 48 * 1024 {
+            let pairs = tokens * self.cfg.top_k;
+            return Plan { layout: Layout::Decode, tile: GemmTile::M16, tiles: 0, rows: pairs };
+        }
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
-        p.tile = self.upgrade(p.tile);
+        p.tile = self.upgrade(p.tile, tokens * self.cfg.top_k / n_local.max(1));
         p
     }
 
-    /// The Hopper wgmma tile replaces the mma.sync tile of the same rows on sm_90a.
-    fn upgrade(&self, tile: GemmTile) -> GemmTile {
+    /// The Hopper wgmma tile replaces the mma.sync tile of the same rows on sm_90a; the TMA tile
+    /// only where experts average at least `tma_min_rows` rows (the cp.async tile below that).
+    fn upgrade(&self, tile: GemmTile, rows_per_expert: usize) -> GemmTile {
         match self.wgmma {
+            Some(GemmTile::T256) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => {
+                if rows_per_expert >= self.tma_min_rows {
+                    GemmTile::T256
+                } else {
+                    GemmTile::W256
+                }
+            }
             Some(w) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => w,
             _ => tile,
         }
     }
 
+    /// Benchmarks and tests: whether the TMA tile gathers token rows itself in the contiguous
+    /// layout (default; `MOE_CUDA_GATHER=0` turns it off) instead of reading a permuted copy.
+    pub fn set_gather(&mut self, on: bool) {
+        self.gather = on;
+    }
+
+    /// Benchmarks and tests: whether the TMA tile writes expert outputs in the activation dtype
+    /// (default; `MOE_CUDA_Y16=0` keeps f32), halving the traffic of the unpermute-reduce.
+    pub fn set_y16(&mut self, on: bool) {
+        self.y16 = on;
+    }
+
+    /// Benchmarks and tests: the smallest average rows per expert that use the TMA tile.
+    pub fn set_tma_min_rows(&mut self, rows: usize) {
+        self.tma_min_rows = rows;
+    }
+
     /// Benchmarks and tests: the wgmma tile used for large groups on sm_90a (`None`: mma.sync
-    /// only). Default `W256`; `MOE_CUDA_WGMMA=0` turns it off, `=128` picks `W128`.
+    /// only). Default `T256` (TMA, warp-specialized); `MOE_CUDA_WGMMA=0` turns it off, `=128`
+    /// picks `W128`, `=256` the cp.async `W256`.
     pub fn set_wgmma(&mut self, tile: Option<GemmTile>) {
         self.wgmma = tile.filter(|t| t.needs_sm90a());
     }
@@ -153,9 +211,61 @@ impl CudaBackend {
         want.clamp(1, 8).min((self.cfg.intermediate_size / 256).max(1))
     }
 
+    /// The masked/contiguous switch point in use.
+    pub fn masked_max_tokens(&self) -> usize {
+        self.masked_max
+    }
+
+    /// Overrides the largest token count of the matrix-vector decode path (`Some(0)` turns it
+    /// off, `None` restores the automatic choice [`heuristics::decode_auto`]).
+    pub fn set_decode_max_tokens(&mut self, t: Option<usize>) {
+        self.decode_max = t;
+    }
+
     /// Overrides the masked/contiguous switch point (benchmarks measure it with this).
     pub fn set_masked_max_tokens(&mut self, t: usize) {
         self.masked_max = t;
+    }
+
+    /// Decode-sized forwards (`1 <= T <=` the masked switch point) run as cached CUDA graphs
+    /// (default on; `MOE_CUDA_GRAPHS=0` turns them off). Results are bitwise the same either way.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        if !on {
+            self.graphs.clear();
+        }
+    }
+
+    /// Whether a forward of `t` tokens runs as a CUDA graph: `1 <= t <=` the graph limit
+    /// (`MOE_CUDA_GRAPH_MAX_TOKENS`; default the larger of 32 and the masked switch point).
+    pub fn graphs_apply(&self, t: usize) -> bool {
+        let max = self.graph_max.unwrap_or(self.masked_max.max(crate::graph::DEFAULT_GRAPH_MAX_TOKENS));
+        self.use_graphs && t >= 1 && t <= max
+    }
+
+    /// Overrides the largest token count run as a CUDA graph (`None`: the default rule).
+    pub fn set_graph_max_tokens(&mut self, t: Option<usize>) {
+        self.graph_max = t;
+    }
+
+    /// Graphs built, replays and node updates so far.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs.stats()
+    }
+
+    /// A graph recording for a forward of `t` tokens, when graphs apply to it.
+    fn graph_recording(&self, t: usize) -> Result<Option<Recording>> {
+        if self.graphs_apply(t) && !crate::graph::recording() {
+            return Ok(Some(Recording::start()?));
+        }
+        Ok(None)
+    }
+
+    /// Router logits at or above `tokens` tokens use cuBLAS SGEMM (f32, no TF32) when libcublas
+    /// loads; `usize::MAX` keeps the warp kernel everywhere. Default: from
+    /// `T * experts * hidden >=` [`crate::router::ROUTER_BLAS_MIN_MACS`].
+    pub fn set_router_blas_min_tokens(&mut self, tokens: usize) {
+        self.router.set_min_tokens(tokens);
     }
 
     /// Tests: fill every output and scratch buffer with NaN bytes before kernels write them, so
@@ -298,6 +408,9 @@ impl CudaBackend {
         Ok((self.dev.ptr(&s), Some(s)))
     }
 
+    /// One grouped GEMM. `a_rows` and `w_rows` are the row counts of the A buffer and of the
+    /// stacked weights (`experts * n_total`), which bound the TMA maps of the T256 tile. Returns
+    /// the element type the down projection wrote its outputs in (0 f32, 1 bf16, 2 f16).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -308,7 +421,23 @@ impl CudaBackend {
         n: usize,
         k: usize,
         splits: usize,
-    ) -> Result<()> {
+        a_rows: usize,
+        w_rows: usize,
+        token_of_row: u64,
+    ) -> Result<i32> {
+        // The TMA tile needs 16-byte aligned operands; anything else takes the cp.async tile.
+        let tile = if tile.uses_tma() && (!p.a.is_multiple_of(16) || !p.w.is_multiple_of(16)) {
+            if token_of_row != 0 {
+                return Err(MoeError::shape(
+                    "cuda.gemm",
+                    "16-byte aligned activations for the gather",
+                    p.a.to_string(),
+                ));
+            }
+            GemmTile::W256
+        } else {
+            tile
+        };
         p.n = n as i32;
         p.k = k as i32;
         let (id, cols) = if gate_up {
@@ -322,9 +451,37 @@ impl CudaBackend {
         if blocks > i32::MAX as usize {
             return Err(MoeError::shape("cuda.gemm", "fewer than 2^31 blocks", blocks.to_string()));
         }
+        if tile.uses_tma() {
+            let b_box = if gate_up { tile.block_n() / 2 } else { tile.block_n() } as u32;
+            let a = if token_of_row != 0 {
+                TmaDesc::default() // rows are gathered with cp.async
+            } else {
+                self.dev.tensor_map_16(p.a, a_rows, k, tile.block_m() as u32, 64)?
+            };
+            // Launches are stream-ordered, so one counter serves them all.
+            let counter = self.dev.ptr(&self.tile_counter);
+            self.dev.memset_ptr(counter, 4)?;
+            let tp = TmaGemmParams {
+                tile_counter: counter,
+                a,
+                b: self.dev.tensor_map_16(p.w, w_rows, k, b_box, 64)?,
+                p,
+                num_m: tiles as i32,
+                // Routed outputs only: the unpermute reads 16-bit y, the shared expert's finalize f32.
+                y16: (!gate_up && splits == 1 && self.y16 && p.mode != GemmMode::Dense as i32) as i32,
+                token_of_row,
+            };
+            let grid = blocks.min(self.dev.sm_count() as usize) as u32;
+            self.dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &tp)?;
+            let y_elem = match self.elem {
+                Elem::Bf16 => 1,
+                Elem::F16 => 2,
+            };
+            return Ok(if tp.y16 != 0 { y_elem } else { 0 });
+        }
         let grid = (blocks as u32, 1, splits as u32);
         self.dev.launch(id, grid, tile.threads(), tile.smem_bytes(), &p)?;
-        Ok(())
+        Ok(0)
     }
 
     fn act_params(&self) -> (i32, f32, f32) {
@@ -432,8 +589,38 @@ impl ExpertBackend for CudaBackend {
         let t = hidden.dim(0)?;
         hidden.expect_shape("cuda.router_logits", &[t, h])?;
         let (x, _keep) = self.act_ptr(hidden, "cuda.router_logits")?;
-        let w = self.w()?;
         let out = self.out_alloc::<f32>(t * e)?;
+        let dev = self.dev.clone();
+        if self.router.ready(&dev, t) {
+            let w = self.w()?;
+            let (wp, bp) = (dev.ptr(&w.router_w), dev.ptr_opt(w.router_b.as_ref()));
+            let x32 = self.scratch("router_x32", t.min(crate::router::CHUNK) * h * 4)?;
+            let logits = dev.ptr(&out);
+            for start in (0..t).step_by(crate::router::CHUNK) {
+                let n = (t - start).min(crate::router::CHUNK);
+                let lp = logits + (start * e * 4) as u64;
+                let pp = RouterPrepParams {
+                    x: x + (start * h * 2) as u64,
+                    x32,
+                    bias: bp,
+                    logits: lp,
+                    n: (n * h) as i64,
+                    tokens: n as i32,
+                    experts: e as i32,
+                };
+                dev.launch(
+                    KernelId::RouterPrep(self.elem),
+                    ((n * h).div_ceil(256).min(8192) as u32, 1, 1),
+                    256,
+                    0,
+                    &pp,
+                )?;
+                let beta = if bp != 0 { 1.0 } else { 0.0 };
+                self.router.sgemm(&dev, wp, x32, lp, n, e, h, beta)?;
+            }
+            return Ok(CudaBuffer::new(dev, Slice::F32(out), t * e).into_tensor(vec![t, e], DType::F32));
+        }
+        let w = self.w()?;
         let p = RouterLogitsParams {
             x,
             w: self.dev.ptr(&w.router_w),
@@ -546,6 +733,47 @@ impl ExpertBackend for CudaBackend {
             None => self.new_flag()?,
         };
         let dev = self.dev.clone();
+        // From here to the unpermute, launches and memsets may be recorded into a CUDA graph.
+        let out = self.out_alloc::<f32>(t * h)?;
+        let rec = self.graph_recording(t)?;
+        if plan.layout == Layout::Decode {
+            let act = self.scratch("act", pairs * inter * 2)?;
+            let w = self.w()?;
+            let (act_kind, alpha, limit) = self.act_params();
+            let dp = DecodeParams {
+                x,
+                ids,
+                weights: wts,
+                w13: dev.ptr(&w.w13),
+                b13: dev.ptr_opt(w.b13.as_ref()),
+                w2: dev.ptr(&w.w2),
+                b2: dev.ptr_opt(w.b2.as_ref()),
+                act,
+                out: dev.ptr(&out),
+                err: dev.ptr(&flag.slice),
+                tokens: t as i32,
+                k: k as i32,
+                hidden: h as i32,
+                inter: inter as i32,
+                slot_start: slots.start as i32,
+                n_local: n_local as i32,
+                slot_total: slots.total as i32,
+                act_kind,
+                alpha,
+                limit,
+                scale_input: routing.weights_on_input() as i32,
+                pad: 0,
+            };
+            const WARPS: usize = 8; // DECODE_WARPS: one output column per warp
+            let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);
+            dev.launch(KernelId::DecodeGateUp(self.elem), grid_up, 256, (h * 2) as u32, &dp)?;
+            dev.launch(KernelId::DecodeDown(self.elem), (h.div_ceil(WARPS) as u32, t as u32, 1), 256, 0, &dp)?;
+            if let Some(rec) = rec {
+                self.graphs.launch(&dev, rec.finish())?;
+            }
+            let out = CudaBuffer::new(dev.clone(), Slice::F32(out), t * h).with_flag(flag, k);
+            return Ok(out.into_tensor(vec![t, h], DType::F32));
+        }
         let counts = self.scratch("counts", n_local * 4)?;
         dev.memset_ptr(counts, n_local * 4)?;
         let pos = self.scratch("pos", pairs * 4)?;
@@ -553,7 +781,17 @@ impl ExpertBackend for CudaBackend {
         let offsets = self.scratch("offsets", (n_local + 1) * 4)?;
         let tile_expert = self.scratch("tile_expert", plan.tiles * 4)?;
         let tile_end = self.scratch("tile_end", plan.tiles * 4)?;
-        let a = self.scratch("a", plan.rows * h * 2)?;
+        // The TMA tile gathers token rows itself; otherwise permute copies them into `a`.
+        let gather = plan.tile.uses_tma()
+            && plan.layout == Layout::Contiguous
+            && !routing.weights_on_input()
+            && x.is_multiple_of(16)
+            && self.gather;
+        let (a, token_of_row) = if gather {
+            (x, self.scratch("token_of_row", plan.rows * 4)?)
+        } else {
+            (self.scratch("a", plan.rows * h * 2)?, 0)
+        };
         let act = self.scratch("act", plan.rows * inter * 2)?;
         let splits = self.down_splits(&plan, t);
         let y = self.scratch("y", splits * plan.rows * h * 4)?;
@@ -585,6 +823,9 @@ impl ExpertBackend for CudaBackend {
                 (GemmMode::Contiguous, 0)
             }
             Layout::Masked { max_m } => (GemmMode::Masked, max_m),
+            Layout::Decode => {
+                return Err(MoeError::unsupported(NAME, "internal: the decode layout reached the grouped path"))
+            }
         };
         let pp = PermuteParams {
             x,
@@ -600,7 +841,7 @@ impl ExpertBackend for CudaBackend {
             slot_start: slots.start as i32,
             max_m: max_m as i32,
             scale_input: routing.weights_on_input() as i32,
-            ..Default::default()
+            token_of_row,
         };
         dev.launch(KernelId::Permute(self.elem), (pairs as u32, 1, 1), 128, 0, &pp)?;
         let (act_kind, alpha, limit) = self.act_params();
@@ -621,7 +862,8 @@ impl ExpertBackend for CudaBackend {
         let split_stride = (plan.rows * h) as i64;
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
-        if w.quant.is_some() {
+        let y_elem = if w.quant.is_some() {
+            // Quantized experts: the format's own GEMMs (f32 expert outputs).
             let f = crate::quant::Forward {
                 plan,
                 pairs,
@@ -635,11 +877,12 @@ impl ExpertBackend for CudaBackend {
             if let Some(q) = self.weights.as_mut().and_then(|w| w.quant.as_mut()) {
                 q.forward(&dev, &f)?;
             }
+            0
         } else {
-            self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1)?;
-            self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits)?;
-        }
-        let out = self.out_alloc::<f32>(t * h)?;
+            let a_rows = if gather { t } else { plan.rows };
+            self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1, a_rows, n_local * 2 * inter, token_of_row)?;
+            self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits, plan.rows, n_local * h, 0)?
+        };
         let up = UnpermuteParams {
             y,
             row_of,
@@ -651,9 +894,12 @@ impl ExpertBackend for CudaBackend {
             unweighted: routing.weights_on_input() as i32,
             split_stride,
             splits: splits as i32,
-            pad: 0,
+            y_elem,
         };
         dev.launch(KernelId::Unpermute, (t as u32, 1, 1), 256, 0, &up)?;
+        if let Some(rec) = rec {
+            self.graphs.launch(&dev, rec.finish())?;
+        }
         let out = CudaBuffer::new(dev.clone(), Slice::F32(out), t * h).with_flag(flag, k);
         Ok(out.into_tensor(vec![t, h], DType::F32))
     }
@@ -677,13 +923,14 @@ impl ExpertBackend for CudaBackend {
             ..Default::default()
         };
         let (x, _kx) = self.act_ptr(hidden, "cuda.finalize")?;
+        let rec = if self.w()?.shared.is_some() { self.graph_recording(t)? } else { None };
         let shared = self
             .w()?
             .shared
             .as_ref()
             .map(|s| (dev.ptr(&s.w13), dev.ptr(&s.w2), s.gate.as_ref().map(|g| dev.ptr(g)), s.inter));
         if let Some((w13, w2, gate, inter)) = shared {
-            let tile = self.upgrade(heuristics::tile_for(t));
+            let tile = self.upgrade(heuristics::tile_for(t), t);
             let tiles = t.div_ceil(tile.block_m());
             let act = self.scratch("shared_act", t * inter * 2)?;
             let ys = self.scratch("shared_y", t * h * 4)?;
@@ -697,8 +944,8 @@ impl ExpertBackend for CudaBackend {
                 limit,
                 ..Default::default()
             };
-            self.gemm(true, tile, tiles, GemmParams { a: x, w: w13, out: act, ..base }, inter, h, 1)?;
-            self.gemm(false, tile, tiles, GemmParams { a: act, w: w2, out: ys, ..base }, h, inter, 1)?;
+            self.gemm(true, tile, tiles, GemmParams { a: x, w: w13, out: act, ..base }, inter, h, 1, t, 2 * inter, 0)?;
+            self.gemm(false, tile, tiles, GemmParams { a: act, w: w2, out: ys, ..base }, h, inter, 1, t, h, 0)?;
             fp.shared = ys;
             if let Some(g) = gate {
                 let gbuf = self.scratch("shared_gate", t * 4)?;
@@ -708,6 +955,9 @@ impl ExpertBackend for CudaBackend {
             }
         }
         dev.launch(KernelId::Finalize(self.elem), ((t * h).div_ceil(256) as u32, 1, 1), 256, 0, &fp)?;
+        if let Some(rec) = rec {
+            self.graphs.launch(&dev, rec.finish())?;
+        }
         let mut buf = CudaBuffer::new(dev, Slice::U16(out), t * h);
         if let Some((f, k)) = flag {
             buf = buf.with_flag(f, k);

@@ -177,6 +177,14 @@ pub struct Point {
     pub floor_ms: f64,
     /// Layout and tile used.
     pub plan: String,
+    /// Median ms of `router_logits` with the f32 warp kernel.
+    pub router_kernel_ms: f64,
+    /// Median ms of `router_logits` with cuBLAS SGEMM (`None` without libcublas).
+    pub router_blas_ms: Option<f64>,
+    /// Median host microseconds to enqueue one `run_moe` (T <= 1024 only).
+    pub experts_host_us: Option<f64>,
+    /// Whether decode-sized forwards ran as CUDA graphs.
+    pub graphs: bool,
 }
 
 impl Point {
@@ -188,6 +196,8 @@ impl Point {
             "block_ms": self.block_ms, "flops": self.flops, "bytes": self.bytes, "experts_hit": self.experts_hit,
             "floor_ms": self.floor_ms, "tflops": self.flops / (self.experts_ms * 1e-3) / 1e12,
             "pct_of_floor": 100.0 * self.floor_ms / self.experts_ms, "plan": self.plan,
+            "router_kernel_ms": self.router_kernel_ms, "router_blas_ms": self.router_blas_ms,
+            "experts_host_us": self.experts_host_us, "graphs": self.graphs,
             "copy_gbps": c.copy_gbps, "gemm_tflops": c.gemm_tflops,
         })
     }
@@ -263,6 +273,31 @@ pub fn bench_point_quant(
         b.run_moe(&BackendInput::plain(x.clone()), r).map(|_| ())
     })?;
     let (experts_ms, p10, p90) = stats(per);
+    // Host cost of enqueueing one forward (launch-bound decode sizes), GPU queue not drained.
+    let experts_host_us = if tokens <= 1024 {
+        dev.synchronize()?;
+        let mut v = Vec::new();
+        for it in 0..40 {
+            let (x, r) = &inputs[it % ROT];
+            let t0 = std::time::Instant::now();
+            b.run_moe(&BackendInput::plain(x.clone()), r)?;
+            v.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        dev.synchronize()?;
+        Some(stats(v).0)
+    } else {
+        None
+    };
+    b.set_router_blas_min_tokens(usize::MAX);
+    let router_kernel_ms =
+        stats(time_adaptive(&dev, target_ms / 4.0, |it| b.router_logits(&inputs[it % ROT].0).map(|_| ()))?).0;
+    let router_blas_ms = if crate::router::cublas_available().is_ok() {
+        b.set_router_blas_min_tokens(0);
+        Some(stats(time_adaptive(&dev, target_ms / 4.0, |it| b.router_logits(&inputs[it % ROT].0).map(|_| ()))?).0)
+    } else {
+        None
+    };
+    b.set_router_blas_min_tokens(crate::router::router_blas_min_tokens(e, h));
     let per = time_adaptive(&dev, target_ms, |it| {
         let (x, _) = &inputs[it % ROT];
         let logits = b.router_logits(x)?;
@@ -283,6 +318,10 @@ pub fn bench_point_quant(
         experts_hit,
         floor_ms,
         plan: format!("{:?}/{:?}", p.layout, p.tile),
+        router_kernel_ms,
+        router_blas_ms,
+        experts_host_us,
+        graphs: b.graphs_apply(tokens),
     })
 }
 
@@ -331,8 +370,19 @@ pub fn run_grid_quant(
     let c = measure_ceilings(0)?;
     println!("ceilings: copy {:.0} GB/s (read+write), cuBLAS bf16 GEMM {:.0} TFLOP/s", c.copy_gbps, c.gemm_tflops);
     println!(
-        "{:<14} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>8}  plan",
-        "shape", "T", "moe ms", "block ms", "TFLOP/s", "%floor", "torch_gm", "hf_loop", "x torch"
+        "{:<14} {:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8}  plan",
+        "shape",
+        "T",
+        "moe ms",
+        "block ms",
+        "TFLOP/s",
+        "%floor",
+        "torch_gm",
+        "hf_loop",
+        "x torch",
+        "rt_kern",
+        "rt_blas",
+        "host_us"
     );
     let mut rows = Vec::new();
     for s in shapes {
@@ -342,7 +392,7 @@ pub fn run_grid_quant(
             let (gm, hf) = (find("grouped_mm"), find("hf_loop"));
             let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
             println!(
-                "{:<14} {:>6} {:>10.4} {:>10.4} {:>8.1} {:>7.1}% {:>10} {:>10} {:>8}  {}",
+                "{:<14} {:>6} {:>10.4} {:>10.4} {:>8.1} {:>7.1}% {:>10} {:>10} {:>8} {:>9.4} {:>9} {:>8}  {}{}",
                 p.shape,
                 t,
                 p.experts_ms,
@@ -352,7 +402,11 @@ pub fn run_grid_quant(
                 fmt(gm),
                 fmt(hf),
                 gm.map_or("-".into(), |g| format!("{:.2}", g / p.experts_ms)),
-                p.plan
+                p.router_kernel_ms,
+                fmt(p.router_blas_ms),
+                p.experts_host_us.map_or("-".into(), |v| format!("{v:.1}")),
+                p.plan,
+                if p.graphs { " graph" } else { "" }
             );
             let mut j = p.json(&c);
             j["torch_grouped_mm_ms"] = gm.into();
@@ -362,4 +416,63 @@ pub fn run_grid_quant(
         }
     }
     Ok(json!({"ceilings": {"copy_gbps": c.copy_gbps, "gemm_tflops": c.gemm_tflops}, "results": rows}))
+}
+
+/// Host and device costs behind the CUDA-graph design, on GPU `ordinal`: one plain launch, one
+/// graph replay, one replay that rewrites a kernel node's parameters first (the per-call input
+/// and output addresses), and one small device-to-device copy (the alternative: copying inputs
+/// into static buffers the graph reads). Returns a line for the log.
+pub fn graph_micro(ordinal: usize) -> Result<String> {
+    use crate::graph::{GraphCache, Op};
+    use crate::kernels::{CountParams, KernelId};
+    const N: usize = 2000;
+    let dev = CudaDevice::get(ordinal)?;
+    let src = dev.zeros::<u8>(4096)?;
+    let mut dst = dev.zeros::<u8>(4096)?;
+    // A kernel that does nothing (no pairs), so only launch costs are timed.
+    let params = |ids: u64| CountParams { ids, ..Default::default() };
+    let bytes = |p: &CountParams| {
+        // SAFETY: a #[repr(C)] plain-data struct viewed as its bytes.
+        unsafe { std::slice::from_raw_parts(p as *const CountParams as *const u8, std::mem::size_of::<CountParams>()) }
+            .to_vec()
+    };
+    let op = |ids: u64| Op::Kernel {
+        id: KernelId::Count,
+        grid: (1, 1, 1),
+        block: 256,
+        smem: 0,
+        params: bytes(&params(ids)),
+    };
+    let host_us = |f: &mut dyn FnMut(usize) -> Result<()>| -> Result<(f64, f64)> {
+        dev.synchronize()?;
+        let ev0 = timing_event(&dev)?;
+        let ev1 = timing_event(&dev)?;
+        ev0.record(dev.stream()).map_err(|e| CudaError::driver("event record", e))?;
+        let t0 = std::time::Instant::now();
+        for i in 0..N {
+            f(i)?;
+        }
+        let host = t0.elapsed().as_secs_f64() * 1e6 / N as f64;
+        ev1.record(dev.stream()).map_err(|e| CudaError::driver("event record", e))?;
+        dev.synchronize()?;
+        let gpu = ev0.elapsed_ms(&ev1).map_err(|e| CudaError::driver("event elapsed", e))? as f64 * 1e3 / N as f64;
+        Ok((host, gpu))
+    };
+    // Warm-up: module load and graph instantiation stay out of the timed calls.
+    dev.launch(KernelId::Count, (1, 1, 1), 256, 0, &params(0))?;
+    dev.stream().memcpy_dtod(&src, &mut dst).map_err(|e| CudaError::driver("copy", e))?;
+    let launch = host_us(&mut |_| Ok(dev.launch(KernelId::Count, (1, 1, 1), 256, 0, &params(0))?))?;
+    let mut cache = GraphCache::default();
+    cache.launch(&dev, vec![op(0)])?;
+    let replay = host_us(&mut |_| Ok(cache.launch(&dev, vec![op(0)])?))?;
+    let update = host_us(&mut |i| Ok(cache.launch(&dev, vec![op(8 * (i as u64 % 2 + 1))])?))?;
+    let copy = host_us(&mut |_| {
+        dev.stream().memcpy_dtod(&src, &mut dst).map_err(|e| CudaError::driver("copy", e))?;
+        Ok(())
+    })?;
+    Ok(format!(
+        "graph micro (host us / device us per call, {N} calls): plain launch {:.2}/{:.2}; graph replay {:.2}/{:.2}; \
+         replay + 1 kernel-node update {:.2}/{:.2}; 4 KiB device copy {:.2}/{:.2}",
+        launch.0, launch.1, replay.0, replay.1, update.0, update.1, copy.0, copy.1
+    ))
 }

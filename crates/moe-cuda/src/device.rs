@@ -148,7 +148,15 @@ impl CudaDevice {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        // Inside a CUDA-graph recording (crate::graph) the launch becomes a graph node instead.
+        // Any other stream operation added to the forward path must do the same.
         let f = self.func(id)?;
+        // SAFETY: `P` is a `#[repr(C)]` plain-data parameter struct (DeviceRepr); its bytes are
+        // exactly what the kernel receives by value.
+        let bytes = || unsafe { std::slice::from_raw_parts(p as *const P as *const u8, std::mem::size_of::<P>()) };
+        if crate::graph::try_record(|| crate::graph::Op::Kernel { id, grid, block, smem, params: bytes().to_vec() }) {
+            return Ok(());
+        }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the parameter struct mirrors the kernel's signature (checked by unit tests);
         // every pointer inside was taken from a live allocation sized by the caller for this
@@ -207,16 +215,69 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// A TMA map of a row-major 16-bit matrix `[rows, cols]` at `ptr`, loaded in boxes of
+    /// `box_rows x box_cols` with the 128-byte swizzle the wgmma operand descriptors expect.
+    /// Out-of-range rows and columns read as zero.
+    pub fn tensor_map_16(
+        &self,
+        ptr: u64,
+        rows: usize,
+        cols: usize,
+        box_rows: u32,
+        box_cols: u32,
+    ) -> CudaResult<crate::kernels::TmaDesc> {
+        use cudarc::driver::sys::{
+            CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+            CUtensorMapSwizzle,
+        };
+        if !ptr.is_multiple_of(16) || !cols.is_multiple_of(8) || box_cols * 2 != 128 || rows == 0 {
+            return Err(CudaError::Kernel(format!(
+                "TMA map needs a 16-byte aligned base, a row stride multiple of 16 bytes and 128-byte rows \
+                 (ptr {ptr:#x}, [{rows}, {cols}], box {box_rows} x {box_cols})"
+            )));
+        }
+        let dims = [cols as u64, rows as u64];
+        let strides = [(cols * 2) as u64];
+        let boxes = [box_cols, box_rows];
+        let elem_strides = [1u32, 1];
+        let mut map = CUtensorMap { opaque: [0; 16] };
+        // SAFETY: `map` is a valid out-pointer; the dims/strides/box arrays have rank (2) and
+        // rank - 1 entries as the driver requires; `ptr` is a live device allocation of at least
+        // rows x cols 16-bit elements (the caller's buffer) and is only read by later launches.
+        let res = unsafe {
+            cudarc::driver::sys::cuTensorMapEncodeTiled(
+                &mut map,
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        res.result().map_err(|e| CudaError::driver("cuTensorMapEncodeTiled", e))?;
+        Ok(crate::kernels::TmaDesc { opaque: map.opaque })
+    }
+}
+
 /// Grow-only named scratch buffers, reused across forwards (stream-ordered, so a buffer can be
 /// rewritten by the next forward as soon as the previous one's kernels were queued).
 #[derive(Default)]
 pub struct Workspace {
-    bufs: HashMap<&'static str, CudaSlice<u8>>,
+    // The address is kept beside the buffer: taking it from the slice records events on every
+    // forward (cudarc's multi-stream tracking), which decode-sized forwards cannot afford.
+    bufs: HashMap<&'static str, (CudaSlice<u8>, u64)>,
 }
 
 impl std::fmt::Debug for Workspace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let total: usize = self.bufs.values().map(|b| b.len()).sum();
+        let total: usize = self.bufs.values().map(|b| b.0.len()).sum();
         write!(f, "Workspace({} buffers, {total} bytes)", self.bufs.len())
     }
 }
@@ -225,18 +286,20 @@ impl Workspace {
     /// The device address of scratch buffer `name` holding at least `bytes`.
     pub fn get(&mut self, dev: &CudaDevice, name: &'static str, bytes: usize) -> CudaResult<u64> {
         let need = bytes.max(16);
-        let grow = self.bufs.get(name).is_none_or(|b| b.len() < need);
+        let grow = self.bufs.get(name).is_none_or(|b| b.0.len() < need);
         if grow {
             // Round up so slowly growing token counts do not reallocate every forward.
             let cap = need.next_power_of_two();
-            self.bufs.insert(name, dev.alloc::<u8>(cap)?);
+            let b = dev.alloc::<u8>(cap)?;
+            let p = dev.ptr(&b);
+            self.bufs.insert(name, (b, p));
         }
-        Ok(self.bufs.get(name).map_or(0, |b| dev.ptr(b)))
+        Ok(self.bufs.get(name).map_or(0, |b| b.1))
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.bufs.values().map(|b| b.len()).sum()
+        self.bufs.values().map(|b| b.0.len()).sum()
     }
 }
 
@@ -249,6 +312,9 @@ impl CudaDevice {
     /// Fills `bytes` at `ptr` with the byte `value` (stream-ordered).
     pub fn memset_ptr_value(&self, ptr: u64, value: u8, bytes: usize) -> CudaResult<()> {
         if bytes == 0 {
+            return Ok(());
+        }
+        if crate::graph::try_record(|| crate::graph::Op::Memset { ptr, value, bytes }) {
             return Ok(());
         }
         // SAFETY: `ptr` comes from a live allocation of at least `bytes` (workspace or buffer);

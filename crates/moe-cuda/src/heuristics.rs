@@ -5,17 +5,51 @@
 
 use crate::kernels::GemmTile;
 
-/// Default largest token count that uses the masked layout (see docs/perf/cuda.md).
-pub const DEFAULT_MASKED_MAX_TOKENS: usize = 32;
+/// Default largest token count that uses the masked layout. Measured on the H100 with CUDA graphs
+/// on for both layouts (docs/perf/cuda.md, "masked/contiguous switch point"): masked is faster at
+/// T = 2..16 on all four standard shapes (up to 5%), contiguous at T = 24 on all four and at 32 on
+/// three (up to 4%); beyond that they trade places within a few percent.
+pub const DEFAULT_MASKED_MAX_TOKENS: usize = 16;
 
 /// The switch point: `MOE_CUDA_MASKED_MAX_TOKENS` or the default.
 pub fn masked_max_tokens() -> usize {
     std::env::var("MOE_CUDA_MASKED_MAX_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MASKED_MAX_TOKENS)
 }
 
+/// Default smallest average rows per expert that use the TMA warp-specialized tile (`T256`) on
+/// sm_90a instead of the cp.async `W256` tile. 0: T256 wherever a 128-row tile is chosen. With
+/// its dynamic tile scheduler T256 won at every measured point on the H100, including the
+/// weight-bound deepseek-v3 T = 4096 (128 rows per expert: 11.4 ms against 12.2-12.4 ms for
+/// W256; docs/perf/cuda.md).
+pub const DEFAULT_TMA_MIN_ROWS: usize = 0;
+
+/// The T256 switch point: `MOE_CUDA_TMA_MIN_ROWS` or the default (0: always T256).
+pub fn tma_min_rows() -> usize {
+    std::env::var("MOE_CUDA_TMA_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_TMA_MIN_ROWS)
+}
+
+/// Whether a forward of `tokens` tokens runs the matrix-vector decode path (two launches
+/// straight from the routing, no layout). Each (token, choice) pair reads its expert's weights
+/// itself, so the path wins while few pairs share an expert: up to 2 tokens, or while the pairs
+/// number at most a quarter of the experts. Measured on the H100 (docs/perf/cuda.md): decode
+/// beat the masked layout at T = 1, 2 on all four standard shapes, at T <= 8 on qwen3-30b-a3b
+/// and deepseek-v3, and lost at T = 4 on mixtral-8x7b (8 experts, 2 choices) and at T = 16 on
+/// deepseek-v3.
+pub fn decode_auto(tokens: usize, k: usize, experts: usize) -> bool {
+    tokens <= 2 || tokens * k * 4 <= experts
+}
+
+/// `MOE_CUDA_DECODE_MAX_TOKENS`: a fixed largest token count for the decode path (0 turns it
+/// off) instead of [`decode_auto`].
+pub fn decode_max_tokens() -> Option<usize> {
+    std::env::var("MOE_CUDA_DECODE_MAX_TOKENS").ok().and_then(|v| v.parse().ok())
+}
+
 /// Row layout of the expert inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
+    /// No layout: each (token, choice) pair runs as matrix-vector products (decode sizes).
+    Decode,
     /// `[local_experts, max_m, H]`; expert `e` uses its first `counts[e]` rows.
     Masked {
         /// Rows reserved per expert (a multiple of the tile's BM, at least the token count).
@@ -62,8 +96,11 @@ pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize) -> Plan 
     }
     let tile = tile_for(pairs.div_ceil(n_local));
     let bm = tile.block_m();
-    // sum_e ceil(c_e / bm) <= pairs / bm + n_local.
-    let tiles = pairs.div_ceil(bm) + n_local;
+    // At most min(pairs, n_local) experts get rows and each pads by at most bm - 1, so
+    // sum_e ceil(c_e / bm) <= (pairs + active (bm - 1)) / bm. This tight bound matters at small T:
+    // every launched tile of an empty expert still costs a block launch in both GEMMs.
+    let active = pairs.min(n_local);
+    let tiles = ((pairs + active * (bm - 1)) / bm).max(1);
     Plan { layout: Layout::Contiguous, tile, tiles, rows: tiles * bm }
 }
 
@@ -73,26 +110,36 @@ mod tests {
 
     #[test]
     fn small_batches_are_masked_and_large_contiguous() {
-        let p = plan(1, 8, 256, 32);
+        let p = plan(1, 8, 256, DEFAULT_MASKED_MAX_TOKENS);
         assert_eq!(p.layout, Layout::Masked { max_m: 16 });
         assert_eq!(p.tile, GemmTile::M16);
         assert_eq!(p.tiles, 256);
-        let p = plan(4096, 8, 256, 32);
+        let p = plan(4096, 8, 256, DEFAULT_MASKED_MAX_TOKENS);
         assert_eq!(p.layout, Layout::Contiguous);
         assert_eq!(p.tile, GemmTile::M128);
         assert!(p.rows >= 4096 * 8 + 256);
     }
 
     #[test]
+    fn decode_sized_contiguous_launches_only_possible_tiles() {
+        // T = 1, k = 8 over 128 experts: at most 8 experts have a row, so 8 tiles, not 8 + 128.
+        let p = plan(1, 8, 128, 0);
+        assert_eq!((p.tile, p.tiles), (GemmTile::M16, 8));
+    }
+
+    #[test]
     fn contiguous_bound_holds_for_any_split() {
         // Worst case for padding: every expert gets a count just past a tile boundary.
-        for (t, k, e) in [(33, 2, 8), (100, 8, 128), (1000, 4, 32)] {
+        for (t, k, e) in [(33, 2, 8), (100, 8, 128), (1000, 4, 32), (1, 8, 128), (3, 8, 256), (16, 4, 32)] {
             let p = plan(t, k, e, 0);
             let bm = p.tile.block_m();
             let mut counts = vec![(t * k) / e; e];
             counts[0] += t * k - counts.iter().sum::<usize>();
             let need: usize = counts.iter().map(|c| c.div_ceil(bm)).sum();
             assert!(need <= p.tiles, "{t} {k} {e}");
+            // Fewer pairs than experts: one row in each of `pairs` experts, the most tiles.
+            let ones: usize = (0..e).map(|i| usize::from(i < t * k)).map(|c| c.div_ceil(bm)).sum();
+            assert!(ones <= p.tiles, "{t} {k} {e} (one row per expert)");
         }
     }
 }

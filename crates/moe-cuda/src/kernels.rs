@@ -18,12 +18,19 @@ pub enum Module {
     GroupedGemm(Elem),
     /// Weight-only quantized grouped GEMMs (`quant_gemm.cu`), one module per format and type.
     QuantGemm(QuantKind, Elem),
+    /// Matrix-vector expert MLPs for decode-sized forwards.
+    Decode,
 }
 
 impl Module {
     /// Every module.
-    pub const ALL: [Module; 4] =
-        [Module::Route, Module::Permute, Module::GroupedGemm(Elem::Bf16), Module::GroupedGemm(Elem::F16)];
+    pub const ALL: [Module; 5] = [
+        Module::Route,
+        Module::Permute,
+        Module::GroupedGemm(Elem::Bf16),
+        Module::GroupedGemm(Elem::F16),
+        Module::Decode,
+    ];
 
     /// Every module, the quantized GEMM modules included.
     pub fn every() -> Vec<Module> {
@@ -43,6 +50,7 @@ impl Module {
             Module::Permute => "permute",
             Module::GroupedGemm(Elem::Bf16) => "grouped_gemm_bf16",
             Module::GroupedGemm(Elem::F16) => "grouped_gemm_f16",
+            Module::Decode => "decode",
         }
     }
 
@@ -60,6 +68,7 @@ impl Module {
                     include_str!("../kernels/quant_gemm.cu")
                 );
             }
+            Module::Decode => include_str!("../kernels/decode.cu"),
         };
         let select = match self {
             Module::GroupedGemm(Elem::Bf16) => "#define MOE_GEMM_BF16 1\n",
@@ -101,11 +110,15 @@ pub enum GemmTile {
     W128,
     /// Hopper wgmma (sm_90a only), 128 x 256, BK 64, two warpgroups, 4 stages, swizzled tiles.
     W256,
+    /// Hopper wgmma (sm_90a only), 128 x 256, BK 64: a TMA producer warpgroup and two MMA
+    /// warpgroups over a 4-stage mbarrier ring, persistent grid (`TmaGemmParams`).
+    T256,
 }
 
 impl GemmTile {
     /// Every tile.
-    pub const ALL: [GemmTile; 5] = [GemmTile::M16, GemmTile::M64, GemmTile::M128, GemmTile::W128, GemmTile::W256];
+    pub const ALL: [GemmTile; 6] =
+        [GemmTile::M16, GemmTile::M64, GemmTile::M128, GemmTile::W128, GemmTile::W256, GemmTile::T256];
     /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
     pub const BK: usize = 32;
 
@@ -114,13 +127,13 @@ impl GemmTile {
         match self {
             GemmTile::M16 => 16,
             GemmTile::M64 => 64,
-            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 128,
+            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 128,
         }
     }
 
     /// Columns of the weight tile (BN).
     pub fn block_n(self) -> usize {
-        if self == GemmTile::W256 {
+        if matches!(self, GemmTile::W256 | GemmTile::T256) {
             256
         } else {
             128
@@ -129,7 +142,7 @@ impl GemmTile {
 
     fn block_k(self) -> usize {
         match self {
-            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 => 64,
+            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 64,
             GemmTile::M128 => Self::BK,
         }
     }
@@ -139,19 +152,25 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 => 128,
             GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
+            GemmTile::T256 => 384,
         }
     }
 
     fn stages(self) -> usize {
         match self {
-            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 4,
+            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 4,
             GemmTile::M64 => 3,
         }
     }
 
     /// Whether the tile uses Hopper-only instructions (wgmma): only for an `sm_90a` build.
     pub fn needs_sm90a(self) -> bool {
-        matches!(self, GemmTile::W128 | GemmTile::W256)
+        matches!(self, GemmTile::W128 | GemmTile::W256 | GemmTile::T256)
+    }
+
+    /// Whether the kernel takes [`TmaGemmParams`] and runs a persistent grid.
+    pub fn uses_tma(self) -> bool {
+        self == GemmTile::T256
     }
 
     /// Dynamic shared memory per block in bytes.
@@ -160,6 +179,9 @@ impl GemmTile {
         match self {
             // Unpadded swizzled tiles plus 1 KiB to align them to 1024 bytes.
             GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
+            // Plus a full and an empty mbarrier per stage.
+            // Plus full/empty mbarriers per stage, the scheduler's 2-slot ring and its block ids.
+            GemmTile::T256 => (s * (m + n) * k * 2 + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             _ => (s * (m + n) * (k + 8) * 2) as u32,
         }
     }
@@ -171,6 +193,7 @@ impl GemmTile {
             GemmTile::M128 => "m128",
             GemmTile::W128 => "w128",
             GemmTile::W256 => "w256",
+            GemmTile::T256 => "t256",
         }
     }
 }
@@ -180,6 +203,8 @@ impl GemmTile {
 pub enum KernelId {
     /// `router_logits_{dt}`.
     RouterLogits(Elem),
+    /// `router_prep_{dt}` (f32 activations and bias rows for the cuBLAS router).
+    RouterPrep(Elem),
     /// `moe_route`.
     Route,
     /// `moe_count`.
@@ -210,13 +235,17 @@ pub enum KernelId {
     QuantRows(QuantKind, Elem),
     /// `f8gemm_{gate_up|down}_{dt}` (FP8 formats): FP8 tensor-core GEMM, 128 x 128 tiles.
     F8Gemm(QuantKind, Elem, Proj),
+    /// `moe_decode_gate_up_{dt}`.
+    DecodeGateUp(Elem),
+    /// `moe_decode_down_{dt}`.
+    DecodeDown(Elem),
 }
 
 impl KernelId {
     /// The module that defines this kernel.
     pub fn module(self) -> Module {
         match self {
-            KernelId::RouterLogits(_) | KernelId::Route => Module::Route,
+            KernelId::RouterLogits(_) | KernelId::RouterPrep(_) | KernelId::Route => Module::Route,
             KernelId::Count
             | KernelId::Layout
             | KernelId::Permute(_)
@@ -230,6 +259,7 @@ impl KernelId {
             | KernelId::QAct(q, d)
             | KernelId::QuantRows(q, d)
             | KernelId::F8Gemm(q, d, _) => Module::QuantGemm(q, d),
+            KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) => Module::Decode,
         }
     }
 
@@ -237,6 +267,7 @@ impl KernelId {
     pub fn name(self) -> String {
         match self {
             KernelId::RouterLogits(d) => format!("router_logits_{}", d.suffix()),
+            KernelId::RouterPrep(d) => format!("router_prep_{}", d.suffix()),
             KernelId::Route => "moe_route".into(),
             KernelId::Count => "moe_count".into(),
             KernelId::Layout => "moe_layout".into(),
@@ -252,6 +283,8 @@ impl KernelId {
             KernelId::QAct(_, d) => format!("qg_act_{}", d.suffix()),
             KernelId::QuantRows(_, d) => format!("moe_quant_rows_{}", d.suffix()),
             KernelId::F8Gemm(_, d, proj) => format!("f8gemm_{}_{}", proj.name(), d.suffix()),
+            KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
+            KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
         }
     }
 
@@ -262,10 +295,13 @@ impl KernelId {
         for d in [Elem::Bf16, Elem::F16] {
             v.extend([
                 KernelId::RouterLogits(d),
+                KernelId::RouterPrep(d),
                 KernelId::Permute(d),
                 KernelId::SharedGate(d),
                 KernelId::Finalize(d),
                 KernelId::FillRandom(d),
+                KernelId::DecodeGateUp(d),
+                KernelId::DecodeDown(d),
             ]);
             for t in GemmTile::ALL {
                 v.extend([KernelId::GemmGateUp(d, t), KernelId::GemmDown(d, t)]);
@@ -342,6 +378,19 @@ pub struct RouterLogitsParams {
     pub pad: i32,
 }
 
+/// cuBLAS router preparation parameters (`RouterPrepParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouterPrepParams {
+    pub x: u64,
+    pub x32: u64,
+    pub bias: u64,
+    pub logits: u64,
+    pub n: i64,
+    pub tokens: i32,
+    pub experts: i32,
+}
+
 /// Routing launch parameters (`RouteParams`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -408,8 +457,7 @@ pub struct PermuteParams {
     pub slot_start: i32,
     pub max_m: i32,
     pub scale_input: i32,
-    pub pad0: i32,
-    pub pad1: i32,
+    pub token_of_row: u64,
 }
 
 /// Unpermute launch parameters (`UnpermuteParams`).
@@ -426,7 +474,7 @@ pub struct UnpermuteParams {
     pub unweighted: i32,
     pub split_stride: i64,
     pub splits: i32,
-    pub pad: i32,
+    pub y_elem: i32,
 }
 
 /// Shared-expert gate launch parameters (`SharedGateParams`).
@@ -732,11 +780,61 @@ pub struct QGemmParams {
 
 // SAFETY: `#[repr(C)]` plain data matching `QGemmParams` in quant_gemm.cu field for field.
 unsafe impl DeviceRepr for QGemmParams {}
+/// Decode matrix-vector launch parameters (`DecodeParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeParams {
+    pub x: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub w13: u64,
+    pub b13: u64,
+    pub w2: u64,
+    pub b2: u64,
+    pub act: u64,
+    pub out: u64,
+    pub err: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub hidden: i32,
+    pub inter: i32,
+    pub slot_start: i32,
+    pub n_local: i32,
+    pub slot_total: i32,
+    pub act_kind: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub scale_input: i32,
+    pub pad: i32,
+}
+
+/// A TMA tensor map (`CUtensorMap`, 128 opaque bytes) as a kernel parameter.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TmaDesc {
+    pub opaque: [u64; 16],
+}
+
+/// Parameters of the TMA tiles (`TmaGemmParams`): tensor maps of A and of the weights, the
+/// grouped GEMM parameters, and the row-tile count the persistent grid walks.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TmaGemmParams {
+    pub a: TmaDesc,
+    pub b: TmaDesc,
+    pub p: GemmParams,
+    pub num_m: i32,
+    pub y16: i32,
+    pub token_of_row: u64,
+    pub tile_counter: u64,
+}
 
 // SAFETY: each is `#[repr(C)]` plain data (u64 device addresses and 4/8-byte scalars) whose
 // field order and types match the CUDA struct of the same name, so passing it by value as a
 // kernel parameter reproduces the device layout exactly.
 unsafe impl DeviceRepr for RouterLogitsParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for RouterPrepParams {}
 // SAFETY: see above.
 unsafe impl DeviceRepr for RouteParams {}
 // SAFETY: see above.
@@ -755,6 +853,11 @@ unsafe impl DeviceRepr for FinalizeParams {}
 unsafe impl DeviceRepr for GemmParams {}
 // SAFETY: see above.
 unsafe impl DeviceRepr for FillParams {}
+// SAFETY: see above; the tensor maps are opaque bytes written by cuTensorMapEncodeTiled, and the
+// 64-byte alignment matches the CUDA declaration (TMA requires it in parameter space).
+unsafe impl DeviceRepr for TmaGemmParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for DecodeParams {}
 
 #[cfg(test)]
 mod tests {
@@ -812,6 +915,7 @@ mod tests {
     fn param_structs_have_the_cuda_sizes() {
         // Sizes computed from the CUDA declarations (8-byte alignment, no hidden padding).
         assert_eq!(std::mem::size_of::<RouterLogitsParams>(), 48);
+        assert_eq!(std::mem::size_of::<RouterPrepParams>(), 48);
         assert_eq!(std::mem::size_of::<RouteParams>(), 80);
         assert_eq!(std::mem::size_of::<CountParams>(), 48);
         assert_eq!(std::mem::size_of::<LayoutParams>(), 48);
@@ -821,6 +925,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<FinalizeParams>(), 48);
         assert_eq!(std::mem::size_of::<GemmParams>(), 104);
         assert_eq!(std::mem::size_of::<FillParams>(), 24);
+        // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
+        assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
+        assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);
         assert_eq!(std::mem::size_of::<QGemmParams>(), 128);
         assert_eq!(std::mem::size_of::<QActParams>(), 88);
         assert_eq!(std::mem::size_of::<QuantRowsParams>(), 32);

@@ -166,9 +166,22 @@ fn every_family_and_dtype_matches_reference_on_both_layouts() {
             let Some(hw) = usable(&cfg, name) else { continue };
             let w = MoeWeights::random(&cfg, 7).unwrap();
             let mut p = pair(&cfg, &w, full(&cfg), &hw);
-            for (masked_max, wgmma) in
-                [(0usize, Some(GemmTile::W256)), (1 << 20, Some(GemmTile::W128)), (0, Some(GemmTile::W128)), (0, None)]
-            {
+            // (masked switch point, wgmma tile, T256 gathers token rows, T256 writes 16-bit
+            // expert outputs, decode path up to); T256 at every size (its rows-per-expert switch
+            // off).
+            for (masked_max, wgmma, gather, y16, decode_max) in [
+                (0usize, Some(GemmTile::T256), false, true, 0usize),
+                (0, Some(GemmTile::T256), true, false, 0),
+                (0, Some(GemmTile::W256), false, true, 0),
+                (1 << 20, Some(GemmTile::T256), false, true, 0),
+                (1 << 20, Some(GemmTile::W128), false, true, 8),
+                (0, Some(GemmTile::W128), false, true, 0),
+                (0, None, false, true, 2),
+            ] {
+                p.cuda.set_tma_min_rows(0);
+                p.cuda.set_gather(gather);
+                p.cuda.set_y16(y16);
+                p.cuda.set_decode_max_tokens(Some(decode_max));
                 p.cuda.set_masked_max_tokens(masked_max);
                 p.cuda.set_wgmma(wgmma);
                 for (i, tokens) in [0usize, 1, 5, 37, 300, 700].into_iter().enumerate() {
@@ -203,13 +216,14 @@ fn partial_slot_range_and_empty_experts() {
         let wts: Vec<f32> = (0..tokens * 2).map(|i| 0.25 + (i % 3) as f32 * 0.2).collect();
         let routing = TopK::from_vecs(tokens, 2, ids, wts, false).unwrap();
         let x = random_hidden(tokens, 128, DType::BF16, 9).unwrap();
-        for masked_max in [0usize, 1 << 20] {
+        for (masked_max, decode_max) in [(0usize, 0usize), (1 << 20, 0), (0, 16)] {
             p.cuda.set_masked_max_tokens(masked_max);
+            p.cuda.set_decode_max_tokens(Some(decode_max));
             let got = p.cuda.run_moe(&BackendInput::plain(x.clone()), &routing).unwrap().to_f32_vec().unwrap();
             let x32 = x.to_dtype(DType::F32).unwrap();
             let want = p.reference.run_moe(&BackendInput::plain(x32), &routing).unwrap().to_f32_vec().unwrap();
             let err = rel_l2(&got, &want);
-            assert!(err < 1e-2, "T={tokens} masked_max={masked_max}: {err:e}");
+            assert!(err < 1e-2, "T={tokens} masked_max={masked_max} decode_max={decode_max}: {err:e}");
         }
     }
 }
@@ -245,4 +259,167 @@ fn refuses_f32_and_quant_with_reasons() {
     c.act_dtype = DType::BF16;
     let reason = CudaProvider.can_implement(&c, &hw).unwrap_err();
     assert!(reason.contains("test: no driver"), "{reason}");
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_f32_vec().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Router, routing, experts and finalize of one input on the device; the bits of `run_moe`'s
+/// output and of the block's.
+fn device_block(p: &mut Pair, x: &Tensor) -> (Vec<u32>, Vec<u32>) {
+    let logits = p.cuda.router_logits(x).unwrap();
+    let r = p.cuda.route(&logits).unwrap().into_identity_slots();
+    let routed = p.cuda.run_moe(&BackendInput::plain(x.clone()), &r).unwrap();
+    let routed_bits = bits(&routed);
+    let out = p.cuda.finalize(x, routed).unwrap();
+    (routed_bits, bits(&out))
+}
+
+#[test]
+fn cuda_graphs_are_bitwise_equal_to_plain_launches() {
+    let mut ran = 0;
+    for dtype in [DType::BF16, DType::F16] {
+        for (name, cfg) in families(dtype) {
+            let Some(hw) = usable(&cfg, name) else { continue };
+            let w = MoeWeights::random(&cfg, 11).unwrap();
+            let mut plain = pair(&cfg, &w, full(&cfg), &hw);
+            plain.cuda.set_cuda_graphs(false);
+            let mut graph = pair(&cfg, &w, full(&cfg), &hw);
+            graph.cuda.set_cuda_graphs(true);
+            // Masked layout with the m16 tile (T <= 16, split-K down GEMM where it applies) and
+            // the m64 tile (17..=32), and the contiguous layout at the same sizes: every layout a
+            // decode-sized graph can hold.
+            // The decode path (T <= 2 in the third configuration) adds its own graphs.
+            for (i, ((masked_max, decode_max), tokens)) in [(0usize, 0usize), (32, 0), (0, 2)]
+                .into_iter()
+                .flat_map(|m| [1usize, 3, 16, 17, 32].map(|t| (m, t)))
+                .enumerate()
+            {
+                graph.cuda.set_masked_max_tokens(masked_max);
+                plain.cuda.set_masked_max_tokens(masked_max);
+                graph.cuda.set_decode_max_tokens(Some(decode_max));
+                plain.cuda.set_decode_max_tokens(Some(decode_max));
+                graph.cuda.set_graph_max_tokens(Some(32));
+                assert!(graph.cuda.graphs_apply(tokens));
+                for rep in 0..3u64 {
+                    let x = random_hidden(tokens, cfg.hidden_size, dtype, 1000 + 10 * i as u64 + rep).unwrap();
+                    let want = device_block(&mut plain, &x);
+                    let got = device_block(&mut graph, &x);
+                    let plan = graph.cuda.plan(tokens);
+                    let label = format!("{name} {dtype} T={tokens} {:?}/{:?}", plan.layout, plan.tile);
+                    assert!(want.0 == got.0, "{label}: run_moe output differs with CUDA graphs");
+                    assert!(want.1 == got.1, "{label}: block output differs with CUDA graphs");
+                    assert!(got.1.iter().all(|b| f32::from_bits(*b).is_finite()), "{label}: non-finite output");
+                    ran += 1;
+                }
+            }
+            let s = graph.cuda.graph_stats();
+            assert!(s.built >= 10 && s.replays >= 20 && s.node_updates > 0, "{name}: graphs not reused: {s:?}");
+            assert_eq!(plain.cuda.graph_stats().built, 0, "{name}: graphs built while off");
+        }
+    }
+    eprintln!("{ran} forwards compared bitwise");
+}
+
+#[test]
+fn graph_cache_replays_fresh_inputs_against_reference() {
+    for (name, cfg) in families(DType::BF16) {
+        if !matches!(name, "softmax_renorm_swiglu" | "deepseek_v3_neginf" | "split_k_gpt_oss" | "llama4") {
+            continue;
+        }
+        let Some(hw) = usable(&cfg, name) else { return };
+        let w = MoeWeights::random(&cfg, 21).unwrap();
+        let mut p = pair(&cfg, &w, full(&cfg), &hw);
+        p.cuda.set_cuda_graphs(true);
+        p.cuda.set_masked_max_tokens(32);
+        let sizes = [1usize, 2, 7];
+        for round in 0..4u64 {
+            for tokens in sizes {
+                let (err, _) = forward(&mut p, &cfg, tokens, 5000 + round * 100 + tokens as u64);
+                assert!(err < 1e-2, "{name} round {round} T={tokens}: rel err {err:e}");
+            }
+        }
+        // One graph per token count for run_moe, and one for finalize when a shared expert adds
+        // GEMMs; every later forward replays them.
+        let per_t = if cfg.shared_expert.is_some() { 2 } else { 1 };
+        let s = p.cuda.graph_stats();
+        assert_eq!(s.built, (per_t * sizes.len()) as u64, "{name}: {s:?}");
+        assert_eq!(s.replays, (per_t * sizes.len() * 3) as u64, "{name}: {s:?}");
+    }
+}
+
+#[test]
+fn graphs_with_host_routing_and_error_flags() {
+    let mut cfg = MoeConfig::new(8, 2, 128, 64);
+    cfg.weight_dtype = DType::BF16;
+    cfg.act_dtype = DType::BF16;
+    let Some(hw) = usable(&cfg, "graphs with host routing") else { return };
+    let w = MoeWeights::random(&cfg, 3).unwrap();
+    // A partial slot range as under expert parallelism, routing given as host tensors (EP / EPLB).
+    let slots = SlotRange { start: 4, count: 4, total: 8 };
+    let mut p = pair(&cfg, &w, slots, &hw);
+    p.cuda.set_cuda_graphs(true);
+    p.cuda.set_masked_max_tokens(32);
+    for round in 0..3u64 {
+        for tokens in [1usize, 9] {
+            let ids: Vec<i32> =
+                (0..tokens).flat_map(|t| if (t as u64 + round).is_multiple_of(2) { [0, 5] } else { [6, 4] }).collect();
+            let wts: Vec<f32> = (0..tokens * 2).map(|i| 0.2 + ((i as u64 + round) % 3) as f32 * 0.3).collect();
+            let routing = TopK::from_vecs(tokens, 2, ids, wts, false).unwrap();
+            let x = random_hidden(tokens, 128, DType::BF16, 70 + round * 10 + tokens as u64).unwrap();
+            let got = p.cuda.run_moe(&BackendInput::plain(x.clone()), &routing).unwrap().to_f32_vec().unwrap();
+            let x32 = x.to_dtype(DType::F32).unwrap();
+            let want = p.reference.run_moe(&BackendInput::plain(x32), &routing).unwrap().to_f32_vec().unwrap();
+            let err = rel_l2(&got, &want);
+            assert!(err < 1e-2, "round {round} T={tokens}: {err:e}");
+        }
+    }
+    assert!(p.cuda.graph_stats().replays >= 4, "{:?}", p.cuda.graph_stats());
+    // A replayed graph still reports an out-of-range id, and the next forward is clean again.
+    let x = random_hidden(1, 128, DType::BF16, 1).unwrap();
+    let bad = TopK::from_vecs(1, 2, vec![0, 8], vec![0.5, 0.5], false).unwrap();
+    let out = p.cuda.run_moe(&BackendInput::plain(x.clone()), &bad).unwrap();
+    assert!(out.to_host().is_err(), "slot 8 of 8 must be refused under a graph replay");
+    let good = TopK::from_vecs(1, 2, vec![4, 7], vec![0.5, 0.5], false).unwrap();
+    let out = p.cuda.run_moe(&BackendInput::plain(x), &good).unwrap();
+    assert!(out.to_host().is_ok());
+}
+
+#[test]
+fn cublas_router_matches_reference_logits_and_ids() {
+    if let Err(why) = moe_cuda::router::cublas_available() {
+        eprintln!("skip cuBLAS router: {why}");
+        return;
+    }
+    let mut ran = 0;
+    for dtype in [DType::BF16, DType::F16] {
+        for (name, cfg) in families(dtype) {
+            let Some(hw) = usable(&cfg, name) else { continue };
+            let w = MoeWeights::random(&cfg, 31).unwrap();
+            let mut p = pair(&cfg, &w, full(&cfg), &hw);
+            for tokens in [1usize, 37, 300] {
+                let x = random_hidden(tokens, cfg.hidden_size, dtype, 900 + tokens as u64).unwrap();
+                let x32 = x.to_dtype(DType::F32).unwrap();
+                p.cuda.set_router_blas_min_tokens(0);
+                let logits = p.cuda.router_logits(&x).unwrap();
+                let ref_logits = p.reference.router_logits(&x32).unwrap();
+                let err = rel_l2(&logits.to_f32_vec().unwrap(), &ref_logits.to_f32_vec().unwrap());
+                assert!(err < 1e-5, "{name} {dtype} T={tokens}: cuBLAS logits rel err {err:e}");
+                let ids_c = p.cuda.route(&logits).unwrap().ids().to_host().unwrap();
+                let ids_r = p.reference.route(&ref_logits).unwrap().ids().to_host().unwrap();
+                assert_eq!(ids_c.as_i32().unwrap(), ids_r.as_i32().unwrap(), "{name} {dtype} T={tokens}: ids differ");
+                ran += 1;
+            }
+            // Past one SGEMM chunk (4096 tokens): logits against the warp kernel's.
+            let x = random_hidden(4100, cfg.hidden_size, dtype, 77).unwrap();
+            p.cuda.set_router_blas_min_tokens(0);
+            let blas = p.cuda.router_logits(&x).unwrap().to_f32_vec().unwrap();
+            p.cuda.set_router_blas_min_tokens(usize::MAX);
+            let kernel = p.cuda.router_logits(&x).unwrap().to_f32_vec().unwrap();
+            let err = rel_l2(&blas, &kernel);
+            assert!(err < 1e-6, "{name} {dtype} T=4100: cuBLAS vs kernel logits rel err {err:e}");
+        }
+    }
+    eprintln!("{ran} cuBLAS router checks");
 }

@@ -1,0 +1,124 @@
+// Decode-sized forwards (a few tokens): each (token, choice) pair's expert MLP as matrix-vector
+// products, straight from the routing, in two launches. There is no layout, no permuted copy
+// and no count: at T = 1 every weight byte is read exactly once either way, and the grouped
+// path's five dependent launches and 16-row tiles (15 of 16 rows empty) cost more than the
+// weights themselves (qwen3-30b-a3b T = 1: 83 us against a 25 us floor).
+//
+//   gate_up: one warp per intermediate column (its gate and up weight rows), one block row per
+//            pair: act[pair, col] = act_fn(x . w_gate + b, x . w_up + b) in the activation dtype;
+//   down:    one warp per hidden column, one block row per token: out[t, col] = sum over the
+//            token's local choices, in order, of w * (act[pair] . w_down[col] + b) (f32).
+
+struct DecodeParams {
+    u64 x;        // [T, H] activations
+    u64 ids;      // [T*k] i32 slot ids
+    u64 weights;  // [T*k] f32 routing weights
+    u64 w13;      // [n_local, 2I, H]: gate rows then up rows
+    u64 b13;      // [n_local, 2I] f32 or 0
+    u64 w2;       // [n_local, H, I]
+    u64 b2;       // [n_local, H] f32 or 0
+    u64 act;      // [T*k, I] activation dtype (scratch)
+    u64 out;      // [T, H] f32
+    u64 err;      // int flag: -(1 + pair) on an out-of-range slot id
+    int tokens, k, hidden, inter;
+    int slot_start, n_local, slot_total, act_kind;
+    float alpha, limit;
+    int scale_input, pad;
+};
+
+#define DECODE_WARPS 8
+
+template <class Tag>
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const u16* x = (const u16*)&a;
+    const u16* y = (const u16*)&b;
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = fmaf(to_f32(x[i], Tag()), to_f32(y[i], Tag()), s);
+    return s;
+}
+
+template <class Tag>
+__device__ void decode_gate_up(const DecodeParams& p) {
+    extern __shared__ __align__(16) uint4 xs[];
+    const int pair = blockIdx.y, t = pair / p.k, H8 = p.hidden / 8;
+    const int slot = ((const int*)p.ids)[pair];
+    if (slot < 0 || slot >= p.slot_total) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
+        return;
+    }
+    const int l = slot - p.slot_start;
+    if (l < 0 || l >= p.n_local) return;
+    // The token row (scaled by its routing weight first when the weights apply to the input,
+    // rounded to the activation dtype exactly as the permute kernel does).
+    const uint4* src = (const uint4*)p.x + (size_t)t * H8;
+    const float s = p.scale_input ? ((const float*)p.weights)[pair] : 1.f;
+    for (int c = threadIdx.x; c < H8; c += blockDim.x) {
+        uint4 v = src[c];
+        if (p.scale_input) {
+            u16* e = (u16*)&v;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) e[j] = from_f32(to_f32(e[j], Tag()) * s, Tag());
+        }
+        xs[c] = v;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int col = blockIdx.x * DECODE_WARPS + warp;
+    if (col >= p.inter) return;
+    const uint4* wg = (const uint4*)p.w13 + ((size_t)l * 2 * p.inter + col) * H8;
+    const uint4* wu = wg + (size_t)p.inter * H8;
+    float g = 0.f, u = 0.f;
+#pragma unroll 4
+    for (int c = lane; c < H8; c += 32) {
+        const uint4 xv = xs[c];
+        g += dot8<Tag>(__ldg(wg + c), xv);
+        u += dot8<Tag>(__ldg(wu + c), xv);
+    }
+    g = warp_sum(g);
+    u = warp_sum(u);
+    if (lane == 0) {
+        if (p.b13) {
+            const float* b = (const float*)p.b13 + (size_t)l * 2 * p.inter;
+            g += b[col];
+            u += b[p.inter + col];
+        }
+        ((u16*)p.act)[(size_t)pair * p.inter + col] = from_f32(apply_act(p.act_kind, g, u, p.alpha, p.limit), Tag());
+    }
+}
+
+template <class Tag>
+__device__ void decode_down(const DecodeParams& p) {
+    const int t = blockIdx.y, I8 = p.inter / 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int col = blockIdx.x * DECODE_WARPS + warp;
+    if (col >= p.hidden) return;
+    float acc = 0.f;
+    for (int j = 0; j < p.k; ++j) {
+        const int pair = t * p.k + j;
+        const int l = ((const int*)p.ids)[pair] - p.slot_start;
+        if (l < 0 || l >= p.n_local) continue;  // another rank's expert, or a bad id (flagged)
+        const uint4* a = (const uint4*)p.act + (size_t)pair * I8;
+        const uint4* w = (const uint4*)p.w2 + ((size_t)l * p.hidden + col) * I8;
+        float d = 0.f;
+#pragma unroll 4
+        for (int c = lane; c < I8; c += 32) d += dot8<Tag>(__ldg(w + c), a[c]);
+        d = warp_sum(d);
+        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
+        acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
+    }
+    if (lane == 0) ((float*)p.out)[(size_t)t * p.hidden + col] = acc;
+}
+
+extern "C" __global__ void moe_decode_gate_up_bf16(DecodeParams p) {
+    decode_gate_up<Bf16Tag>(p);
+}
+extern "C" __global__ void moe_decode_gate_up_f16(DecodeParams p) {
+    decode_gate_up<F16Tag>(p);
+}
+extern "C" __global__ void moe_decode_down_bf16(DecodeParams p) {
+    decode_down<Bf16Tag>(p);
+}
+extern "C" __global__ void moe_decode_down_f16(DecodeParams p) {
+    decode_down<F16Tag>(p);
+}
