@@ -709,6 +709,51 @@ mod tests {
         }
     }
 
+    // Host models of quant_gemm.cu's bit placement: the 16-bit pattern the kernel builds, read
+    // back as a number, times the constant the kernel multiplies by, must be the format's value
+    // (subnormal patterns included).
+    fn bf16_val(bits: u32) -> f32 {
+        f32::from_bits((bits & 0xFFFF) << 16)
+    }
+    fn f16_val(bits: u32) -> f32 {
+        half::f16::from_bits((bits & 0xFFFF) as u16).to_f32()
+    }
+
+    #[test]
+    fn fp4_bit_placement_matches_e2m1() {
+        use moe_core::quant::codec::E2M1_LUT;
+        for code in 0..16u32 {
+            // `fp4_bits` for bf16 and f16 on the low half.
+            let b = ((code << 6) & 0x01C0) | ((code << 12) & 0x8000);
+            let h = ((code << 9) & 0x0E00) | ((code << 12) & 0x8000);
+            assert_eq!(bf16_val(b) * 2f32.powi(126), E2M1_LUT[code as usize], "bf16 code {code}");
+            assert_eq!(f16_val(h) * 2f32.powi(14), E2M1_LUT[code as usize], "f16 code {code}");
+        }
+    }
+
+    #[test]
+    fn fp8_bit_placement_matches_e4m3() {
+        use moe_core::quant::codec::{e4m3_is_nan, e4m3_to_f32};
+        for byte in 0..256u32 {
+            if e4m3_is_nan(byte as u8) {
+                continue;
+            }
+            let b = ((byte << 4) & 0x07F0) | ((byte << 8) & 0x8000);
+            let h = ((byte << 7) & 0x3F80) | ((byte << 8) & 0x8000);
+            let want = e4m3_to_f32(byte as u8);
+            assert_eq!(bf16_val(b) * 2f32.powi(120), want, "bf16 byte {byte:#x}");
+            assert_eq!(f16_val(h) * 256.0, want, "f16 byte {byte:#x}");
+        }
+    }
+
+    #[test]
+    fn int4_magic_gives_code_minus_zero() {
+        for q in 0..16u32 {
+            assert_eq!(bf16_val(q | 0x4300) - (128.0 + 3.0), q as f32 - 3.0);
+            assert_eq!(f16_val(q | 0x6400) - (1024.0 + 3.0), q as f32 - 3.0);
+        }
+    }
+
     #[test]
     fn group_words_pack_consecutive_groups() {
         // 2 rows, 128 columns, groups of 32 -> 4 groups; span 64 -> 2 words of 2 bytes per row.
