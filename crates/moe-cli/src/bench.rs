@@ -263,7 +263,8 @@ fn run_in_pool(args: &BenchArgs, dtype: DType) -> Result<ExitCode> {
         return crate::ep::bench(&args.ep, &args.backend, &shapes, &tokens, dtype, args.mem_gib);
     }
     if args.backend == "cuda" {
-        return crate::bench_gpu::run(&shapes, &tokens, dtype, args.peer_json.as_deref(), args.json.as_deref());
+        let quant = crate::quant_cmd::parse(args.quant.as_deref())?;
+        return crate::bench_gpu::run(&shapes, &tokens, dtype, args.peer_json.as_deref(), args.json.as_deref(), quant);
     }
     let hw = probe_hardware();
     let registry = default_registry();

@@ -13,6 +13,7 @@ pub fn run(
     dtype: moe_core::DType,
     peer_json: Option<&std::path::Path>,
     json: Option<&std::path::Path>,
+    quant: Option<moe_core::QuantFormat>,
 ) -> Result<ExitCode> {
     if dtype != moe_core::DType::BF16 {
         return Err(MoeError::config("dtype", "the GPU benchmark measures bf16 (the torch peer's dtype)"));
@@ -25,7 +26,13 @@ pub fn run(
         )));
     }
     let grid: Vec<_> = shapes.iter().map(|s| (s.name, s.experts, s.top_k, s.hidden, s.intermediate)).collect();
-    let doc = moe_cuda::bench::run_grid(&grid, tokens, peer_json, None, 200.0)?;
+    let quant = quant.unwrap_or_default();
+    if quant != moe_core::QuantFormat::None {
+        println!(
+            "quant: experts in {quant} (random experts quantized on the host, 4 distinct replicated over the slots)"
+        );
+    }
+    let doc = moe_cuda::bench::run_grid_quant(&grid, tokens, peer_json, None, 200.0, quant)?;
     if let Some(p) = json {
         let text = serde_json::to_string_pretty(&doc).map_err(|e| MoeError::Device(e.to_string()))?;
         std::fs::write(p, text).map_err(|source| MoeError::Io { path: p.display().to_string(), source })?;

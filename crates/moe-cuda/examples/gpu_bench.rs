@@ -1,8 +1,8 @@
 //! Stand-alone GPU benchmark over the standard grid (the same measurement `moe bench --backend
 //! cuda` runs), for the lent GPU machine: `gpu_bench [--out FILE] [--peer-json FILE]
-//! [--shapes a,b] [--tokens 1,16] [--masked-max N] [--target-ms MS] [--graph-micro]`.
+//! [--shapes a,b] [--tokens 1,16] [--masked-max N] [--target-ms MS] [--graph-micro] [--quant FMT]`.
 
-use moe_cuda::bench::{run_grid, STANDARD_SHAPES, STANDARD_TOKENS};
+use moe_cuda::bench::{run_grid_quant, STANDARD_SHAPES, STANDARD_TOKENS};
 
 fn main() {
     if let Err(e) = run() {
@@ -28,7 +28,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if args.iter().any(|a| a == "--graph-micro") {
         println!("{}", moe_cuda::bench::graph_micro(0)?);
     }
-    let doc = run_grid(&shapes, &tokens, peer.as_deref(), masked_max, target_ms)?;
+    let quant = match opt("--quant") {
+        Some(q) => moe_core::QuantFormat::parse(&q)?,
+        None => moe_core::QuantFormat::None,
+    };
+    let doc = run_grid_quant(&shapes, &tokens, peer.as_deref(), masked_max, target_ms, quant)?;
     if let Some(out) = opt("--out") {
         std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
     }

@@ -21,6 +21,7 @@ use crate::error::CudaError;
 use crate::graph::{GraphCache, GraphStats, Recording};
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::*;
+use crate::quant::QuantExperts;
 
 const NAME: &str = "cuda";
 
@@ -35,6 +36,8 @@ struct DeviceWeights {
     b13: Option<CudaSlice<f32>>,
     b2: Option<CudaSlice<f32>>,
     shared: Option<SharedDevice>,
+    /// Quantized formats: the packed experts (then `w13`/`w2` are unused one-element buffers).
+    quant: Option<QuantExperts>,
 }
 
 #[derive(Debug)]
@@ -135,6 +138,11 @@ impl CudaBackend {
     /// The launch plan `run_moe` uses for `tokens` tokens.
     pub fn plan(&self, tokens: usize) -> Plan {
         let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
+        if self.cfg.quant != moe_core::QuantFormat::None {
+            let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+            let fp8 = crate::quant::fp8_mma_ok(self.dev.arch(), self.cfg.quant, h, i);
+            return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max, fp8);
+        }
         let decode = match self.decode_max {
             Some(m) => tokens <= m,
             None => heuristics::decode_auto(tokens, self.cfg.top_k, self.cfg.num_experts),
@@ -318,12 +326,24 @@ impl CudaBackend {
             }),
             None => None,
         };
+        let quant = if cfg.quant != moe_core::QuantFormat::None {
+            // A few distinct experts quantized on the host, replicated into every slot.
+            Some(QuantExperts::random(&self.dev, self.elem, &cfg, n, 4, seed as u64)?)
+        } else {
+            None
+        };
+        let (w13, w2) = if quant.is_some() {
+            (self.dev.alloc::<u16>(1)?, self.dev.alloc::<u16>(1)?)
+        } else {
+            (self.random16(n * 2 * i * h, h, seed ^ 4)?, self.random16(n * h * i, i, seed ^ 5)?)
+        };
         let w = DeviceWeights {
+            quant,
             router_w: self.random32(e * h, (3.0 / h as f32).sqrt(), seed ^ 1)?,
             router_b: if cfg.router_bias { Some(self.random32(e, 0.1, seed ^ 2)?) } else { None },
             corr_bias: if cfg.routing.uses_correction_bias() { Some(self.random32(e, 0.05, seed ^ 3)?) } else { None },
-            w13: self.random16(n * 2 * i * h, h, seed ^ 4)?,
-            w2: self.random16(n * h * i, i, seed ^ 5)?,
+            w13,
+            w2,
             b13: if cfg.expert_bias { Some(self.random32(n * 2 * i, 0.05, seed ^ 6)?) } else { None },
             b2: if cfg.expert_bias { Some(self.random32(n * h, 0.05, seed ^ 7)?) } else { None },
             shared,
@@ -484,8 +504,15 @@ impl CudaBackend {
 
     fn upload_experts(&self, x: &ExpertWeights) -> Result<ExpertSlices> {
         let wd = self.cfg.act_dtype;
-        let w13 = self.dev.upload(&bits16(x.w13.part("weight")?, wd)?)?;
-        let w2 = self.dev.upload(&bits16(x.w2.part("weight")?, wd)?)?;
+        let (w13, w2) = if self.cfg.quant != moe_core::QuantFormat::None {
+            // Quantized experts live in `QuantExperts`.
+            (self.dev.alloc::<u16>(1)?, self.dev.alloc::<u16>(1)?)
+        } else {
+            (
+                self.dev.upload(&bits16(x.w13.part("weight")?, wd)?)?,
+                self.dev.upload(&bits16(x.w2.part("weight")?, wd)?)?,
+            )
+        };
         let b13 = x.b13.as_ref().map(|b| b.to_f32_vec().and_then(|v| Ok(self.dev.upload(&v)?))).transpose()?;
         let b2 = x.b2.as_ref().map(|b| b.to_f32_vec().and_then(|v| Ok(self.dev.upload(&v)?))).transpose()?;
         Ok((w13, w2, b13, b2))
@@ -514,7 +541,18 @@ impl ExpertBackend for CudaBackend {
                 format!("{} experts", x.num_experts()),
             ));
         }
+        if x.w13.format != self.cfg.quant || x.w2.format != self.cfg.quant {
+            return Err(MoeError::config(
+                "quant",
+                format!("the backend was configured for {} but the weights are {}", self.cfg.quant, x.w13.format),
+            ));
+        }
         let (w13, w2, b13, b2) = self.upload_experts(x)?;
+        let quant = if self.cfg.quant != moe_core::QuantFormat::None {
+            Some(QuantExperts::upload(&self.dev, self.elem, x)?)
+        } else {
+            None
+        };
         let up32 = |t: &Tensor| -> Result<CudaSlice<f32>> { Ok(self.dev.upload(&t.to_f32_vec()?)?) };
         let shared = match (&weights.shared, self.cfg.shared_expert) {
             (Some(s), Some(sc)) => Some(SharedDevice {
@@ -534,6 +572,7 @@ impl ExpertBackend for CudaBackend {
             b13,
             b2,
             shared,
+            quant,
         });
         Ok(())
     }
@@ -806,8 +845,8 @@ impl ExpertBackend for CudaBackend {
             token_of_row,
         };
         dev.launch(KernelId::Permute(self.elem), (pairs as u32, 1, 1), 128, 0, &pp)?;
-        let w = self.w()?;
         let (act_kind, alpha, limit) = self.act_params();
+        let w = self.w()?;
         let base = GemmParams {
             tile_expert,
             tile_end,
@@ -821,12 +860,30 @@ impl ExpertBackend for CudaBackend {
             ..Default::default()
         };
         let g1 = GemmParams { a, w: dev.ptr(&w.w13), bias: dev.ptr_opt(w.b13.as_ref()), out: act, ..base };
-        let a_rows = if gather { t } else { plan.rows };
-        self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1, a_rows, n_local * 2 * inter, token_of_row)?;
         let split_stride = (plan.rows * h) as i64;
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
-        let y_elem = self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits, plan.rows, n_local * h, 0)?;
+        let y_elem = if w.quant.is_some() {
+            // Quantized experts: the format's own GEMMs (f32 expert outputs).
+            let f = crate::quant::Forward {
+                plan,
+                pairs,
+                n_local,
+                g1: crate::quant::params(&g1),
+                g2: crate::quant::params(&g2),
+                hidden: h,
+                inter,
+                down_splits: splits,
+            };
+            if let Some(q) = self.weights.as_mut().and_then(|w| w.quant.as_mut()) {
+                q.forward(&dev, &f)?;
+            }
+            0
+        } else {
+            let a_rows = if gather { t } else { plan.rows };
+            self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1, a_rows, n_local * 2 * inter, token_of_row)?;
+            self.gemm(false, plan.tile, plan.tiles, g2, h, inter, splits, plan.rows, n_local * h, 0)?
+        };
         let up = UnpermuteParams {
             y,
             row_of,
@@ -923,13 +980,18 @@ impl ExpertBackend for CudaBackend {
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let dev = self.dev.clone();
         let dw = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        if let Some(q) = dw.quant.as_mut() {
+            q.replace_slot(&dev, slot, weights, src)?;
+        }
         let copy = |dst: &mut CudaSlice<u16>, src: &CudaSlice<u16>, len: usize| -> Result<()> {
             let mut view = dst.slice_mut(slot * len..(slot + 1) * len);
             dev.stream().memcpy_dtod(src, &mut view).map_err(|e| CudaError::driver("replace_slot copy", e))?;
             Ok(())
         };
-        copy(&mut dw.w13, &w13, 2 * i * h)?;
-        copy(&mut dw.w2, &w2, h * i)?;
+        if dw.quant.is_none() {
+            copy(&mut dw.w13, &w13, 2 * i * h)?;
+            copy(&mut dw.w2, &w2, h * i)?;
+        }
         let copy32 = |dst: &mut Option<CudaSlice<f32>>, src: &Option<CudaSlice<f32>>, len: usize| -> Result<()> {
             if let (Some(d), Some(s)) = (dst.as_mut(), src.as_ref()) {
                 let mut view = d.slice_mut(slot * len..(slot + 1) * len);

@@ -11,7 +11,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
 use moe_core::backend::{BackendInput, ExpertBackend, SlotRange};
-use moe_core::{DType, MoeConfig, Physical, Result, Tensor, TopK};
+use moe_core::{DType, MoeConfig, Physical, QuantFormat, Result, Tensor, TopK};
 use serde_json::json;
 
 use crate::backend::CudaBackend;
@@ -212,10 +212,37 @@ pub fn bench_point(
     masked_max: Option<usize>,
     target_ms: f64,
 ) -> Result<Point> {
+    bench_point_quant(ordinal, shape, tokens, ceilings, masked_max, target_ms, QuantFormat::None)
+}
+
+/// Device bytes per expert weight of `quant` (packed values plus the device scale words).
+pub fn bytes_per_weight(quant: QuantFormat) -> f64 {
+    match crate::quant::packer(quant) {
+        Ok(p) => {
+            let k = p.kind();
+            k.bits() as f64 / 8.0 + k.scale_words().map_or(0.0, |(span, sw)| sw as f64 / span as f64)
+        }
+        Err(_) => 2.0,
+    }
+}
+
+/// [`bench_point`] with the experts in `quant` (random experts quantized on the host, a few
+/// distinct ones replicated over the slots; activations bf16).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_point_quant(
+    ordinal: usize,
+    shape: (&str, usize, usize, usize, usize),
+    tokens: usize,
+    ceilings: &Ceilings,
+    masked_max: Option<usize>,
+    target_ms: f64,
+    quant: QuantFormat,
+) -> Result<Point> {
     let (name, e, k, h, i) = shape;
     let mut cfg = MoeConfig::new(e, k, h, i);
     cfg.act_dtype = DType::BF16;
     cfg.weight_dtype = DType::BF16;
+    cfg.quant = quant;
     let mut b = CudaBackend::new(cfg, ordinal)?;
     if let Some(m) = masked_max {
         b.set_masked_max_tokens(m);
@@ -239,7 +266,7 @@ pub fn bench_point(
     }
     let experts_hit = hit.iter().filter(|&&x| x).count();
     let flops = 6.0 * (tokens * k * h * i) as f64;
-    let bytes = (experts_hit * 3 * h * i * 2 + tokens * h * 2 * 2) as f64;
+    let bytes = experts_hit as f64 * 3.0 * (h * i) as f64 * bytes_per_weight(quant) + (tokens * h * 2 * 2) as f64;
     let floor_ms = (flops / (ceilings.gemm_tflops * 1e12)).max(bytes / (ceilings.copy_gbps * 1e9)) * 1e3;
     let per = time_adaptive(&dev, target_ms, |it| {
         let (x, r) = &inputs[it % ROT];
@@ -281,7 +308,7 @@ pub fn bench_point(
     let block_ms = stats(per).0;
     let p = b.plan(tokens);
     Ok(Point {
-        shape: name.to_string(),
+        shape: if quant == QuantFormat::None { name.to_string() } else { format!("{name}/{quant}") },
         tokens,
         experts_ms,
         experts_p10_p90: (p10, p90),
@@ -324,6 +351,18 @@ pub fn run_grid(
     masked_max: Option<usize>,
     target_ms: f64,
 ) -> Result<serde_json::Value> {
+    run_grid_quant(shapes, tokens, peer_json, masked_max, target_ms, QuantFormat::None)
+}
+
+/// [`run_grid`] with the experts in `quant`.
+pub fn run_grid_quant(
+    shapes: &[(&str, usize, usize, usize, usize)],
+    tokens: &[usize],
+    peer_json: Option<&std::path::Path>,
+    masked_max: Option<usize>,
+    target_ms: f64,
+    quant: QuantFormat,
+) -> Result<serde_json::Value> {
     let peer = match peer_json {
         Some(p) => read_peer(p)?,
         None => Vec::new(),
@@ -348,7 +387,7 @@ pub fn run_grid(
     let mut rows = Vec::new();
     for s in shapes {
         for &t in tokens {
-            let p = bench_point(0, *s, t, &c, masked_max, target_ms)?;
+            let p = bench_point_quant(0, *s, t, &c, masked_max, target_ms, quant)?;
             let find = |im: &str| peer.iter().find(|(sh, tt, i, _)| sh == s.0 && *tt == t && i == im).map(|x| x.3);
             let (gm, hf) = (find("grouped_mm"), find("hf_loop"));
             let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));

@@ -124,6 +124,12 @@ impl CudaDevice {
                 .map_err(|e| CudaError::driver("raise the dynamic shared-memory limit", e))?;
             }
         }
+        if let Some(bytes) = id.quant_smem() {
+            if bytes > 48 * 1024 {
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                    .map_err(|e| CudaError::driver("raise the dynamic shared-memory limit", e))?;
+            }
+        }
         if let Ok(mut g) = self.funcs.write() {
             g.insert(id, f.clone());
         }

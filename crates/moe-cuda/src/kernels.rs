@@ -16,6 +16,8 @@ pub enum Module {
     Permute,
     /// Grouped GEMMs with fused epilogues, one module per element type.
     GroupedGemm(Elem),
+    /// Weight-only quantized grouped GEMMs (`quant_gemm.cu`), one module per format and type.
+    QuantGemm(QuantKind, Elem),
     /// Matrix-vector expert MLPs for decode-sized forwards.
     Decode,
 }
@@ -30,9 +32,20 @@ impl Module {
         Module::Decode,
     ];
 
+    /// Every module, the quantized GEMM modules included.
+    pub fn every() -> Vec<Module> {
+        let mut v = Module::ALL.to_vec();
+        for q in QuantKind::ALL {
+            v.extend([Module::QuantGemm(q, Elem::Bf16), Module::QuantGemm(q, Elem::F16)]);
+        }
+        v
+    }
+
     /// File stem, used in cache file names and errors.
     pub fn name(self) -> &'static str {
         match self {
+            Module::QuantGemm(q, Elem::Bf16) => q.module_bf16(),
+            Module::QuantGemm(q, Elem::F16) => q.module_f16(),
             Module::Route => "route",
             Module::Permute => "permute",
             Module::GroupedGemm(Elem::Bf16) => "grouped_gemm_bf16",
@@ -47,6 +60,14 @@ impl Module {
             Module::Route => include_str!("../kernels/route.cu"),
             Module::Permute => include_str!("../kernels/permute.cu"),
             Module::GroupedGemm(_) => include_str!("../kernels/grouped_gemm.cu"),
+            Module::QuantGemm(q, d) => {
+                let dt = if d == Elem::Bf16 { "BF16" } else { "F16" };
+                return format!(
+                    "#define QFMT {}\n#define MOE_QGEMM_{dt} 1\n{COMMON_SRC}\n{}",
+                    q as i32,
+                    include_str!("../kernels/quant_gemm.cu")
+                );
+            }
             Module::Decode => include_str!("../kernels/decode.cu"),
         };
         let select = match self {
@@ -221,6 +242,14 @@ pub enum KernelId {
     GemmGateUp(Elem, GemmTile),
     /// `gemm_down_{dt}_{tile}`.
     GemmDown(Elem, GemmTile),
+    /// `qgemm_{gate_up|down}_{dt}_{tile}` of the quantized module of one format.
+    QGemm(QuantKind, Elem, QuantTile, Proj),
+    /// `qg_act_{dt}`: bias + activation over split-K gate_up partial sums.
+    QAct(QuantKind, Elem),
+    /// `moe_quant_rows_{dt}` (FP8 formats): rows to e4m3 with per-128 scales.
+    QuantRows(QuantKind, Elem),
+    /// `f8gemm_{gate_up|down}_{dt}` (FP8 formats): FP8 tensor-core GEMM, 128 x 128 tiles.
+    F8Gemm(QuantKind, Elem, Proj),
     /// `moe_decode_gate_up_{dt}`.
     DecodeGateUp(Elem),
     /// `moe_decode_down_{dt}`.
@@ -241,6 +270,10 @@ impl KernelId {
             | KernelId::FillRandom(_)
             | KernelId::FillRandomF32 => Module::Permute,
             KernelId::GemmGateUp(d, _) | KernelId::GemmDown(d, _) => Module::GroupedGemm(d),
+            KernelId::QGemm(q, d, _, _)
+            | KernelId::QAct(q, d)
+            | KernelId::QuantRows(q, d)
+            | KernelId::F8Gemm(q, d, _) => Module::QuantGemm(q, d),
             KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) => Module::Decode,
         }
     }
@@ -261,6 +294,10 @@ impl KernelId {
             KernelId::FillRandomF32 => "moe_fill_random_f32".into(),
             KernelId::GemmGateUp(d, t) => format!("gemm_gate_up_{}_{}", d.suffix(), t.name()),
             KernelId::GemmDown(d, t) => format!("gemm_down_{}_{}", d.suffix(), t.name()),
+            KernelId::QGemm(_, d, t, proj) => format!("qgemm_{}_{}_{}", proj.name(), d.suffix(), t.name()),
+            KernelId::QAct(_, d) => format!("qg_act_{}", d.suffix()),
+            KernelId::QuantRows(_, d) => format!("moe_quant_rows_{}", d.suffix()),
+            KernelId::F8Gemm(_, d, proj) => format!("f8gemm_{}_{}", proj.name(), d.suffix()),
             KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
             KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
         }
@@ -283,6 +320,19 @@ impl KernelId {
             ]);
             for t in GemmTile::ALL {
                 v.extend([KernelId::GemmGateUp(d, t), KernelId::GemmDown(d, t)]);
+            }
+            for q in QuantKind::ALL {
+                for t in QuantTile::ALL {
+                    v.extend([KernelId::QGemm(q, d, t, Proj::GateUp), KernelId::QGemm(q, d, t, Proj::Down)]);
+                }
+                v.push(KernelId::QAct(q, d));
+                if q.is_fp8() {
+                    v.extend([
+                        KernelId::QuantRows(q, d),
+                        KernelId::F8Gemm(q, d, Proj::GateUp),
+                        KernelId::F8Gemm(q, d, Proj::Down),
+                    ]);
+                }
             }
         }
         v
@@ -500,6 +550,251 @@ pub struct GemmParams {
     pub split_stride: i64,
 }
 
+/// Quantized weight layouts the weight-only GEMM dequantizes; must match `QFMT_*` in
+/// quant_gemm.cu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(i32)]
+pub enum QuantKind {
+    /// E2M1 with an E8M0 scale per 32.
+    Mxfp4 = 0,
+    /// E2M1 with an e4m3 scale per 16 (global scale in the epilogue).
+    Nvfp4 = 1,
+    /// 4-bit codes with a 16-bit scale and zero point per 128.
+    Int4 = 2,
+    /// int8 with a per-output-channel scale (epilogue).
+    Int8 = 3,
+    /// e4m3 with an f32 scale per 128 x 128 block.
+    Fp8Block = 4,
+    /// e4m3 with one f32 scale per expert (epilogue).
+    Fp8Tensor = 5,
+}
+
+impl QuantKind {
+    /// Every kind.
+    pub const ALL: [QuantKind; 6] = [
+        QuantKind::Mxfp4,
+        QuantKind::Nvfp4,
+        QuantKind::Int4,
+        QuantKind::Int8,
+        QuantKind::Fp8Block,
+        QuantKind::Fp8Tensor,
+    ];
+
+    fn module_bf16(self) -> &'static str {
+        match self {
+            QuantKind::Mxfp4 => "quant_gemm_mxfp4_bf16",
+            QuantKind::Nvfp4 => "quant_gemm_nvfp4_bf16",
+            QuantKind::Int4 => "quant_gemm_int4_bf16",
+            QuantKind::Int8 => "quant_gemm_int8_bf16",
+            QuantKind::Fp8Block => "quant_gemm_fp8_block_bf16",
+            QuantKind::Fp8Tensor => "quant_gemm_fp8_tensor_bf16",
+        }
+    }
+
+    fn module_f16(self) -> &'static str {
+        match self {
+            QuantKind::Mxfp4 => "quant_gemm_mxfp4_f16",
+            QuantKind::Nvfp4 => "quant_gemm_nvfp4_f16",
+            QuantKind::Int4 => "quant_gemm_int4_f16",
+            QuantKind::Int8 => "quant_gemm_int8_f16",
+            QuantKind::Fp8Block => "quant_gemm_fp8_block_f16",
+            QuantKind::Fp8Tensor => "quant_gemm_fp8_tensor_f16",
+        }
+    }
+
+    /// e4m3 weights (the FP8 tensor-core path applies on sm_89+).
+    pub fn is_fp8(self) -> bool {
+        matches!(self, QuantKind::Fp8Block | QuantKind::Fp8Tensor)
+    }
+
+    /// Bits per packed weight.
+    pub fn bits(self) -> usize {
+        match self {
+            QuantKind::Mxfp4 | QuantKind::Nvfp4 | QuantKind::Int4 => 4,
+            QuantKind::Int8 | QuantKind::Fp8Block | QuantKind::Fp8Tensor => 8,
+        }
+    }
+
+    /// `(k per scale word, bytes per scale word)` of the k-dependent scales, if any.
+    pub fn scale_words(self) -> Option<(usize, usize)> {
+        match self {
+            QuantKind::Mxfp4 => Some((64, 2)),
+            QuantKind::Nvfp4 => Some((64, 4)),
+            QuantKind::Int4 | QuantKind::Fp8Block => Some((128, 4)),
+            QuantKind::Int8 | QuantKind::Fp8Tensor => None,
+        }
+    }
+}
+
+/// Which projection a quantized GEMM computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    /// gate_up with the fused bias + activation epilogue (writes the activation dtype).
+    GateUp,
+    /// down (+ bias), f32 partial sums per K split.
+    Down,
+}
+
+impl Proj {
+    fn name(self) -> &'static str {
+        match self {
+            Proj::GateUp => "gate_up",
+            Proj::Down => "down",
+        }
+    }
+}
+
+/// Row tiles of the quantized GEMM (BN 128, BK 64, 4 warps, 4 stages); must match the
+/// `QGEMM_ENTRY` lines of quant_gemm.cu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuantTile {
+    /// 16 rows, 1 x 4 warps: decode-sized groups.
+    M16,
+    /// 64 rows, 2 x 2 warps.
+    M64,
+}
+
+impl QuantTile {
+    /// Every tile.
+    pub const ALL: [QuantTile; 2] = [QuantTile::M16, QuantTile::M64];
+    /// K per pipeline stage (`QG_BK`).
+    pub const BK: usize = 64;
+    /// Output columns per block (`QG_BN`).
+    pub const BN: usize = 128;
+    const STAGES: usize = 4;
+
+    /// Rows per tile.
+    pub fn block_m(self) -> usize {
+        match self {
+            QuantTile::M16 => 16,
+            QuantTile::M64 => 64,
+        }
+    }
+
+    /// Threads per block.
+    pub fn threads(self) -> u32 {
+        128
+    }
+
+    /// Dynamic shared memory in bytes: A ring, packed-weight ring, scale ring, the dequantized
+    /// B tile and the 256-entry lookup table.
+    pub fn smem_bytes(self, q: QuantKind) -> u32 {
+        let ld = Self::BK + 8;
+        let a = self.block_m() * ld * 2;
+        let w = Self::BN * Self::BK * q.bits() / 8;
+        let s = q.scale_words().map_or(16, |(_, sw)| Self::BN * sw);
+        (Self::STAGES * (a + w + s) + Self::BN * ld * 2 + 1024) as u32
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            QuantTile::M16 => "m16",
+            QuantTile::M64 => "m64",
+        }
+    }
+}
+
+/// FP8 GEMM tile rows (`F8_BM`), k-block (`F8_BK`), threads and dynamic shared memory.
+pub mod fp8_tile {
+    /// Rows per tile.
+    pub const BM: usize = 128;
+    /// k per block (one scale block).
+    pub const BK: usize = 128;
+    /// Threads per block.
+    pub const THREADS: u32 = 256;
+    /// 3 stages of A and B (rows padded to 144 bytes) plus A and B scales.
+    pub const SMEM: u32 = (3 * (2 * 128 * 144) + 3 * 128 * 4 * 2) as u32;
+}
+
+impl KernelId {
+    /// Dynamic shared memory of the quantized-module kernels (None for the others).
+    pub fn quant_smem(self) -> Option<u32> {
+        match self {
+            KernelId::QGemm(q, _, t, _) => Some(t.smem_bytes(q)),
+            KernelId::F8Gemm(..) => Some(fp8_tile::SMEM),
+            _ => None,
+        }
+    }
+}
+
+/// Split-K gate_up activation parameters (`QActParams` in quant_gemm.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QActParams {
+    pub partial: u64,
+    pub bias: u64,
+    pub out: u64,
+    pub tile_expert: u64,
+    pub tile_end: u64,
+    pub counts: u64,
+    pub split_stride: i64,
+    pub n: i32,
+    pub splits: i32,
+    pub mode: i32,
+    pub max_m: i32,
+    pub bm: i32,
+    pub act: i32,
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+/// FP8 row quantization parameters (`QuantRowsParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantRowsParams {
+    pub x: u64,
+    pub q: u64,
+    pub scales: u64,
+    pub rows: i32,
+    pub k: i32,
+}
+
+/// FP8 GEMM parameters (`Fp8GemmParams`): the quantized GEMM's plus the activation scales.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fp8GemmParams {
+    pub g: QGemmParams,
+    pub a_scales: u64,
+    pub rows_total: i32,
+    pub pad: i32,
+}
+
+// SAFETY: `#[repr(C)]` plain data matching the CUDA structs of the same names.
+unsafe impl DeviceRepr for QActParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for QuantRowsParams {}
+// SAFETY: see above.
+unsafe impl DeviceRepr for Fp8GemmParams {}
+
+/// Quantized grouped GEMM launch parameters (`QGemmParams` in quant_gemm.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QGemmParams {
+    pub a: u64,
+    pub w: u64,
+    pub scales: u64,
+    pub col_scale: u64,
+    pub exp_scale: u64,
+    pub bias: u64,
+    pub out: u64,
+    pub tile_expert: u64,
+    pub tile_end: u64,
+    pub counts: u64,
+    pub k: i32,
+    pub n: i32,
+    pub mode: i32,
+    pub max_m: i32,
+    pub m_total: i32,
+    pub tiles_per_expert: i32,
+    pub act: i32,
+    pub num_n: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub split_stride: i64,
+}
+
+// SAFETY: `#[repr(C)]` plain data matching `QGemmParams` in quant_gemm.cu field for field.
+unsafe impl DeviceRepr for QGemmParams {}
 /// Decode matrix-vector launch parameters (`DecodeParams`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -638,6 +933,11 @@ mod tests {
                     KernelId::GemmGateUp(d, t) | KernelId::GemmDown(d, t) => {
                         src.contains(&format!("_ENTRY({}, {},", t.name(), d.suffix()))
                     }
+                    KernelId::QGemm(_, d, t, _) => src.contains(&format!("QGEMM_ENTRY({}, {},", t.name(), d.suffix())),
+                    KernelId::QAct(_, d) => src.contains(&format!("QACT_ENTRY({},", d.suffix())),
+                    KernelId::QuantRows(_, d) | KernelId::F8Gemm(_, d, _) => {
+                        src.contains(&format!("FP8_ENTRY({},", d.suffix()))
+                    }
                     _ => false,
                 };
             assert!(found, "{name} is not defined in {}", id.module().name());
@@ -664,5 +964,29 @@ mod tests {
         // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
         assert_eq!(std::mem::size_of::<F8TmaParams>(), 448);
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);
+        assert_eq!(std::mem::size_of::<QGemmParams>(), 128);
+        assert_eq!(std::mem::size_of::<QActParams>(), 88);
+        assert_eq!(std::mem::size_of::<QuantRowsParams>(), 32);
+        assert_eq!(std::mem::size_of::<Fp8GemmParams>(), 144);
+    }
+
+    #[test]
+    fn quant_defines_match_the_enums() {
+        for q in QuantKind::ALL {
+            let src = Module::QuantGemm(q, Elem::Bf16).source();
+            assert_eq!(define(&src, "QFMT"), q as i32);
+            assert_eq!(define(&src, "QG_BK"), QuantTile::BK as i32);
+            assert_eq!(define(&src, "QG_BN"), QuantTile::BN as i32);
+        }
+        let src = Module::QuantGemm(QuantKind::Mxfp4, Elem::Bf16).source();
+        let names = ["QFMT_MXFP4", "QFMT_NVFP4", "QFMT_INT4", "QFMT_INT8", "QFMT_FP8_BLOCK", "QFMT_FP8_TENSOR"];
+        for (q, name) in QuantKind::ALL.into_iter().zip(names) {
+            assert_eq!(define(&src, name), q as i32);
+        }
+        for t in QuantTile::ALL {
+            for q in QuantKind::ALL {
+                assert!(t.smem_bytes(q) <= 227 * 1024, "{t:?} {q:?}");
+            }
+        }
     }
 }

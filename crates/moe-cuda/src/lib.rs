@@ -6,6 +6,7 @@
 //! - [`device`]: context, stream, kernel loading, buffers and the reusable workspace.
 //! - [`kernels`]: [`kernels::KernelId`], the one source of kernel names, and launch parameters.
 //! - [`backend`] / [`provider`]: the expert backend and its capability answers.
+//! - [`quant`]: quantized experts packed on the device and their weight-only GEMMs.
 //! - [`graph`]: CUDA graphs for decode-sized forwards; [`router`]: the cuBLAS router at large T.
 //! - [`nccl`]: the NCCL transport for expert parallelism (docs/ep.md).
 //!
@@ -25,6 +26,7 @@ pub mod nccl;
 pub mod nvrtc;
 pub mod probe;
 pub mod provider;
+pub mod quant;
 pub mod router;
 
 pub use backend::CudaBackend;

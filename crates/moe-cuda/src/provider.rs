@@ -32,18 +32,18 @@ impl BackendProvider for CudaProvider {
     }
 
     fn description(&self) -> &'static str {
-        "NVIDIA GPUs: NVRTC-compiled routing/permute kernels and tensor-core grouped GEMMs (bf16/f16)"
+        "NVIDIA GPUs: NVRTC-compiled routing/permute kernels and tensor-core grouped GEMMs (bf16/f16; weight-only \
+         dequantize-in-GEMM for fp8/mxfp4/nvfp4/int4/int8)"
     }
 
     fn can_implement(&self, cfg: &MoeConfig, hw: &Hardware) -> std::result::Result<(), String> {
         cfg.validate().map_err(|e| e.to_string())?;
-        if cfg.quant != QuantFormat::None {
-            return Err(format!(
-                "quantized expert weights ({}) have no CUDA kernels yet; use unquantized bf16/f16 weights",
-                cfg.quant
-            ));
+        if let Some(reason) = crate::quant::refuse(cfg) {
+            return Err(reason);
         }
-        match (cfg.act_dtype, cfg.weight_dtype) {
+        // Quantized formats carry their own storage; only the activation dtype matters then.
+        let weight_dtype = if cfg.quant == QuantFormat::None { cfg.weight_dtype } else { cfg.act_dtype };
+        match (cfg.act_dtype, weight_dtype) {
             (DType::BF16, DType::BF16) | (DType::F16, DType::F16) => {}
             (DType::F32, _) | (_, DType::F32) => {
                 return Err("f32 is not supported: the CUDA kernels are bf16/f16 tensor-core GEMMs with f32 \

@@ -1,0 +1,764 @@
+//! Quantized experts on the device: each format keeps its parts packed in device memory (no
+//! 16-bit copy of the weights) and runs the weight-only grouped GEMMs of `kernels/quant_gemm.cu`,
+//! which dequantize each k-tile in shared memory right before the tensor-core MMAs.
+//!
+//! A format plugs in as a [`Packer`]: it turns expert `e` of an [`ExpertTensor`] into the device
+//! layout its kernel reads — the packed weight bytes as stored (`[rows, K * bits / 8]`), scale
+//! words `[K / kspan, rows]` (so the scales of one k-tile and 8 weight rows are one aligned
+//! 16-byte copy), per-row and per-expert f32 factors applied in the epilogue. [`QuantExperts`]
+//! owns the device buffers of both projections, uploads, replaces slots (EPLB) and launches.
+//! The backend's forward calls [`QuantExperts::gemm`] without knowing the format.
+
+use cudarc::driver::CudaSlice;
+use moe_core::quant::{quant_method, ExpertTensor, QuantFormat};
+use moe_core::weights::ExpertWeights;
+use moe_core::{DType, MoeConfig, MoeError, Result};
+
+use crate::device::{CudaDevice, Workspace};
+use crate::error::CudaError;
+use crate::heuristics::{self, Layout, Plan};
+use crate::kernels::{
+    fp8_tile, Elem, Fp8GemmParams, GemmMode, GemmTile, KernelId, Proj, QActParams, QGemmParams, QuantKind,
+    QuantRowsParams, QuantTile,
+};
+
+/// Host-side parts of one expert projection in the device layout.
+#[derive(Debug, Default, Clone)]
+pub struct HostParts {
+    /// Packed weight bytes `[rows, K * bits / 8]`.
+    pub w: Vec<u8>,
+    /// Scale words `[ceil(K / kspan), rows]`, `sw` bytes each (empty when the format has none).
+    pub scales: Vec<u8>,
+    /// Per-row factors `[rows]` (empty: none).
+    pub col: Vec<f32>,
+    /// The per-expert factor (`None`: none).
+    pub exp: Option<f32>,
+}
+
+/// One format's conversion from its [`ExpertTensor`] parts to the kernel's device layout.
+pub trait Packer: Send + Sync + std::fmt::Debug {
+    /// The kernel family that reads the packed parts.
+    fn kind(&self) -> QuantKind;
+    /// Expert `e` of `t` in the device layout; `elem` is the 16-bit compute type.
+    fn pack(&self, t: &ExpertTensor, e: usize, elem: Elem) -> Result<HostParts>;
+}
+
+fn bad(format: QuantFormat, msg: impl Into<String>) -> MoeError {
+    MoeError::quant(format.name(), msg.into())
+}
+
+/// Bytes `[rows, len]` of expert `e` of a u8 part `[E, rows, ...]`.
+fn expert_bytes<'a>(t: &'a ExpertTensor, part: &str, e: usize) -> Result<&'a [u8]> {
+    let p = t.part(part)?;
+    let v = p.as_u8()?;
+    let per = v.len() / t.experts.max(1);
+    v.get(e * per..(e + 1) * per).ok_or_else(|| bad(t.format, format!("expert {e} out of range for `{part}`")))
+}
+
+fn expert_f32(t: &ExpertTensor, part: &str, e: usize) -> Result<Vec<f32>> {
+    let p = t.part(part)?;
+    p.narrow_rows(e, 1)?.to_f32_vec()
+}
+
+fn bits16(v: f32, elem: Elem) -> u16 {
+    match elem {
+        Elem::Bf16 => half::bf16::from_f32(v).to_bits(),
+        Elem::F16 => half::f16::from_f32(v).to_bits(),
+    }
+}
+
+/// Scale words `[ceil(cols / span), rows]` from per-row groups `[rows, groups]` of `group`
+/// columns: word (ks, r) packs the `span / group` consecutive group entries as bytes.
+fn group_words(rows: usize, cols: usize, groups: &[u8], group: usize, span: usize) -> Vec<u8> {
+    let g = cols / group;
+    let per = span / group;
+    let ks = cols.div_ceil(span);
+    let mut out = vec![0u8; ks * rows * per];
+    for k in 0..ks {
+        for r in 0..rows {
+            for j in 0..per {
+                let gi = k * per + j;
+                out[(k * rows + r) * per + j] = if gi < g { groups[r * g + gi] } else { 0 };
+            }
+        }
+    }
+    out
+}
+
+/// 4-bit words for the kernel's shift-and-mask conversion: in every 32-bit word, elements
+/// (2k, 2k + 1) move to nibbles (k, k + 4) (stored order: low nibble = even element).
+pub fn repack_nibbles(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for w in bytes.chunks(4) {
+        let mut word = [0u8; 4];
+        word[..w.len()].copy_from_slice(w);
+        let v = u32::from_le_bytes(word);
+        let mut r = 0u32;
+        for k in 0..4 {
+            r |= ((v >> (8 * k)) & 0xF) << (4 * k);
+            r |= ((v >> (8 * k + 4)) & 0xF) << (16 + 4 * k);
+        }
+        out.extend_from_slice(&r.to_le_bytes()[..w.len()]);
+    }
+    out
+}
+
+#[derive(Debug)]
+struct Mxfp4Packer;
+impl Packer for Mxfp4Packer {
+    fn kind(&self) -> QuantKind {
+        QuantKind::Mxfp4
+    }
+    fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
+        let w = repack_nibbles(expert_bytes(t, "blocks", e)?);
+        let s = expert_bytes(t, "scales", e)?;
+        if let Some(i) = s.iter().position(|&b| b == 255) {
+            return Err(bad(t.format, format!("expert {e}: E8M0 NaN scale (255) at flat index {i}")));
+        }
+        Ok(HostParts { w, scales: group_words(t.rows, t.cols, s, 32, 64), ..Default::default() })
+    }
+}
+
+#[derive(Debug)]
+struct Nvfp4Packer;
+impl Packer for Nvfp4Packer {
+    fn kind(&self) -> QuantKind {
+        QuantKind::Nvfp4
+    }
+    fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
+        let w = repack_nibbles(expert_bytes(t, "weight", e)?);
+        let s = expert_bytes(t, "weight_scale", e)?;
+        let g = expert_f32(t, "weight_scale_2", e)?;
+        let g = *g.first().ok_or_else(|| bad(t.format, "empty weight_scale_2"))?;
+        if !(g.is_finite() && g > 0.0) {
+            return Err(bad(t.format, format!("expert {e}: weight_scale_2 = {g} must be finite and positive")));
+        }
+        Ok(HostParts { w, scales: group_words(t.rows, t.cols, s, 16, 64), col: Vec::new(), exp: Some(g) })
+    }
+}
+
+#[derive(Debug)]
+struct Int4Packer;
+impl Packer for Int4Packer {
+    fn kind(&self) -> QuantKind {
+        QuantKind::Int4
+    }
+    fn pack(&self, t: &ExpertTensor, e: usize, elem: Elem) -> Result<HostParts> {
+        let (rows, cols) = (t.rows, t.cols);
+        let groups = cols / 128;
+        if let Some(g) = t.parts.get("weight_g_idx") {
+            let g = &g.as_i32()?[e * cols..(e + 1) * cols];
+            if g.iter().enumerate().any(|(c, &x)| x as usize != c / 128) {
+                return Err(bad(
+                    t.format,
+                    "GPTQ act-order (a weight_g_idx that is not column / 128) has no CUDA kernel: the kernel \
+                     streams one scale per 128 consecutive input columns; re-export the checkpoint with \
+                     desc_act=False or use the cpu backend",
+                ));
+            }
+        }
+        let w = repack_nibbles(expert_bytes(t, "weight_packed", e)?);
+        // The kernel reads code q as MAGIC + q (128 in bf16, 1024 in f16) and subtracts MAGIC + z.
+        let magic = if elem == Elem::Bf16 { 128.0 } else { 1024.0 };
+        let s = expert_f32(t, "weight_scale", e)?;
+        let z = match t.parts.get("weight_zero_point") {
+            Some(_) => expert_bytes(t, "weight_zero_point", e)?.to_vec(),
+            None => vec![8u8; rows * groups],
+        };
+        let mut scales = vec![0u8; groups * rows * 4];
+        for g in 0..groups {
+            for r in 0..rows {
+                let sc = s[r * groups + g];
+                if !(sc.is_finite() && sc > 0.0) {
+                    return Err(bad(t.format, format!("expert {e}: scale {sc} at row {r}, group {g}")));
+                }
+                let word = bits16(sc, elem) as u32 | ((bits16(-(magic + z[r * groups + g] as f32), elem) as u32) << 16);
+                scales[(g * rows + r) * 4..(g * rows + r + 1) * 4].copy_from_slice(&word.to_le_bytes());
+            }
+        }
+        Ok(HostParts { w, scales, ..Default::default() })
+    }
+}
+
+#[derive(Debug)]
+struct Int8Packer;
+impl Packer for Int8Packer {
+    fn kind(&self) -> QuantKind {
+        QuantKind::Int8
+    }
+    fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
+        let w = expert_bytes(t, "weight", e)?.to_vec();
+        let col = expert_f32(t, "weight_scale", e)?;
+        Ok(HostParts { w, col, ..Default::default() })
+    }
+}
+
+#[derive(Debug)]
+struct Fp8BlockPacker;
+impl Packer for Fp8BlockPacker {
+    fn kind(&self) -> QuantKind {
+        QuantKind::Fp8Block
+    }
+    fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
+        let (rows, cols) = (t.rows, t.cols);
+        let w = expert_bytes(t, "weight", e)?.to_vec();
+        let s = expert_f32(t, "weight_scale_inv", e)?;
+        let (rb, cb) = (rows.div_ceil(128), cols.div_ceil(128));
+        if s.len() != rb * cb {
+            return Err(bad(t.format, format!("weight_scale_inv holds {} values, expected {rb} x {cb}", s.len())));
+        }
+        // One f32 word per (128 input columns, row): the row's block scale.
+        let mut scales = Vec::with_capacity(cb * rows * 4);
+        for k in 0..cb {
+            for r in 0..rows {
+                scales.extend_from_slice(&s[(r / 128) * cb + k].to_le_bytes());
+            }
+        }
+        Ok(HostParts { w, scales, ..Default::default() })
+    }
+}
+
+#[derive(Debug)]
+struct Fp8TensorPacker;
+impl Packer for Fp8TensorPacker {
+    fn kind(&self) -> QuantKind {
+        QuantKind::Fp8Tensor
+    }
+    fn pack(&self, t: &ExpertTensor, e: usize, _: Elem) -> Result<HostParts> {
+        let w = expert_bytes(t, "weight", e)?.to_vec();
+        let s = expert_f32(t, "weight_scale", e)?;
+        Ok(HostParts { w, exp: s.first().copied(), ..Default::default() })
+    }
+}
+
+/// The packer of a format, or why the cuda kernels cannot run it.
+pub fn packer(format: QuantFormat) -> std::result::Result<Box<dyn Packer>, String> {
+    match format {
+        QuantFormat::Mxfp4 => Ok(Box::new(Mxfp4Packer)),
+        QuantFormat::Nvfp4 => Ok(Box::new(Nvfp4Packer)),
+        QuantFormat::Int4Group => Ok(Box::new(Int4Packer)),
+        QuantFormat::Int8Channel => Ok(Box::new(Int8Packer)),
+        QuantFormat::Fp8Block => Ok(Box::new(Fp8BlockPacker)),
+        QuantFormat::Fp8Tensor => Ok(Box::new(Fp8TensorPacker)),
+        QuantFormat::None => Err("unquantized weights use the bf16/f16 grouped GEMMs".into()),
+    }
+}
+
+/// Why the quantized kernels cannot run `cfg` (beyond the generic checks), if they cannot.
+pub fn refuse(cfg: &MoeConfig) -> Option<String> {
+    if cfg.quant == QuantFormat::None {
+        return None;
+    }
+    if let Err(r) = packer(cfg.quant) {
+        return Some(r);
+    }
+    let bk = QuantTile::BK;
+    for (name, v) in [("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)] {
+        if v % bk != 0 {
+            return Some(format!(
+                "{} on cuda streams k-tiles of {bk}: {name} = {v} is not a multiple of {bk}",
+                cfg.quant
+            ));
+        }
+    }
+    None
+}
+
+/// Whether FP8 weights run large groups on FP8 tensor cores: sm_89+, both sizes multiples of
+/// the 128-deep scale blocks, and not turned off with `MOE_CUDA_FP8_MMA=0`.
+pub fn fp8_mma_ok(arch: &str, format: QuantFormat, hidden: usize, inter: usize) -> bool {
+    let sm: u32 = arch.trim_start_matches("sm_").trim_end_matches('a').parse().unwrap_or(0);
+    matches!(format, QuantFormat::Fp8Block | QuantFormat::Fp8Tensor)
+        && sm >= 89
+        && hidden.is_multiple_of(128)
+        && inter.is_multiple_of(128)
+        && std::env::var("MOE_CUDA_FP8_MMA").as_deref() != Ok("0")
+}
+
+/// The launch plan of a quantized forward: the heuristics' layout with row tiles of at most 64
+/// (the weight-only GEMM has m16 and m64 tiles); 128-row contiguous tiles stay when the FP8
+/// tensor-core GEMM runs them (`fp8_mma`).
+pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize, fp8_mma: bool) -> Plan {
+    let p = heuristics::plan(tokens, k, n_local, masked_max);
+    if p.tile.block_m() == 128 && p.layout == Layout::Contiguous && fp8_mma {
+        return Plan { tile: GemmTile::M128, ..p };
+    }
+    if p.tile.block_m() <= 64 {
+        return Plan { tile: if p.tile.block_m() <= 16 { GemmTile::M16 } else { GemmTile::M64 }, ..p };
+    }
+    debug_assert_eq!(p.layout, Layout::Contiguous);
+    let tiles = (tokens * k).div_ceil(64) + n_local.max(1);
+    Plan { layout: Layout::Contiguous, tile: GemmTile::M64, tiles, rows: tiles * 64 }
+}
+
+/// The quantized launch parameters sharing everything but the weights with a bf16 launch.
+pub fn params(g: &crate::kernels::GemmParams) -> QGemmParams {
+    QGemmParams {
+        a: g.a,
+        bias: g.bias,
+        out: g.out,
+        tile_expert: g.tile_expert,
+        tile_end: g.tile_end,
+        counts: g.counts,
+        mode: g.mode,
+        max_m: g.max_m,
+        m_total: g.m_total,
+        tiles_per_expert: g.tiles_per_expert,
+        act: g.act,
+        alpha: g.alpha,
+        limit: g.limit,
+        split_stride: g.split_stride,
+        ..Default::default()
+    }
+}
+
+/// One projection of every local slot on the device.
+#[derive(Debug)]
+struct DeviceProj {
+    rows: usize,
+    cols: usize,
+    w: CudaSlice<u8>,
+    scales: Option<CudaSlice<u8>>,
+    col: Option<CudaSlice<f32>>,
+    exp: Option<CudaSlice<f32>>,
+}
+
+impl DeviceProj {
+    fn bytes(&self) -> usize {
+        self.w.len() + self.scales.as_ref().map_or(0, |s| s.len()) + 4 * self.col.as_ref().map_or(0, |c| c.len())
+    }
+}
+
+/// Per-slot element counts of the device parts.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    w: usize,
+    s: usize,
+    col: usize,
+    exp: bool,
+}
+
+/// Quantized experts (both projections of every local slot) on one GPU.
+#[derive(Debug)]
+pub struct QuantExperts {
+    format: QuantFormat,
+    packer: Box<dyn Packer>,
+    elem: Elem,
+    w13: DeviceProj,
+    w2: DeviceProj,
+    ws: Workspace,
+}
+
+/// What one quantized forward takes from the backend: the plan, the permuted activations and
+/// outputs (inside `g1`/`g2`: `g1.a` the permuted rows, `g1.out` the activation buffer, `g2.a`
+/// the same activation buffer, `g2.out` the f32 partial outputs), biases, tile map, epilogue.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward {
+    /// The plan of [`plan`].
+    pub plan: Plan,
+    /// Routed (token, expert) pairs.
+    pub pairs: usize,
+    /// Local slots.
+    pub n_local: usize,
+    /// gate_up launch parameters.
+    pub g1: QGemmParams,
+    /// down launch parameters (`split_stride` set for split K).
+    pub g2: QGemmParams,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Intermediate size.
+    pub inter: usize,
+    /// K splits of the down projection (the backend sized `g2.out` for them).
+    pub down_splits: usize,
+}
+
+fn driver(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoeError {
+    move |e| CudaError::driver(op, e).into()
+}
+
+fn alloc_proj(dev: &CudaDevice, n: usize, rows: usize, cols: usize, z: Sizes) -> Result<DeviceProj> {
+    Ok(DeviceProj {
+        rows,
+        cols,
+        w: dev.alloc::<u8>(n * z.w)?,
+        scales: if z.s > 0 { Some(dev.alloc::<u8>(n * z.s)?) } else { None },
+        col: if z.col > 0 { Some(dev.alloc::<f32>(n * z.col)?) } else { None },
+        exp: if z.exp { Some(dev.alloc::<f32>(n)?) } else { None },
+    })
+}
+
+fn sizes(p: &HostParts) -> Sizes {
+    Sizes { w: p.w.len(), s: p.scales.len(), col: p.col.len(), exp: p.exp.is_some() }
+}
+
+/// Writes one packed expert into slot `slot` of a projection.
+fn write_slot(dev: &CudaDevice, d: &mut DeviceProj, slot: usize, p: &HostParts) -> Result<()> {
+    let st = dev.stream();
+    let z = sizes(p);
+    let mut v = d.w.slice_mut(slot * z.w..(slot + 1) * z.w);
+    st.memcpy_htod(&p.w, &mut v).map_err(driver("upload packed weights"))?;
+    if let Some(s) = d.scales.as_mut() {
+        let mut v = s.slice_mut(slot * z.s..(slot + 1) * z.s);
+        st.memcpy_htod(&p.scales, &mut v).map_err(driver("upload scales"))?;
+    }
+    if let Some(c) = d.col.as_mut() {
+        let mut v = c.slice_mut(slot * z.col..(slot + 1) * z.col);
+        st.memcpy_htod(&p.col, &mut v).map_err(driver("upload channel scales"))?;
+    }
+    if let (Some(x), Some(val)) = (d.exp.as_mut(), p.exp) {
+        let mut v = x.slice_mut(slot..slot + 1);
+        st.memcpy_htod(&[val], &mut v).map_err(driver("upload expert scale"))?;
+    }
+    Ok(())
+}
+
+impl QuantExperts {
+    /// Packs and uploads every expert of `x` (the local slots, in order).
+    pub fn upload(dev: &CudaDevice, elem: Elem, x: &ExpertWeights) -> Result<QuantExperts> {
+        let n = x.num_experts();
+        Self::upload_pattern(dev, elem, x, &(0..n).collect::<Vec<_>>())
+    }
+
+    /// Uploads `src[slot]` of `x` into every slot (benchmarks replicate a few distinct experts).
+    fn upload_pattern(dev: &CudaDevice, elem: Elem, x: &ExpertWeights, src: &[usize]) -> Result<QuantExperts> {
+        let format = x.w13.format;
+        if x.w2.format != format {
+            return Err(bad(format, format!("w13 is {format} but w2 is {}", x.w2.format)));
+        }
+        let packer = packer(format).map_err(|r| MoeError::unsupported("cuda", r))?;
+        if x.num_experts() == 0 || src.is_empty() {
+            return Err(MoeError::shape("cuda.load_weights", "at least one local expert", "none"));
+        }
+        let method = quant_method(format, DType::BF16)?;
+        method.validate(&x.w13)?;
+        method.validate(&x.w2)?;
+        let distinct: Vec<usize> = {
+            let mut d = src.to_vec();
+            d.sort_unstable();
+            d.dedup();
+            d
+        };
+        let first = distinct.first().copied().unwrap_or(0);
+        let p13 = packer.pack(&x.w13, first, elem)?;
+        let p2 = packer.pack(&x.w2, first, elem)?;
+        let n = src.len().max(1);
+        let mut w13 = alloc_proj(dev, n, x.w13.rows, x.w13.cols, sizes(&p13))?;
+        let mut w2 = alloc_proj(dev, n, x.w2.rows, x.w2.cols, sizes(&p2))?;
+        for &d in &distinct {
+            let (a, b) = if d == first {
+                (p13.clone(), p2.clone())
+            } else {
+                (packer.pack(&x.w13, d, elem)?, packer.pack(&x.w2, d, elem)?)
+            };
+            for (slot, _) in src.iter().enumerate().filter(|(_, &s)| s == d) {
+                write_slot(dev, &mut w13, slot, &a)?;
+                write_slot(dev, &mut w2, slot, &b)?;
+            }
+        }
+        dev.synchronize()?;
+        Ok(QuantExperts { format, packer, elem, w13, w2, ws: Workspace::default() })
+    }
+
+    /// Benchmarks: `n` slots of `format` from `distinct` random experts quantized on the host and
+    /// replicated (quantizing every expert of a large model on the host would take minutes).
+    pub fn random(dev: &CudaDevice, elem: Elem, cfg: &MoeConfig, n: usize, distinct: usize, seed: u64) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let d = distinct.clamp(1, n.max(1));
+        let method = quant_method(cfg.quant, DType::BF16)?;
+        // splitmix64: uniform(-a, a), a = sqrt(3 / fan_in) (std 1/sqrt(fan_in), like the bf16 bench).
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = |len: usize, fan_in: usize| -> Vec<f32> {
+            let a = (3.0 / fan_in as f32).sqrt();
+            (0..len)
+                .map(|_| {
+                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+                })
+                .collect()
+        };
+        let x = ExpertWeights {
+            w13: method.quantize(&uniform(d * 2 * i * h, h), d, 2 * i, h)?,
+            w2: method.quantize(&uniform(d * h * i, i), d, h, i)?,
+            b13: None,
+            b2: None,
+        };
+        Self::upload_pattern(dev, elem, &x, &(0..n).map(|s| s % d).collect::<Vec<_>>())
+    }
+
+    /// The format held.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// Device bytes of the packed experts.
+    pub fn bytes(&self) -> usize {
+        self.w13.bytes() + self.w2.bytes()
+    }
+
+    /// EPLB: overwrites slot `slot` with expert `src` of `weights` (every part of both
+    /// projections, packed on the host first so a bad expert leaves the slot untouched).
+    pub fn replace_slot(&mut self, dev: &CudaDevice, slot: usize, weights: &ExpertWeights, src: usize) -> Result<()> {
+        if weights.w13.format != self.format || weights.w2.format != self.format {
+            return Err(bad(self.format, format!("replace_slot got {} weights", weights.w13.format)));
+        }
+        let one = weights.select_experts(&[src])?;
+        let method = quant_method(self.format, DType::BF16)?;
+        method.validate(&one.w13)?;
+        method.validate(&one.w2)?;
+        let a = self.packer.pack(&one.w13, 0, self.elem)?;
+        let b = self.packer.pack(&one.w2, 0, self.elem)?;
+        for (d, t, p) in [(&self.w13, &weights.w13, &a), (&self.w2, &weights.w2, &b)] {
+            if (d.rows, d.cols) != (t.rows, t.cols) {
+                return Err(MoeError::shape(
+                    "cuda.replace_slot",
+                    format!("[{}, {}] projections", d.rows, d.cols),
+                    format!("[{}, {}]", t.rows, t.cols),
+                ));
+            }
+            if d.w.len() < (slot + 1) * p.w.len() {
+                let slots = d.w.len() / p.w.len().max(1);
+                return Err(MoeError::shape("cuda.replace_slot", format!("slot < {slots}"), slot.to_string()));
+            }
+        }
+        write_slot(dev, &mut self.w13, slot, &a)?;
+        write_slot(dev, &mut self.w2, slot, &b)?;
+        Ok(())
+    }
+
+    /// Both projections of one forward: FP8 tensor cores for 128-row tiles of FP8 weights
+    /// (activations quantized per row per 128 channels in between), the weight-only GEMMs
+    /// otherwise, with gate_up split over K at decode sizes (bias + activation in `qg_act`).
+    pub fn forward(&mut self, dev: &CudaDevice, f: &Forward) -> Result<()> {
+        let (h, inter, rows) = (f.hidden, f.inter, f.plan.rows);
+        if f.plan.tile.block_m() == fp8_tile::BM {
+            let qa = self.ws.get(dev, "f8_a", rows * h)?;
+            let sa = self.ws.get(dev, "f8_sa", rows * (h / 128) * 4)?;
+            self.quant_rows(dev, f.g1.a, qa, sa, rows, h)?;
+            let g1 = QGemmParams { a: qa, ..f.g1 };
+            self.fp8_gemm(dev, Proj::GateUp, f.plan.tiles, g1, sa, rows, inter, h)?;
+            let qact = self.ws.get(dev, "f8_act", rows * inter)?;
+            let sact = self.ws.get(dev, "f8_sact", rows * (inter / 128) * 4)?;
+            self.quant_rows(dev, f.g1.out, qact, sact, rows, inter)?;
+            let g2 = QGemmParams { a: qact, ..f.g2 };
+            return self.fp8_gemm(dev, Proj::Down, f.plan.tiles, g2, sact, rows, h, inter);
+        }
+        let splits = self.gate_up_splits(dev, f);
+        if splits > 1 {
+            let stride = rows * 2 * inter;
+            let partial = self.ws.get(dev, "gu_partial", splits * stride * 4)?;
+            let g1 = QGemmParams { out: partial, split_stride: stride as i64, ..f.g1 };
+            self.gemm(dev, Proj::GateUp, f.plan.tile, f.plan.tiles, g1, inter, h, splits)?;
+            let ap = QActParams {
+                partial,
+                bias: f.g1.bias,
+                out: f.g1.out,
+                tile_expert: f.g1.tile_expert,
+                tile_end: f.g1.tile_end,
+                counts: f.g1.counts,
+                split_stride: stride as i64,
+                n: inter as i32,
+                splits: splits as i32,
+                mode: f.g1.mode,
+                max_m: f.g1.max_m,
+                bm: f.plan.tile.block_m() as i32,
+                act: f.g1.act,
+                alpha: f.g1.alpha,
+                limit: f.g1.limit,
+            };
+            dev.launch(
+                KernelId::QAct(self.packer.kind(), self.elem),
+                (inter.div_ceil(256) as u32, rows as u32, 1),
+                256,
+                0,
+                &ap,
+            )?;
+        } else {
+            self.gemm(dev, Proj::GateUp, f.plan.tile, f.plan.tiles, f.g1, inter, h, 1)?;
+        }
+        self.gemm(dev, Proj::Down, f.plan.tile, f.plan.tiles, f.g2, h, inter, f.down_splits)
+    }
+
+    /// K splits of gate_up: decode-sized problems have too few column blocks to keep every SM
+    /// streaming weights (same reasoning as the bf16 down projection), so partial sums go to a
+    /// scratch buffer and `qg_act` adds them with the bias and activation.
+    fn gate_up_splits(&self, dev: &CudaDevice, f: &Forward) -> usize {
+        if f.plan.tile != GemmTile::M16 || f.plan.rows > 65535 || f.g1.mode == GemmMode::Dense as i32 {
+            return 1;
+        }
+        let active = f.pairs.min(f.n_local).max(1);
+        let ctas = f.inter.div_ceil(QuantTile::BN / 2) * active;
+        let want = (4 * dev.sm_count() as usize).div_ceil(ctas);
+        want.clamp(1, 8).min((f.hidden / (4 * QuantTile::BK)).max(1))
+    }
+
+    fn quant_rows(&self, dev: &CudaDevice, x: u64, q: u64, scales: u64, rows: usize, k: usize) -> Result<()> {
+        let p = QuantRowsParams { x, q, scales, rows: rows as i32, k: k as i32 };
+        let warps = rows * (k / 128);
+        dev.launch(KernelId::QuantRows(self.packer.kind(), self.elem), (warps.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_gemm(
+        &self,
+        dev: &CudaDevice,
+        proj: Proj,
+        tiles: usize,
+        mut g: QGemmParams,
+        a_scales: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let d = self.proj(proj, n, k)?;
+        g.w = dev.ptr(&d.w);
+        g.scales = d.scales.as_ref().map_or(0, |s| dev.ptr(s));
+        g.col_scale = d.col.as_ref().map_or(0, |s| dev.ptr(s));
+        g.exp_scale = d.exp.as_ref().map_or(0, |s| dev.ptr(s));
+        g.n = n as i32;
+        g.k = k as i32;
+        let cols = if proj == Proj::GateUp { QuantTile::BN / 2 } else { QuantTile::BN };
+        let num_n = n.div_ceil(cols);
+        g.num_n = num_n as i32;
+        let blocks = num_n * tiles;
+        if blocks > i32::MAX as usize {
+            return Err(MoeError::shape("cuda.fp8_gemm", "fewer than 2^31 blocks", blocks.to_string()));
+        }
+        let p = Fp8GemmParams { g, a_scales, rows_total: rows as i32, pad: 0 };
+        let id = KernelId::F8Gemm(self.packer.kind(), self.elem, proj);
+        dev.launch(id, (blocks as u32, 1, 1), fp8_tile::THREADS, fp8_tile::SMEM, &p)?;
+        Ok(())
+    }
+
+    fn proj(&self, proj: Proj, n: usize, k: usize) -> Result<&DeviceProj> {
+        let d = match proj {
+            Proj::GateUp => &self.w13,
+            Proj::Down => &self.w2,
+        };
+        let want_rows = if proj == Proj::GateUp { 2 * n } else { n };
+        if d.rows != want_rows || d.cols != k {
+            return Err(MoeError::shape(
+                "cuda.quant_gemm",
+                format!("[{want_rows}, {k}] weights"),
+                format!("[{}, {}]", d.rows, d.cols),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// Launches one projection's weight-only grouped GEMM. `p` carries activations, output,
+    /// bias, the row tile map and the epilogue; this fills in the weights and the grid.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        dev: &CudaDevice,
+        proj: Proj,
+        tile: GemmTile,
+        tiles: usize,
+        mut p: QGemmParams,
+        n: usize,
+        k: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let d = self.proj(proj, n, k)?;
+        let qt = match tile.block_m() {
+            16 => QuantTile::M16,
+            64 => QuantTile::M64,
+            m => return Err(MoeError::shape("cuda.quant_gemm", "row tiles of 16 or 64", m.to_string())),
+        };
+        p.w = dev.ptr(&d.w);
+        p.scales = d.scales.as_ref().map_or(0, |s| dev.ptr(s));
+        p.col_scale = d.col.as_ref().map_or(0, |s| dev.ptr(s));
+        p.exp_scale = d.exp.as_ref().map_or(0, |s| dev.ptr(s));
+        p.n = n as i32;
+        p.k = k as i32;
+        let cols = match proj {
+            Proj::GateUp => QuantTile::BN / 2,
+            Proj::Down => QuantTile::BN,
+        };
+        let num_n = n.div_ceil(cols);
+        p.num_n = num_n as i32;
+        let blocks = num_n * tiles;
+        if blocks > i32::MAX as usize {
+            return Err(MoeError::shape("cuda.quant_gemm", "fewer than 2^31 blocks", blocks.to_string()));
+        }
+        let kind = self.packer.kind();
+        let id = KernelId::QGemm(kind, self.elem, qt, proj);
+        dev.launch(id, (blocks as u32, 1, splits.max(1) as u32), qt.threads(), qt.smem_bytes(kind), &p)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nibble_repack_puts_consecutive_elements_in_halves() {
+        // Elements 0..7 with value = index: bytes (1 << 4 | 0), (3 << 4 | 2), ...
+        let bytes = [0x10u8, 0x32, 0x54, 0x76];
+        let w = u32::from_le_bytes(repack_nibbles(&bytes).try_into().unwrap());
+        for k in 0..4 {
+            let t = w >> (4 * k);
+            assert_eq!(t & 0xF, 2 * k);
+            assert_eq!((t >> 16) & 0xF, 2 * k + 1);
+        }
+    }
+
+    // Host models of quant_gemm.cu's bit placement: the 16-bit pattern the kernel builds, read
+    // back as a number, times the constant the kernel multiplies by, must be the format's value
+    // (subnormal patterns included).
+    fn bf16_val(bits: u32) -> f32 {
+        f32::from_bits((bits & 0xFFFF) << 16)
+    }
+    fn f16_val(bits: u32) -> f32 {
+        half::f16::from_bits((bits & 0xFFFF) as u16).to_f32()
+    }
+
+    #[test]
+    fn fp4_bit_placement_matches_e2m1() {
+        use moe_core::quant::codec::E2M1_LUT;
+        for code in 0..16u32 {
+            // `fp4_bits` for bf16 and f16 on the low half.
+            let b = ((code << 6) & 0x01C0) | ((code << 12) & 0x8000);
+            let h = ((code << 9) & 0x0E00) | ((code << 12) & 0x8000);
+            assert_eq!(bf16_val(b) * 2f32.powi(126), E2M1_LUT[code as usize], "bf16 code {code}");
+            assert_eq!(f16_val(h) * 2f32.powi(14), E2M1_LUT[code as usize], "f16 code {code}");
+        }
+    }
+
+    #[test]
+    fn fp8_bit_placement_matches_e4m3() {
+        use moe_core::quant::codec::{e4m3_is_nan, e4m3_to_f32};
+        for byte in 0..256u32 {
+            if e4m3_is_nan(byte as u8) {
+                continue;
+            }
+            let b = ((byte << 4) & 0x07F0) | ((byte << 8) & 0x8000);
+            let h = ((byte << 7) & 0x3F80) | ((byte << 8) & 0x8000);
+            let want = e4m3_to_f32(byte as u8);
+            assert_eq!(bf16_val(b) * 2f32.powi(120), want, "bf16 byte {byte:#x}");
+            assert_eq!(f16_val(h) * 256.0, want, "f16 byte {byte:#x}");
+        }
+    }
+
+    #[test]
+    fn int4_magic_gives_code_minus_zero() {
+        for q in 0..16u32 {
+            assert_eq!(bf16_val(q | 0x4300) - (128.0 + 3.0), q as f32 - 3.0);
+            assert_eq!(f16_val(q | 0x6400) - (1024.0 + 3.0), q as f32 - 3.0);
+        }
+    }
+
+    #[test]
+    fn group_words_pack_consecutive_groups() {
+        // 2 rows, 128 columns, groups of 32 -> 4 groups; span 64 -> 2 words of 2 bytes per row.
+        let groups: Vec<u8> = (0..8).collect();
+        let w = group_words(2, 128, &groups, 32, 64);
+        assert_eq!(w, vec![0, 1, 4, 5, 2, 3, 6, 7]);
+    }
+}
