@@ -776,3 +776,127 @@ QGEMM_ENTRY(m16, f16, F16Tag, 16, 1, 4)
 QGEMM_ENTRY(m64, f16, F16Tag, 64, 2, 2)
 QACT_ENTRY(f16, F16Tag)
 #endif
+
+// ---- Decode-sized forwards: matrix-vector products on the packed weights ----
+// Like decode.cu for 16-bit weights: one warp per output column, one block row per (token,
+// choice) pair (gate_up) or per token (down, summing the token's local choices in order), the
+// packed bytes streamed once with 16-byte loads and dequantized in registers by the same
+// qg_dequant_chunk the tiled GEMM uses. At T = 1 this reads the packed bytes at close to
+// bandwidth instead of through 16-row tiles of which 15 rows are empty.
+struct QDecodeParams {
+    u64 x;        // [T, H] activations
+    u64 ids;      // [T*k] i32 slot ids
+    u64 weights;  // [T*k] f32
+    u64 w13, s13, c13, e13, b13;  // packed [n_local, 2I, H*BITS/8], scale words, col/expert factors, bias
+    u64 w2, s2, c2, e2, b2;       // the same for [n_local, H, I]
+    u64 act;      // [T*k, I] activation dtype (scratch)
+    u64 out;      // [T, H] f32
+    u64 err;      // -(1 + pair) on an out-of-range slot id
+    int tokens, k, hidden, inter;
+    int slot_start, n_local, slot_total, act_kind;
+    float alpha, limit;
+    int scale_input, pad;
+};
+
+#define QD_WARPS 8
+#define QD_EPC (128 / QG_BITS)  // elements per 16-byte chunk
+
+// One packed row `row` of expert `l` (rows n_total, reduction K) dotted with the 16-bit vector
+// `v` (scaled by `vs` and rounded to the dtype first when `scale_v`), warp-reduced, times the
+// row's column and expert factors.
+template <class Tag>
+__device__ __forceinline__ float qd_row(u64 w, u64 sc, u64 cs, u64 es, int l, int n_total, int row, int K,
+                                        const u16* v, bool scale_v, float vs) {
+    const int lane = threadIdx.x & 31, chunks = K / QD_EPC;
+    const uint4* wrow = (const uint4*)w + ((size_t)l * n_total + row) * (size_t)chunks;
+    float acc = 0.f;
+#pragma unroll 2
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 q = __ldg(wrow + c);
+        const int k0 = c * QD_EPC;
+        u32 sw = 0;
+#if QG_KSPAN > 0
+        const unsigned char* sp =
+            (const unsigned char*)sc + (((size_t)l * (K / QG_KSPAN) + k0 / QG_KSPAN) * n_total + row) * QG_SW;
+#if QG_SW == 2
+        sw = *(const unsigned short*)sp;
+#else
+        sw = *(const u32*)sp;
+#endif
+#endif
+        __align__(16) u16 dq[QD_EPC];
+        qg_dequant_chunk<Tag>(q, sw, (k0 % QG_BK) / QD_EPC, dq);
+        const uint4* vv = (const uint4*)(v + k0);
+#pragma unroll
+        for (int i = 0; i < QD_EPC / 8; ++i) {
+            const uint4 xv = vv[i];
+            const u16* xe = (const u16*)&xv;
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                float xf = to_f32(xe[t], Tag());
+                if (scale_v) xf = to_f32(from_f32(xf * vs, Tag()), Tag());
+                acc = fmaf(to_f32(dq[8 * i + t], Tag()), xf, acc);
+            }
+        }
+    }
+    acc = warp_sum(acc);
+    if (cs) acc *= ((const float*)cs)[(size_t)l * n_total + row];
+    if (es) acc *= ((const float*)es)[l];
+    return acc;
+}
+
+template <class Tag>
+__device__ void qdecode_gate_up(const QDecodeParams& p) {
+    const int pair = blockIdx.y, t = pair / p.k;
+    const int slot = ((const int*)p.ids)[pair];
+    if (slot < 0 || slot >= p.slot_total) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
+        return;
+    }
+    const int l = slot - p.slot_start;
+    const int col = blockIdx.x * QD_WARPS + (threadIdx.x >> 5);
+    if (l < 0 || l >= p.n_local || col >= p.inter) return;
+    const u16* x = (const u16*)p.x + (size_t)t * p.hidden;
+    const float s = p.scale_input ? ((const float*)p.weights)[pair] : 1.f;
+    const int n_total = 2 * p.inter;
+    float g = qd_row<Tag>(p.w13, p.s13, p.c13, p.e13, l, n_total, col, p.hidden, x, p.scale_input, s);
+    float u = qd_row<Tag>(p.w13, p.s13, p.c13, p.e13, l, n_total, p.inter + col, p.hidden, x, p.scale_input, s);
+    if ((threadIdx.x & 31) == 0) {
+        if (p.b13) {
+            const float* b = (const float*)p.b13 + (size_t)l * n_total;
+            g += b[col];
+            u += b[p.inter + col];
+        }
+        ((u16*)p.act)[(size_t)pair * p.inter + col] = from_f32(apply_act(p.act_kind, g, u, p.alpha, p.limit), Tag());
+    }
+}
+
+template <class Tag>
+__device__ void qdecode_down(const QDecodeParams& p) {
+    const int t = blockIdx.y;
+    const int col = blockIdx.x * QD_WARPS + (threadIdx.x >> 5);
+    if (col >= p.hidden) return;
+    float acc = 0.f;
+    for (int j = 0; j < p.k; ++j) {
+        const int pair = t * p.k + j;
+        const int l = ((const int*)p.ids)[pair] - p.slot_start;
+        if (l < 0 || l >= p.n_local) continue;  // another rank's expert, or a bad id (flagged)
+        const u16* a = (const u16*)p.act + (size_t)pair * p.inter;
+        float d = qd_row<Tag>(p.w2, p.s2, p.c2, p.e2, l, p.hidden, col, p.inter, a, false, 1.f);
+        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
+        acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
+    }
+    if ((threadIdx.x & 31) == 0) ((float*)p.out)[(size_t)t * p.hidden + col] = acc;
+}
+
+#define QDECODE_ENTRY(DT, TAG)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) qdecode_gate_up_##DT(QDecodeParams p) {               \
+        qdecode_gate_up<TAG>(p);                                                                          \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) qdecode_down_##DT(QDecodeParams p) { qdecode_down<TAG>(p); }
+#ifdef MOE_QGEMM_BF16
+QDECODE_ENTRY(bf16, Bf16Tag)
+#endif
+#ifdef MOE_QGEMM_F16
+QDECODE_ENTRY(f16, F16Tag)
+#endif

@@ -138,19 +138,21 @@ impl CudaBackend {
     /// The launch plan `run_moe` uses for `tokens` tokens.
     pub fn plan(&self, tokens: usize) -> Plan {
         let n_local = self.slots.map_or(self.cfg.num_slots(), |s| s.count);
-        if self.cfg.quant != moe_core::QuantFormat::None {
-            let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-            let fp8 = crate::quant::fp8_mma_ok(self.dev.arch(), self.cfg.quant, h, i);
-            return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max, fp8);
-        }
+        let quant = self.cfg.quant != moe_core::QuantFormat::None;
         let decode = match self.decode_max {
             Some(m) => tokens <= m,
             None => heuristics::decode_auto(tokens, self.cfg.top_k, self.cfg.num_experts),
         };
-        // The decode kernels keep the token row in shared memory (48 KiB without opt-in).
-        if decode && self.cfg.hidden_size * 2 <= 48 * 1024 {
+        // The 16-bit decode kernels keep the token row in shared memory (48 KiB without opt-in);
+        // the packed-weight ones read it from global memory.
+        if decode && (quant || self.cfg.hidden_size * 2 <= 48 * 1024) {
             let pairs = tokens * self.cfg.top_k;
             return Plan { layout: Layout::Decode, tile: GemmTile::M16, tiles: 0, rows: pairs };
+        }
+        if quant {
+            let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+            let fp8 = crate::quant::fp8_mma_ok(self.dev.arch(), self.cfg.quant, h, i);
+            return crate::quant::plan(tokens, self.cfg.top_k, n_local, self.masked_max, fp8);
         }
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
         p.tile = self.upgrade(p.tile, tokens * self.cfg.top_k / n_local.max(1));
@@ -215,6 +217,16 @@ impl CudaBackend {
     /// The masked/contiguous switch point in use.
     pub fn masked_max_tokens(&self) -> usize {
         self.masked_max
+    }
+
+    /// Tests and benchmarks: FP8-block experts on sm_90a run the wgmma tile (`true`, default)
+    /// or the mma.sync FP8 GEMM. Applies to the loaded weights.
+    pub fn set_f8_tile(&mut self, on: bool) -> Result<()> {
+        let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        if let Some(q) = w.quant.as_mut() {
+            q.set_f8_tile(on);
+        }
+        Ok(())
     }
 
     /// Overrides the largest token count of the matrix-vector decode path (`Some(0)` turns it
@@ -765,10 +777,15 @@ impl ExpertBackend for CudaBackend {
                 scale_input: routing.weights_on_input() as i32,
                 pad: 0,
             };
-            const WARPS: usize = 8; // DECODE_WARPS: one output column per warp
-            let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);
-            dev.launch(KernelId::DecodeGateUp(self.elem), grid_up, 256, (h * 2) as u32, &dp)?;
-            dev.launch(KernelId::DecodeDown(self.elem), (h.div_ceil(WARPS) as u32, t as u32, 1), 256, 0, &dp)?;
+            if let Some(q) = w.quant.as_ref() {
+                // Packed weights: the format's matrix-vector kernels (same launch shape).
+                q.decode(&dev, &dp)?;
+            } else {
+                const WARPS: usize = 8; // DECODE_WARPS: one output column per warp
+                let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);
+                dev.launch(KernelId::DecodeGateUp(self.elem), grid_up, 256, (h * 2) as u32, &dp)?;
+                dev.launch(KernelId::DecodeDown(self.elem), (h.div_ceil(WARPS) as u32, t as u32, 1), 256, 0, &dp)?;
+            }
             if let Some(rec) = rec {
                 self.graphs.launch(&dev, rec.finish())?;
             }

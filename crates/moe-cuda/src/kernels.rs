@@ -250,6 +250,10 @@ pub enum KernelId {
     QuantRows(QuantKind, Elem),
     /// `f8gemm_{gate_up|down}_{dt}` (FP8 formats): FP8 tensor-core GEMM, 128 x 128 tiles.
     F8Gemm(QuantKind, Elem, Proj),
+    /// `qdecode_gate_up_{dt}` of the quantized module of one format (decode sizes).
+    QDecodeGateUp(QuantKind, Elem),
+    /// `qdecode_down_{dt}` of the quantized module of one format (decode sizes).
+    QDecodeDown(QuantKind, Elem),
     /// `moe_decode_gate_up_{dt}`.
     DecodeGateUp(Elem),
     /// `moe_decode_down_{dt}`.
@@ -273,7 +277,9 @@ impl KernelId {
             KernelId::QGemm(q, d, _, _)
             | KernelId::QAct(q, d)
             | KernelId::QuantRows(q, d)
-            | KernelId::F8Gemm(q, d, _) => Module::QuantGemm(q, d),
+            | KernelId::F8Gemm(q, d, _)
+            | KernelId::QDecodeGateUp(q, d)
+            | KernelId::QDecodeDown(q, d) => Module::QuantGemm(q, d),
             KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) => Module::Decode,
         }
     }
@@ -298,6 +304,8 @@ impl KernelId {
             KernelId::QAct(_, d) => format!("qg_act_{}", d.suffix()),
             KernelId::QuantRows(_, d) => format!("moe_quant_rows_{}", d.suffix()),
             KernelId::F8Gemm(_, d, proj) => format!("f8gemm_{}_{}", proj.name(), d.suffix()),
+            KernelId::QDecodeGateUp(_, d) => format!("qdecode_gate_up_{}", d.suffix()),
+            KernelId::QDecodeDown(_, d) => format!("qdecode_down_{}", d.suffix()),
             KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
             KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
         }
@@ -325,7 +333,7 @@ impl KernelId {
                 for t in QuantTile::ALL {
                     v.extend([KernelId::QGemm(q, d, t, Proj::GateUp), KernelId::QGemm(q, d, t, Proj::Down)]);
                 }
-                v.push(KernelId::QAct(q, d));
+                v.extend([KernelId::QAct(q, d), KernelId::QDecodeGateUp(q, d), KernelId::QDecodeDown(q, d)]);
                 if q.is_fp8() {
                     v.extend([
                         KernelId::QuantRows(q, d),
@@ -795,6 +803,43 @@ pub struct QGemmParams {
 
 // SAFETY: `#[repr(C)]` plain data matching `QGemmParams` in quant_gemm.cu field for field.
 unsafe impl DeviceRepr for QGemmParams {}
+/// Quantized decode launch parameters (`QDecodeParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QDecodeParams {
+    pub x: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub w13: u64,
+    pub s13: u64,
+    pub c13: u64,
+    pub e13: u64,
+    pub b13: u64,
+    pub w2: u64,
+    pub s2: u64,
+    pub c2: u64,
+    pub e2: u64,
+    pub b2: u64,
+    pub act: u64,
+    pub out: u64,
+    pub err: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub hidden: i32,
+    pub inter: i32,
+    pub slot_start: i32,
+    pub n_local: i32,
+    pub slot_total: i32,
+    pub act_kind: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub scale_input: i32,
+    pub pad: i32,
+}
+
+// SAFETY: `#[repr(C)]` plain data matching `QDecodeParams` in quant_gemm.cu field for field.
+unsafe impl DeviceRepr for QDecodeParams {}
+
 /// Decode matrix-vector launch parameters (`DecodeParams`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -935,6 +980,9 @@ mod tests {
                     }
                     KernelId::QGemm(_, d, t, _) => src.contains(&format!("QGEMM_ENTRY({}, {},", t.name(), d.suffix())),
                     KernelId::QAct(_, d) => src.contains(&format!("QACT_ENTRY({},", d.suffix())),
+                    KernelId::QDecodeGateUp(_, d) | KernelId::QDecodeDown(_, d) => {
+                        src.contains(&format!("QDECODE_ENTRY({},", d.suffix()))
+                    }
                     KernelId::QuantRows(_, d) | KernelId::F8Gemm(_, d, _) => {
                         src.contains(&format!("FP8_ENTRY({},", d.suffix()))
                     }
@@ -961,6 +1009,7 @@ mod tests {
         // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
         assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
         assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
+        assert_eq!(std::mem::size_of::<QDecodeParams>(), 176);
         // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
         assert_eq!(std::mem::size_of::<F8TmaParams>(), 448);
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);

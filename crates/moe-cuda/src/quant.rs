@@ -18,8 +18,8 @@ use crate::device::{CudaDevice, Workspace};
 use crate::error::CudaError;
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::{
-    fp8_tile, Elem, Fp8GemmParams, GemmMode, GemmTile, KernelId, Proj, QActParams, QGemmParams, QuantKind,
-    QuantRowsParams, QuantTile,
+    fp8_tile, DecodeParams, Elem, Fp8GemmParams, GemmMode, GemmParams, GemmTile, KernelId, Proj, QActParams,
+    QDecodeParams, QGemmParams, QuantKind, QuantRowsParams, QuantTile,
 };
 
 /// Host-side parts of one expert projection in the device layout.
@@ -347,6 +347,8 @@ pub struct QuantExperts {
     w13: DeviceProj,
     w2: DeviceProj,
     ws: Workspace,
+    /// FP8 block on sm_90a: the wgmma tile (default; `MOE_CUDA_F8_TILE=0` keeps mma.sync).
+    use_f8_tile: bool,
 }
 
 /// What one quantized forward takes from the backend: the plan, the permuted activations and
@@ -412,6 +414,10 @@ fn write_slot(dev: &CudaDevice, d: &mut DeviceProj, slot: usize, p: &HostParts) 
     Ok(())
 }
 
+fn f8_tile_default() -> bool {
+    std::env::var("MOE_CUDA_F8_TILE").as_deref() != Ok("0")
+}
+
 impl QuantExperts {
     /// Packs and uploads every expert of `x` (the local slots, in order).
     pub fn upload(dev: &CudaDevice, elem: Elem, x: &ExpertWeights) -> Result<QuantExperts> {
@@ -456,7 +462,7 @@ impl QuantExperts {
             }
         }
         dev.synchronize()?;
-        Ok(QuantExperts { format, packer, elem, w13, w2, ws: Workspace::default() })
+        Ok(QuantExperts { format, packer, elem, w13, w2, ws: Workspace::default(), use_f8_tile: f8_tile_default() })
     }
 
     /// Benchmarks: `n` slots of `format` from `distinct` random experts quantized on the host and
@@ -487,6 +493,56 @@ impl QuantExperts {
             b2: None,
         };
         Self::upload_pattern(dev, elem, &x, &(0..n).map(|s| s % d).collect::<Vec<_>>())
+    }
+
+    /// A decode-sized forward: the format's matrix-vector kernels (`qdecode_*`) over the packed
+    /// weights. `p` carries everything but the weights, as the 16-bit decode kernels take it.
+    pub fn decode(&self, dev: &CudaDevice, p: &DecodeParams) -> Result<()> {
+        let (h, i) = (p.hidden as usize, p.inter as usize);
+        let (w13, w2) = (self.proj(Proj::GateUp, i, h)?, self.proj(Proj::Down, h, i)?);
+        let opt = |s: &Option<CudaSlice<u8>>| s.as_ref().map_or(0, |s| dev.ptr(s));
+        let opt32 = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| dev.ptr(s));
+        let q = QDecodeParams {
+            x: p.x,
+            ids: p.ids,
+            weights: p.weights,
+            w13: dev.ptr(&w13.w),
+            s13: opt(&w13.scales),
+            c13: opt32(&w13.col),
+            e13: opt32(&w13.exp),
+            b13: p.b13,
+            w2: dev.ptr(&w2.w),
+            s2: opt(&w2.scales),
+            c2: opt32(&w2.col),
+            e2: opt32(&w2.exp),
+            b2: p.b2,
+            act: p.act,
+            out: p.out,
+            err: p.err,
+            tokens: p.tokens,
+            k: p.k,
+            hidden: p.hidden,
+            inter: p.inter,
+            slot_start: p.slot_start,
+            n_local: p.n_local,
+            slot_total: p.slot_total,
+            act_kind: p.act_kind,
+            alpha: p.alpha,
+            limit: p.limit,
+            scale_input: p.scale_input,
+            pad: 0,
+        };
+        const WARPS: usize = 8; // QD_WARPS: one output column per warp
+        let pairs = (p.tokens * p.k) as u32;
+        let kind = self.packer.kind();
+        dev.launch(KernelId::QDecodeGateUp(kind, self.elem), (i.div_ceil(WARPS) as u32, pairs, 1), 256, 0, &q)?;
+        dev.launch(KernelId::QDecodeDown(kind, self.elem), (h.div_ceil(WARPS) as u32, p.tokens as u32, 1), 256, 0, &q)?;
+        Ok(())
+    }
+
+    /// Benchmarks and tests: FP8 block on sm_90a through the wgmma tile (default) or mma.sync.
+    pub fn set_f8_tile(&mut self, on: bool) {
+        self.use_f8_tile = on;
     }
 
     /// The format held.
@@ -604,7 +660,7 @@ impl QuantExperts {
 
     #[allow(clippy::too_many_arguments)]
     fn fp8_gemm(
-        &self,
+        &mut self,
         dev: &CudaDevice,
         proj: Proj,
         tiles: usize,
@@ -614,6 +670,7 @@ impl QuantExperts {
         n: usize,
         k: usize,
     ) -> Result<()> {
+        let counter = self.ws.get(dev, "f8_counter", 4)?;
         let d = self.proj(proj, n, k)?;
         g.w = dev.ptr(&d.w);
         g.scales = d.scales.as_ref().map_or(0, |s| dev.ptr(s));
@@ -627,6 +684,45 @@ impl QuantExperts {
         let blocks = num_n * tiles;
         if blocks > i32::MAX as usize {
             return Err(MoeError::shape("cuda.fp8_gemm", "fewer than 2^31 blocks", blocks.to_string()));
+        }
+        // Hopper, block scales: the TMA + wgmma tile (crate::fp8_gemm) instead of mma.sync.
+        let gate_up = proj == Proj::GateUp;
+        if self.packer.kind() == QuantKind::Fp8Block
+            && self.use_f8_tile
+            && crate::fp8_gemm::refuse(dev.arch(), n, k, gate_up).is_none()
+        {
+            if let Some(scales) = d.scales.as_ref() {
+                let f8 = crate::fp8_gemm::Fp8Gemm {
+                    gate_up,
+                    params: GemmParams {
+                        a: g.a,
+                        w: g.w,
+                        bias: g.bias,
+                        out: g.out,
+                        tile_expert: g.tile_expert,
+                        tile_end: g.tile_end,
+                        counts: g.counts,
+                        mode: g.mode,
+                        max_m: g.max_m,
+                        m_total: g.m_total,
+                        tiles_per_expert: g.tiles_per_expert,
+                        act: g.act,
+                        alpha: g.alpha,
+                        limit: g.limit,
+                        ..Default::default()
+                    },
+                    tiles,
+                    n,
+                    k,
+                    a_rows: rows,
+                    a_scales,
+                    w_rows: d.w.len() / k,
+                    w_scales: dev.ptr(scales),
+                    y16: false,
+                };
+                crate::fp8_gemm::launch(dev, self.elem, counter, &f8)?;
+                return Ok(());
+            }
         }
         let p = Fp8GemmParams { g, a_scales, rows_total: rows as i32, pad: 0 };
         let id = KernelId::F8Gemm(self.packer.kind(), self.elem, proj);
