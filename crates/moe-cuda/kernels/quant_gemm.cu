@@ -801,48 +801,77 @@ struct QDecodeParams {
 #define QD_WARPS 8
 #define QD_EPC (128 / QG_BITS)  // elements per 16-byte chunk
 
-// One packed row `row` of expert `l` (rows n_total, reduction K) dotted with the 16-bit vector
-// `v` (scaled by `vs` and rounded to the dtype first when `scale_v`), warp-reduced, times the
-// row's column and expert factors.
-template <class Tag>
-__device__ __forceinline__ float qd_row(u64 w, u64 sc, u64 cs, u64 es, int l, int n_total, int row, int K,
-                                        const u16* v, bool scale_v, float vs) {
+// NR packed rows `rows[r]` of expert `l` (rows n_total, reduction K) dotted with the 16-bit
+// vector `v` (scaled by `vs` and rounded to the dtype first when `scale_v`), warp-reduced, times
+// each row's column and expert factors. Each lane first issues the loads of up to QD_MAXC chunks
+// of every row (and their scale words), then dequantizes: NR x QD_MAXC 16-byte loads in flight
+// a lane, which a decode-sized grid needs to approach DRAM bandwidth.
+#define QD_MAXC 4
+template <int NR, class Tag>
+__device__ __forceinline__ void qd_rows(u64 w, u64 sc, u64 cs, u64 es, int l, int n_total, const int (&rows)[NR], int K,
+                                        const u16* v, bool scale_v, float vs, float (&out)[NR]) {
     const int lane = threadIdx.x & 31, chunks = K / QD_EPC;
-    const uint4* wrow = (const uint4*)w + ((size_t)l * n_total + row) * (size_t)chunks;
-    float acc = 0.f;
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        const uint4 q = __ldg(wrow + c);
-        const int k0 = c * QD_EPC;
-        u32 sw = 0;
+    float acc[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[r] = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * QD_MAXC) {
+        uint4 q[NR][QD_MAXC];
+        u32 sw[NR][QD_MAXC];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            const uint4* wrow = (const uint4*)w + ((size_t)l * n_total + rows[r]) * (size_t)chunks;
+#pragma unroll
+            for (int i = 0; i < QD_MAXC; ++i) {
+                const int c = c0 + 32 * i;
+                sw[r][i] = 0;
+                if (c < chunks) {
+                    q[r][i] = __ldg(wrow + c);
 #if QG_KSPAN > 0
-        const unsigned char* sp =
-            (const unsigned char*)sc + (((size_t)l * (K / QG_KSPAN) + k0 / QG_KSPAN) * n_total + row) * QG_SW;
+                    const int k0 = c * QD_EPC;
+                    const unsigned char* sp = (const unsigned char*)sc +
+                                              (((size_t)l * (K / QG_KSPAN) + k0 / QG_KSPAN) * n_total + rows[r]) * QG_SW;
 #if QG_SW == 2
-        sw = *(const unsigned short*)sp;
+                    sw[r][i] = *(const unsigned short*)sp;
 #else
-        sw = *(const u32*)sp;
+                    sw[r][i] = *(const u32*)sp;
 #endif
 #endif
-        __align__(16) u16 dq[QD_EPC];
-        qg_dequant_chunk<Tag>(q, sw, (k0 % QG_BK) / QD_EPC, dq);
-        const uint4* vv = (const uint4*)(v + k0);
+                }
+            }
+        }
 #pragma unroll
-        for (int i = 0; i < QD_EPC / 8; ++i) {
-            const uint4 xv = vv[i];
-            const u16* xe = (const u16*)&xv;
+        for (int i = 0; i < QD_MAXC; ++i) {
+            const int c = c0 + 32 * i;
+            if (c >= chunks) break;
+            const int k0 = c * QD_EPC;
+            float xf[QD_EPC];
+            const uint4* vv = (const uint4*)(v + k0);
 #pragma unroll
-            for (int t = 0; t < 8; ++t) {
-                float xf = to_f32(xe[t], Tag());
-                if (scale_v) xf = to_f32(from_f32(xf * vs, Tag()), Tag());
-                acc = fmaf(to_f32(dq[8 * i + t], Tag()), xf, acc);
+            for (int b = 0; b < QD_EPC / 8; ++b) {
+                const uint4 xv = vv[b];
+                const u16* xe = (const u16*)&xv;
+#pragma unroll
+                for (int t = 0; t < 8; ++t) {
+                    float f = to_f32(xe[t], Tag());
+                    xf[8 * b + t] = scale_v ? to_f32(from_f32(f * vs, Tag()), Tag()) : f;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < NR; ++r) {
+                __align__(16) u16 dq[QD_EPC];
+                qg_dequant_chunk<Tag>(q[r][i], sw[r][i], (k0 % QG_BK) / QD_EPC, dq);
+#pragma unroll
+                for (int t = 0; t < QD_EPC; ++t) acc[r] = fmaf(to_f32(dq[t], Tag()), xf[t], acc[r]);
             }
         }
     }
-    acc = warp_sum(acc);
-    if (cs) acc *= ((const float*)cs)[(size_t)l * n_total + row];
-    if (es) acc *= ((const float*)es)[l];
-    return acc;
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+        float a = warp_sum(acc[r]);
+        if (cs) a *= ((const float*)cs)[(size_t)l * n_total + rows[r]];
+        if (es) a *= ((const float*)es)[l];
+        out[r] = a;
+    }
 }
 
 template <class Tag>
@@ -859,8 +888,10 @@ __device__ void qdecode_gate_up(const QDecodeParams& p) {
     const u16* x = (const u16*)p.x + (size_t)t * p.hidden;
     const float s = p.scale_input ? ((const float*)p.weights)[pair] : 1.f;
     const int n_total = 2 * p.inter;
-    float g = qd_row<Tag>(p.w13, p.s13, p.c13, p.e13, l, n_total, col, p.hidden, x, p.scale_input, s);
-    float u = qd_row<Tag>(p.w13, p.s13, p.c13, p.e13, l, n_total, p.inter + col, p.hidden, x, p.scale_input, s);
+    const int rows[2] = {col, p.inter + col};
+    float gu[2];
+    qd_rows<2, Tag>(p.w13, p.s13, p.c13, p.e13, l, n_total, rows, p.hidden, x, p.scale_input, s, gu);
+    float g = gu[0], u = gu[1];
     if ((threadIdx.x & 31) == 0) {
         if (p.b13) {
             const float* b = (const float*)p.b13 + (size_t)l * n_total;
@@ -882,7 +913,10 @@ __device__ void qdecode_down(const QDecodeParams& p) {
         const int l = ((const int*)p.ids)[pair] - p.slot_start;
         if (l < 0 || l >= p.n_local) continue;  // another rank's expert, or a bad id (flagged)
         const u16* a = (const u16*)p.act + (size_t)pair * p.inter;
-        float d = qd_row<Tag>(p.w2, p.s2, p.c2, p.e2, l, p.hidden, col, p.inter, a, false, 1.f);
+        const int rows[1] = {col};
+        float dd[1];
+        qd_rows<1, Tag>(p.w2, p.s2, p.c2, p.e2, l, p.hidden, rows, p.inter, a, false, 1.f, dd);
+        float d = dd[0];
         if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
         acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
     }

@@ -286,7 +286,10 @@ pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize, fp8_mma:
     if p.tile.block_m() <= 64 {
         return Plan { tile: if p.tile.block_m() <= 16 { GemmTile::M16 } else { GemmTile::M64 }, ..p };
     }
-    debug_assert_eq!(p.layout, Layout::Contiguous);
+    if let Layout::Masked { max_m } = p.layout {
+        // max_m is a multiple of the 128-row tile, so of 64 as well.
+        return Plan { tile: GemmTile::M64, tiles: n_local.max(1) * max_m / 64, ..p };
+    }
     let tiles = (tokens * k).div_ceil(64) + n_local.max(1);
     Plan { layout: Layout::Contiguous, tile: GemmTile::M64, tiles, rows: tiles * 64 }
 }
@@ -792,6 +795,17 @@ impl QuantExperts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_masked_plans_use_64_row_tiles() {
+        // 200 tokens on the masked layout: 256 rows an expert, 128-row tiles in the bf16 plan.
+        let p = plan(200, 2, 8, 1 << 20, false);
+        assert_eq!(p.layout, Layout::Masked { max_m: 256 });
+        assert_eq!((p.tile, p.tiles, p.rows), (GemmTile::M64, 8 * 256 / 64, 8 * 256));
+        let p = plan(600, 2, 8, 0, false);
+        assert_eq!((p.layout, p.tile), (Layout::Contiguous, GemmTile::M64));
+        assert_eq!(plan(600, 2, 8, 0, true).tile, GemmTile::M128);
+    }
 
     #[test]
     fn nibble_repack_puts_consecutive_elements_in_halves() {
