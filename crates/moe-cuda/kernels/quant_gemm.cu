@@ -829,7 +829,7 @@ __device__ __forceinline__ void qd_rows(u64 w, u64 sc, u64 cs, u64 es, int l, in
 #if QG_KSPAN > 0
                     const int k0 = c * QD_EPC;
                     const unsigned char* sp = (const unsigned char*)sc +
-                                              (((size_t)l * (K / QG_KSPAN) + k0 / QG_KSPAN) * n_total + rows[r]) * QG_SW;
+                                              (((size_t)l * ((K + QG_KSPAN - 1) / QG_KSPAN) + k0 / QG_KSPAN) * n_total + rows[r]) * QG_SW;
 #if QG_SW == 2
                     sw[r][i] = *(const unsigned short*)sp;
 #else
