@@ -22,6 +22,7 @@ pub mod pack;
 pub mod peak;
 pub mod quant;
 pub mod router;
+pub mod tuning;
 
 mod act;
 

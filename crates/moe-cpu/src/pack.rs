@@ -118,7 +118,12 @@ impl<W: WElem> PackedMats<W> {
             ColumnMap::GateUp { inter } => inter.div_ceil(NB / 2),
         };
         let kp = if pairs { k.div_ceil(2) * 2 } else { k };
-        PackedMats { data: vec![W::default(); mats * blocks * kp * NB], mats, blocks, k, kp, n, pairs, map }
+        // Reserve, advise, then touch: pages faulted in after the advice can come as huge pages.
+        let len = mats * blocks * kp * NB;
+        let mut data = Vec::with_capacity(len);
+        crate::tuning::advise_huge_pages(data.as_ptr() as usize, len * std::mem::size_of::<W>());
+        data.resize(len, W::default());
+        PackedMats { data, mats, blocks, k, kp, n, pairs, map }
     }
 
     /// Elements per block.

@@ -60,7 +60,15 @@ unsafe fn tile_mr<const MR: usize, const PF: bool>(
 unsafe fn gemv(a: *const bf16, b: *const bf16, ksteps: usize, c: *mut [f32; NB]) {
     let mut acc = [_mm512_setzero_ps(); 8];
     let mut ks = 0;
+    let pf = crate::tuning::gemv_prefetch();
     while ks + 4 <= ksteps {
+        if pf > 0 {
+            // The 4 steps `pf` ahead (8 lines): prefetches never fault, past the end included.
+            let ahead = b.wrapping_add((ks + pf) * 2 * NB) as *const i8;
+            for l in 0..8 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+            }
+        }
         for u in 0..4 {
             let bp = b.add((ks + u) * 2 * NB);
             let av = bcast_pair(a.add(2 * (ks + u)));

@@ -335,6 +335,24 @@ mod tests {
     }
 
     #[test]
+    fn huge_page_advice_keeps_packed_contents() {
+        // 2048 x 1024 bf16 = 4 MiB: large enough for a 2 MiB-aligned interior to be advised.
+        let (n, k) = (2048, 1024);
+        let w: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32((i % 251) as f32 / 125.0 - 1.0)).collect();
+        let pack = |huge: bool| {
+            crate::tuning::set_huge_pages(huge);
+            let mut p = PackedMats::<bf16>::new(1, n, k, ColumnMap::Plain, true);
+            p.pack_one(0, &w);
+            p
+        };
+        let (plain, huge) = (pack(false), pack(true));
+        crate::tuning::set_huge_pages(false);
+        for b in 0..plain.blocks {
+            assert_eq!(plain.block(0, b), huge.block(0, b), "block {b}");
+        }
+    }
+
+    #[test]
     fn every_available_kernel_matches_naive() {
         for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
             for k in [1, 2, 7, 64] {
@@ -347,6 +365,13 @@ mod tests {
             for k in [1, 2, 7, 64] {
                 run(&d, k, 1e-4);
             }
+            // The measurement switches of `tuning` change speed only: same checks with the GEMV
+            // prefetching ahead (past the end of the block included).
+            crate::tuning::set_gemv_prefetch(8);
+            for k in [7, 64, 300] {
+                run(&d, k, 1e-4);
+            }
+            crate::tuning::set_gemv_prefetch(0);
         }
     }
 }

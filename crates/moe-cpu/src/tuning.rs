@@ -1,0 +1,69 @@
+//! Process-wide switches of the streaming paths, for measurements: whether packed weights ask
+//! for transparent huge pages, and how far ahead the bf16 matrix-vector kernel prefetches.
+//! Defaults come from `MOE_CPU_THP` / `MOE_CPU_GEMV_PREFETCH`; `examples/cpu_ab.rs` flips them
+//! between interleaved timing slices so both variants see the same host noise.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+const UNSET: usize = usize::MAX;
+static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
+static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn get(cell: &AtomicUsize, init: &OnceLock<usize>, f: impl FnOnce() -> usize) -> usize {
+    match cell.load(Ordering::Relaxed) {
+        UNSET => *init.get_or_init(f),
+        v => v,
+    }
+}
+
+/// Whether newly packed weights ask for transparent huge pages (default: off).
+pub fn huge_pages() -> bool {
+    static INIT: OnceLock<usize> = OnceLock::new();
+    get(&HUGE_PAGES, &INIT, || env_usize("MOE_CPU_THP", 0)) != 0
+}
+
+/// Overrides [`huge_pages`] for weights packed from now on.
+pub fn set_huge_pages(on: bool) {
+    HUGE_PAGES.store(on as usize, Ordering::Relaxed);
+}
+
+/// Steps (of two 64-byte lines) the bf16 matrix-vector kernel prefetches ahead; 0: none (default).
+pub fn gemv_prefetch() -> usize {
+    static INIT: OnceLock<usize> = OnceLock::new();
+    get(&GEMV_PREFETCH, &INIT, || env_usize("MOE_CPU_GEMV_PREFETCH", 0))
+}
+
+/// Overrides [`gemv_prefetch`].
+pub fn set_gemv_prefetch(steps: usize) {
+    GEMV_PREFETCH.store(steps, Ordering::Relaxed);
+}
+
+/// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation
+/// `[start, start + bytes)` with transparent huge pages (`MADV_HUGEPAGE`), when [`huge_pages`]
+/// is on. Best effort: the result is ignored (the buffer works either way).
+pub fn advise_huge_pages(start: usize, bytes: usize) {
+    if !huge_pages() {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let aligned = start.next_multiple_of(HUGE);
+        let end = start + bytes;
+        if end > aligned + HUGE {
+            let len = (end - aligned) / HUGE * HUGE;
+            // SAFETY: [aligned, aligned + len) lies inside the caller's live allocation;
+            // MADV_HUGEPAGE only changes how the kernel backs those pages, never their contents.
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
+}

@@ -1,0 +1,97 @@
+//! Interleaved A/B timing of the `cpu` backend's streaming switches (`moe_cpu::tuning`) on the
+//! qwen3-30b-a3b shape (bf16): two backends with the same weights, variant A and variant B, run in
+//! alternating slices of `--slice-s` seconds so both see the same host noise (this VM's memory
+//! bandwidth moves by tens of percent within minutes, which makes back-to-back `moe bench` runs
+//! useless for differences of a few percent).
+//!
+//!     cargo run --release -p moe-runtime --example cpu_ab -- --tokens 1 --a-thp 0 --a-pf 0 \
+//!         --b-thp 1 --b-pf 16 --slices 20 --slice-s 0.5 --threads 2
+
+use std::time::Instant;
+
+use moe_core::config::RoutingConfig;
+use moe_core::weights::random_hidden;
+use moe_core::{BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, Tensor};
+use moe_runtime::{default_registry, probe_hardware};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |name: &str, default: &str| -> String {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or(default.into())
+    };
+    let tokens: usize = opt("--tokens", "1").parse()?;
+    let slices: usize = opt("--slices", "20").parse()?;
+    let slice_s: f64 = opt("--slice-s", "0.5").parse()?;
+    let threads: usize = opt("--threads", "2").parse()?;
+    let variant = |p: &str| -> Result<(bool, usize), Box<dyn std::error::Error>> {
+        Ok((opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0, opt(&format!("--{p}-pf"), "0").parse()?))
+    };
+    let variants = [variant("a")?, variant("b")?];
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    pool.install(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut cfg = MoeConfig::new(128, 8, 2048, 768);
+        cfg.weight_dtype = DType::BF16;
+        cfg.act_dtype = DType::BF16;
+        cfg.routing = RoutingConfig::SoftmaxTopk { renormalize: true };
+        let weights = MoeWeights::random(&cfg, 7)?;
+        let (registry, hw) = (default_registry(), probe_hardware());
+        let mut moes = Vec::new();
+        for &(thp, _) in &variants {
+            moe_cpu::tuning::set_huge_pages(thp);
+            let opts = BuildOptions { backend: "cpu".into(), ..Default::default() };
+            let mut m = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts)?;
+            m.load_weights(&weights)?;
+            moes.push(m);
+        }
+        let inputs: Vec<Tensor> =
+            (0..6).map(|i| random_hidden(tokens, cfg.hidden_size, DType::BF16, 100 + i)).collect::<Result<_, _>>()?;
+        let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut paired = Vec::new();
+        for s in 0..slices {
+            let mut slice_median = [0.0; 2];
+            // Alternate which variant goes first so a drift inside a slice pair cancels.
+            for v in if s % 2 == 0 { [0, 1] } else { [1, 0] } {
+                moe_cpu::tuning::set_gemv_prefetch(variants[v].1);
+                let m = &mut moes[v];
+                let mut t = Vec::new();
+                let start = Instant::now();
+                while t.len() < 3 || start.elapsed().as_secs_f64() < slice_s {
+                    let x = &inputs[t.len() % inputs.len()];
+                    let t0 = Instant::now();
+                    std::hint::black_box(m.forward(x)?.to_host()?);
+                    t.push(t0.elapsed().as_secs_f64());
+                }
+                slice_median[v] = median(&mut t.clone());
+                times[v].extend(t);
+            }
+            paired.push(slice_median[1] / slice_median[0]);
+        }
+        for (v, (thp, pf)) in variants.iter().enumerate() {
+            let med = median(&mut times[v]);
+            println!(
+                "variant {} (thp {thp}, gemv prefetch {pf}): median {:.3} ms over {} forwards",
+                ["A", "B"][v],
+                med * 1e3,
+                times[v].len()
+            );
+        }
+        let mut p = paired.clone();
+        let m = median(&mut p);
+        let better = paired.iter().filter(|&&r| r < 1.0).count();
+        println!("B / A per slice: median {m:.3} (B faster in {better} of {} slices)", paired.len());
+        Ok(())
+    })
+    .map_err(|e| e.to_string().into())
+}
