@@ -85,3 +85,19 @@ pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaRe
     let grid = blocks.min(dev.sm_count() as usize) as u32;
     dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &fp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::refuse;
+
+    #[test]
+    fn refusals_name_the_limit() {
+        assert!(refuse("sm_90a", 2048, 7168, true).is_none());
+        assert!(refuse("sm_90a", 7168, 2048, false).is_none());
+        assert!(refuse("sm_89", 2048, 7168, true).unwrap().contains("sm_90a"));
+        assert!(refuse("sm_90a", 192, 320, true).unwrap().contains("multiple of 128"));
+        // down: the output width need not be a multiple of 128 (partial column tiles)
+        assert!(refuse("sm_90a", 320, 192, false).is_none());
+        assert!(refuse("sm_90a", 256, 100, false).unwrap().contains("16 bytes"));
+    }
+}

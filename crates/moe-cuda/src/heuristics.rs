@@ -109,6 +109,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decode_path_while_few_pairs_share_an_expert() {
+        // Up to 2 tokens always; beyond that while T k <= E / 4 (the measured switch points).
+        assert!(decode_auto(1, 2, 8) && decode_auto(2, 2, 8));
+        assert!(!decode_auto(4, 2, 8)); // mixtral: decode lost at T = 4
+        assert!(decode_auto(4, 8, 128) && !decode_auto(5, 8, 128)); // qwen3
+        assert!(decode_auto(8, 8, 256) && !decode_auto(16, 8, 256)); // deepseek-v3: lost at 16
+        assert!(decode_auto(2, 4, 32) && !decode_auto(3, 4, 32)); // gpt-oss
+    }
+
+    #[test]
     fn small_batches_are_masked_and_large_contiguous() {
         let p = plan(1, 8, 256, DEFAULT_MASKED_MAX_TOKENS);
         assert_eq!(p.layout, Layout::Masked { max_m: 16 });
