@@ -468,15 +468,35 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* map, u64* 
 // the same time, so the weights come from L2 for all but the first. (A static stride walk let
 // those partners drift apart: ncu showed 28.3 GB of DRAM reads against 19.2 GB for the
 // non-persistent kernel at deepseek-v3 T = 4096.)
-__device__ __forceinline__ int next_block(const TmaGemmParams& tp, int total, int& tile, int& nb, int& e, int& row0,
-                                          int& row_end) {
+__device__ __forceinline__ int next_block(const GemmParams& p, int num_m, u64 counter, int total, int& tile, int& nb,
+                                          int& e, int& row0, int& row_end) {
     for (;;) {
-        const int b = (int)atomicAdd((unsigned int*)tp.tile_counter, 1u);
+        const int b = (int)atomicAdd((unsigned int*)counter, 1u);
         if (b >= total) return -1;
-        block_coords_of(b, tp.num_m, tp.p.num_n, tile, nb);
-        if (tile_rows(tp.p, tile, TW_BM, e, row0, row_end)) return b;
+        block_coords_of(b, num_m, p.num_n, tile, nb);
+        if (tile_rows(p, tile, TW_BM, e, row0, row_end)) return b;
     }
 }
+
+#ifdef MOE_HAS_WGMMA
+// Thread 0 initializes the stage ring (`full` expects `full_count` arrivals, `empty` one per
+// consumer warp) and the scheduler's 2-slot ring; every thread waits until they are visible.
+__device__ __forceinline__ void tw_init_barriers(u64* full, u64* empty, u64* sched_full, u64* sched_empty, int stages,
+                                                 u32 full_count) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(&full[s], full_count);
+            mbar_init(&empty[s], 8);  // one arrival per consumer warp
+        }
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(&sched_full[s], 1);
+            mbar_init(&sched_empty[s], 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+}
+#endif
 
 template <bool GATE_UP, class Tag>
 __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
@@ -497,18 +517,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
     // straight from the token activations with cp.async (row r of the tile is token
     // token_of_row[row0 + r]), so the permuted copy of the activations is never materialized.
     const bool gather = GATE_UP && tp.token_of_row != 0;
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(&full[s], gather ? 1 + 128 : 1);
-            mbar_init(&empty[s], 8);  // one arrival per consumer warp
-        }
-        for (int s = 0; s < 2; ++s) {
-            mbar_init(&sched_full[s], 1);
-            mbar_init(&sched_empty[s], 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    tw_init_barriers(full, empty, sched_full, sched_empty, STAGES, gather ? 1 + 128 : 1);
     const int K = p.K, N = p.N, num_n = p.num_n;
     const int n_total = GATE_UP ? 2 * N : N;
     const int KT = (K + TW_BK - 1) / TW_BK;
@@ -522,7 +531,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
         for (;; ++it) {
             int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0, b = -1;
             if (tid == 0) {
-                b = next_block(tp, total, tile, nb, e, row0, row_end);
+                b = next_block(p, tp.num_m, tp.tile_counter, total, tile, nb, e, row0, row_end);
                 const int slot = it & 1;
                 mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
                 sched_block[slot] = b;
@@ -683,34 +692,18 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     u64* sched_empty = sched_full + 2;
     int* sched_block = (int*)(sched_empty + 2);
     const int tid = threadIdx.x, wg = tid >> 7;
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 8);
-        }
-        for (int s = 0; s < 2; ++s) {
-            mbar_init(&sched_full[s], 1);
-            mbar_init(&sched_empty[s], 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    tw_init_barriers(full, empty, sched_full, sched_empty, STAGES, 1);
     const int K = p.K, N = p.N, num_n = p.num_n;
     const int n_total = GATE_UP ? 2 * N : N;
     const int KT = (K + F8_BK - 1) / F8_BK;
     const int total = tp.num_m * num_n;
-    // The scheduler helpers read these fields of a TmaGemmParams.
-    TmaGemmParams sp;
-    sp.p = p;
-    sp.num_m = tp.num_m;
-    sp.tile_counter = tp.tile_counter;
     if (wg == 0) {
         if (tid != 0) return;
         int stage = 0;
         u32 phase = 0;
         for (int it = 0;; ++it) {
             int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0;
-            const int b = next_block(sp, total, tile, nb, e, row0, row_end);
+            const int b = next_block(p, tp.num_m, tp.tile_counter, total, tile, nb, e, row0, row_end);
             const int slot = it & 1;
             mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
             sched_block[slot] = b;
