@@ -4,27 +4,28 @@
 //! between interleaved timing slices so both variants see the same host noise.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 const UNSET: usize = usize::MAX;
 static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn get(cell: &AtomicUsize, init: &OnceLock<usize>, f: impl FnOnce() -> usize) -> usize {
+/// The switch's value: set explicitly, else read once from the environment (`default` when the
+/// variable is absent or not a number).
+fn get(cell: &AtomicUsize, var: &str, default: usize) -> usize {
     match cell.load(Ordering::Relaxed) {
-        UNSET => *init.get_or_init(f),
+        UNSET => {
+            let v = std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+            // A concurrent `set_*` wins over the environment.
+            let _ = cell.compare_exchange(UNSET, v, Ordering::Relaxed, Ordering::Relaxed);
+            cell.load(Ordering::Relaxed)
+        }
         v => v,
     }
 }
 
 /// Whether newly packed weights ask for transparent huge pages (default: off).
 pub fn huge_pages() -> bool {
-    static INIT: OnceLock<usize> = OnceLock::new();
-    get(&HUGE_PAGES, &INIT, || env_usize("MOE_CPU_THP", 0)) != 0
+    get(&HUGE_PAGES, "MOE_CPU_THP", 0) != 0
 }
 
 /// Overrides [`huge_pages`] for weights packed from now on.
@@ -34,8 +35,7 @@ pub fn set_huge_pages(on: bool) {
 
 /// Steps (of two 64-byte lines) the bf16 matrix-vector kernel prefetches ahead; 0: none (default).
 pub fn gemv_prefetch() -> usize {
-    static INIT: OnceLock<usize> = OnceLock::new();
-    get(&GEMV_PREFETCH, &INIT, || env_usize("MOE_CPU_GEMV_PREFETCH", 0))
+    get(&GEMV_PREFETCH, "MOE_CPU_GEMV_PREFETCH", 0)
 }
 
 /// Overrides [`gemv_prefetch`].
