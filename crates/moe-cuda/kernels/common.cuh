@@ -20,6 +20,24 @@ typedef unsigned long long u64;
 #define MOE_ACT_GPTOSS 1
 #define MOE_ACT_GELU_TANH 2
 
+// Decode-sized forwards (decode.cu, and embedded by quant_gemm.cu's packed-weight decode).
+struct DecodeParams {
+    u64 x;        // [T, H] activations
+    u64 ids;      // [T*k] i32 slot ids
+    u64 weights;  // [T*k] f32 routing weights
+    u64 w13;      // [n_local, 2I, H]: gate rows then up rows
+    u64 b13;      // [n_local, 2I] f32 or 0
+    u64 w2;       // [n_local, H, I]
+    u64 b2;       // [n_local, H] f32 or 0
+    u64 act;      // [T*k, I] activation dtype (scratch)
+    u64 out;      // [T, H] f32
+    u64 err;      // int flag: -(1 + pair) on an out-of-range slot id
+    int tokens, k, hidden, inter;
+    int slot_start, n_local, slot_total, act_kind;
+    float alpha, limit;
+    int scale_input, pad;
+};
+
 struct Bf16Tag {};
 struct F16Tag {};
 

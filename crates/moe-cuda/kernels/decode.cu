@@ -9,22 +9,8 @@
 //   down:    one warp per hidden column, one block row per token: out[t, col] = sum over the
 //            token's local choices, in order, of w * (act[pair] . w_down[col] + b) (f32).
 
-struct DecodeParams {
-    u64 x;        // [T, H] activations
-    u64 ids;      // [T*k] i32 slot ids
-    u64 weights;  // [T*k] f32 routing weights
-    u64 w13;      // [n_local, 2I, H]: gate rows then up rows
-    u64 b13;      // [n_local, 2I] f32 or 0
-    u64 w2;       // [n_local, H, I]
-    u64 b2;       // [n_local, H] f32 or 0
-    u64 act;      // [T*k, I] activation dtype (scratch)
-    u64 out;      // [T, H] f32
-    u64 err;      // int flag: -(1 + pair) on an out-of-range slot id
-    int tokens, k, hidden, inter;
-    int slot_start, n_local, slot_total, act_kind;
-    float alpha, limit;
-    int scale_input, pad;
-};
+// DecodeParams: common.cuh (the packed-weight decode kernels of quant_gemm.cu embed it).
+
 
 #define DECODE_WARPS 8
 

@@ -777,157 +777,286 @@ QGEMM_ENTRY(m64, f16, F16Tag, 64, 2, 2)
 QACT_ENTRY(f16, F16Tag)
 #endif
 
-// ---- Decode-sized forwards: matrix-vector products on the packed weights ----
-// Like decode.cu for 16-bit weights: one warp per output column, one block row per (token,
-// choice) pair (gate_up) or per token (down, summing the token's local choices in order), the
-// packed bytes streamed once with 16-byte loads and dequantized in registers by the same
-// qg_dequant_chunk the tiled GEMM uses. At T = 1 this reads the packed bytes at close to
-// bandwidth instead of through 16-row tiles of which 15 rows are empty.
+// ---- Decode-sized forwards: grouped matrix-vector products on the packed weights ----
+// Each warp streams 8 packed weight rows of one expert over the whole reduction and multiplies
+// them on the tensor cores (mma.sync m16n8k16) with up to 16 activation rows: the rows of every
+// (token, choice) pair routed to that expert, so an expert's bytes are read once per forward.
+// No shared-memory tile and no shuffles: the weights are the B operand, and a lane (g, t) of
+// the mma layout loads chunk 4 b + t (16 bytes, EPC elements) of weight row g for 128/256-deep
+// block b; the mma's k slots {2t, 2t+1, 2t+8, 2t+9} of step s take that chunk's elements
+// {4s .. 4s+3} (the reduction order is a permutation, the same for A and B), so the lane's A
+// fragments are its own activation rows' elements at the same positions, loaded as they are,
+// and its B fragments are the words qg_dequant_chunk produces. The chunk is exactly one
+// MXFP4 scale group, so the per-32 scale folds into the dequantization as in the tiled GEMM.
+//
+//   gate_up: grid (ceil(I / 32), pairs); warp w of block x owns intermediate columns
+//            c0 .. c0 + 3 (c0 = 4 (8 x + w)); B column n = 2 j is the gate row of c0 + j and
+//            n = 2 j + 1 its up row, so a lane holds both halves of its column for the
+//            activation. act[pair, col] in the activation dtype.
+//   down:    grid (ceil(H / 64), pairs); warp w owns hidden columns c0 .. c0 + 7; writes
+//            ypair[pair, col] = w (y + b) in f32 (w = 1 when the weights scaled the input).
+//   sum:     out[t, col] = the token's local pairs' ypair rows added in choice order (the same
+//            order, and so the same bits, as a per-token loop).
+// Only the block of an expert's first pair runs; the blocks of its other pairs return after
+// the member scan, so the grid needs no count or layout pass and stays graph-capturable.
 struct QDecodeParams {
-    u64 x;        // [T, H] activations
-    u64 ids;      // [T*k] i32 slot ids
-    u64 weights;  // [T*k] f32
-    u64 w13, s13, c13, e13, b13;  // packed [n_local, 2I, H*BITS/8], scale words, col/expert factors, bias
-    u64 w2, s2, c2, e2, b2;       // the same for [n_local, H, I]
-    u64 act;      // [T*k, I] activation dtype (scratch)
-    u64 out;      // [T, H] f32
-    u64 err;      // -(1 + pair) on an out-of-range slot id
-    int tokens, k, hidden, inter;
-    int slot_start, n_local, slot_total, act_kind;
-    float alpha, limit;
-    int scale_input, pad;
+    DecodeParams d;               // w13 / w2: packed [n_local, rows, K * BITS / 8]
+    u64 s13, c13, e13;            // gate_up scale words, column factors, expert factors (or 0)
+    u64 s2, c2, e2;               // the same for down
+    u64 ypair;                    // [T*k, H] f32 scratch
+    int rows_up, rows_down;       // member rows the dynamic shared memory holds (<= 16)
 };
 
 #define QD_WARPS 8
-#define QD_EPC (128 / QG_BITS)  // elements per 16-byte chunk
+#define QD_EPC (128 / QG_BITS)        // elements per 16-byte chunk
+#define QD_U 4                        // 4-chunk blocks a lane keeps in flight
+#define QD_MAX_PAIRS 256              // must match QDECODE_MAX_PAIRS in src/quant.rs
+// Shared row pitch: K + QD_PAD elements, so the two member rows of one 16-byte shared-load
+// phase start on different banks (4-bit chunks still pair up 2-way within a row).
+#define QD_PAD 8
 
-// NR packed rows `rows[r]` of expert `l` (rows n_total, reduction K) dotted with the 16-bit
-// vector `v` (scaled by `vs` and rounded to the dtype first when `scale_v`), warp-reduced, times
-// each row's column and expert factors. Each lane first issues the loads of up to QD_MAXC chunks
-// of every row (and their scale words), then dequantizes: NR x QD_MAXC 16-byte loads in flight
-// a lane, which a decode-sized grid needs to approach DRAM bandwidth.
-#define QD_MAXC 4
-template <int NR, class Tag>
-__device__ __forceinline__ void qd_rows(u64 w, u64 sc, u64 cs, u64 es, int l, int n_total, const int (&rows)[NR], int K,
-                                        const u16* v, bool scale_v, float vs, float (&out)[NR]) {
-    const int lane = threadIdx.x & 31, chunks = K / QD_EPC;
-    float acc[NR];
-#pragma unroll
-    for (int r = 0; r < NR; ++r) acc[r] = 0.f;
-    for (int c0 = lane; c0 < chunks; c0 += 32 * QD_MAXC) {
-        uint4 q[NR][QD_MAXC];
-        u32 sw[NR][QD_MAXC];
-#pragma unroll
-        for (int r = 0; r < NR; ++r) {
-            const uint4* wrow = (const uint4*)w + ((size_t)l * n_total + rows[r]) * (size_t)chunks;
-#pragma unroll
-            for (int i = 0; i < QD_MAXC; ++i) {
-                const int c = c0 + 32 * i;
-                sw[r][i] = 0;
-                if (c < chunks) {
-                    q[r][i] = __ldg(wrow + c);
-#if QG_KSPAN > 0
-                    const int k0 = c * QD_EPC;
-                    const unsigned char* sp = (const unsigned char*)sc +
-                                              (((size_t)l * ((K + QG_KSPAN - 1) / QG_KSPAN) + k0 / QG_KSPAN) * n_total + rows[r]) * QG_SW;
-#if QG_SW == 2
-                    sw[r][i] = *(const unsigned short*)sp;
-#else
-                    sw[r][i] = *(const u32*)sp;
-#endif
-#endif
-                }
-            }
+// Pair indices routed to slot `slot`, in pair order, into `members`; returns their count if
+// `pair` is the first of them, else 0. Warp 0 scans; every thread gets the result.
+__device__ __forceinline__ int qd_members(const DecodeParams& p, int pair, int slot, int* members, int* count) {
+    const int P = p.tokens * p.k, lane = threadIdx.x & 31;
+    if (threadIdx.x < 32) {
+        int n = 0;
+        for (int base = 0; base < P; base += 32) {
+            const int i = base + lane;
+            const bool m = i < P && ((const int*)p.ids)[i] == slot;
+            const unsigned b = __ballot_sync(0xffffffffu, m);
+            if (m) members[n + __popc(b & ((1u << lane) - 1u))] = i;
+            n += __popc(b);
         }
-#pragma unroll
-        for (int i = 0; i < QD_MAXC; ++i) {
-            const int c = c0 + 32 * i;
-            if (c >= chunks) break;
-            const int k0 = c * QD_EPC;
-            float xf[QD_EPC];
-            const uint4* vv = (const uint4*)(v + k0);
-#pragma unroll
-            for (int b = 0; b < QD_EPC / 8; ++b) {
-                const uint4 xv = vv[b];
-                const u16* xe = (const u16*)&xv;
-#pragma unroll
-                for (int t = 0; t < 8; ++t) {
-                    float f = to_f32(xe[t], Tag());
-                    xf[8 * b + t] = scale_v ? to_f32(from_f32(f * vs, Tag()), Tag()) : f;
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < NR; ++r) {
-                __align__(16) u16 dq[QD_EPC];
-                qg_dequant_chunk<Tag>(q[r][i], sw[r][i], (k0 % QG_BK) / QD_EPC, dq);
-#pragma unroll
-                for (int t = 0; t < QD_EPC; ++t) acc[r] = fmaf(to_f32(dq[t], Tag()), xf[t], acc[r]);
-            }
-        }
+        __syncwarp();
+        if (lane == 0) *count = members[0] == pair ? n : 0;
     }
+    __syncthreads();
+    return *count;
+}
+
+// Stages member rows mt .. mt + rows - 1 (vector of member m: `src + row_of(m) * K`) into the
+// shared rows, times the member's routing weight rounded to the dtype when `scale` (Llama-4
+// input scaling). The whole block copies with 16-byte accesses.
+template <class Tag, class RowOf>
+__device__ __forceinline__ void qd_stage(u16* xs, const u16* src, int K, int rows, RowOf row_of, const float* scale) {
+    const int per = K / 8, ld = K + QD_PAD;
+    for (int i = threadIdx.x; i < rows * per; i += blockDim.x) {
+        const int r = i / per, c = i - r * per;
+        const int src_row = row_of(r);
+        uint4 v = __ldg((const uint4*)(src + (size_t)src_row * K) + c);
+        if (scale) {
+            const float s = scale[r];
+            u32* w = (u32*)&v;
 #pragma unroll
-    for (int r = 0; r < NR; ++r) {
-        float a = warp_sum(acc[r]);
-        if (cs) a *= ((const float*)cs)[(size_t)l * n_total + rows[r]];
-        if (es) a *= ((const float*)es)[l];
-        out[r] = a;
+            for (int j = 0; j < 4; ++j)
+                w[j] = pack2(to_f32((u16)(w[j] & 0xFFFFu), Tag()) * s, to_f32((u16)(w[j] >> 16), Tag()) * s, Tag());
+        }
+        *(uint4*)(xs + (size_t)r * ld + 8 * c) = v;
+    }
+}
+
+// The EPC activation elements of one chunk from a shared row (zeros for no row), as 16-bit
+// pair words.
+__device__ __forceinline__ void qd_row_words(const u16* row, bool ok, u32 (&w)[QD_EPC / 2]) {
+#pragma unroll
+    for (int i = 0; i < QD_EPC / 8; ++i) {
+        const uint4 v = ok ? *((const uint4*)row + i) : make_uint4(0, 0, 0, 0);
+        w[4 * i] = v.x;
+        w[4 * i + 1] = v.y;
+        w[4 * i + 2] = v.z;
+        w[4 * i + 3] = v.w;
+    }
+}
+
+// acc (mma C layout: rows = member rows g / g + 8 of the staged tile, columns = the warp's 8
+// weight rows) += A(staged rows) x dequant(W rows)^T over K. `wrow` is this lane's weight row
+// (n_total rows of expert l); `xa` / `xb` its staged rows (0: none).
+template <class Tag>
+__device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, int wrow, bool row_ok, int K,
+                                            const u16* xa, const u16* xb, float (&acc)[4]) {
+    const int t = threadIdx.x & 3, chunks = K / QD_EPC, blocks = (chunks + 3) / 4;
+    const uint4* wp = (const uint4*)w + ((size_t)l * n_total + wrow) * (size_t)chunks;
+#if QG_KSPAN > 0
+    const size_t spans = (size_t)((K + QG_KSPAN - 1) / QG_KSPAN);
+    const unsigned char* sp = (const unsigned char*)sc + ((size_t)l * spans * n_total + wrow) * QG_SW;
+#endif
+    uint4 q[QD_U];
+    u32 sw[QD_U];
+    auto load = [&](int b0) {
+#pragma unroll
+        for (int u = 0; u < QD_U; ++u) {
+            const int c = 4 * (b0 + u) + t;
+            const bool ok = row_ok && c < chunks;
+            q[u] = ok ? __ldg(wp + c) : make_uint4(0, 0, 0, 0);
+            sw[u] = 0;
+#if QG_KSPAN > 0
+            if (ok) {
+                const unsigned char* s = sp + (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
+#if QG_SW == 2
+                sw[u] = __ldg((const unsigned short*)s);
+#else
+                sw[u] = __ldg((const u32*)s);
+#endif
+            }
+#endif
+        }
+    };
+    load(0);
+    for (int b0 = 0; b0 < blocks; b0 += QD_U) {
+        uint4 qc[QD_U];
+        u32 swc[QD_U];
+#pragma unroll
+        for (int u = 0; u < QD_U; ++u) {
+            qc[u] = q[u];
+            swc[u] = sw[u];
+        }
+        if (b0 + QD_U < blocks) load(b0 + QD_U);  // the next blocks' bytes fly during these MMAs
+#pragma unroll
+        for (int u = 0; u < QD_U; ++u) {
+            if (4 * (b0 + u) >= chunks) break;  // warp-uniform: past the last block
+            const int c = 4 * (b0 + u) + t;
+            const bool in = c < chunks;
+            const int k0 = c * QD_EPC;
+            u32 wa[QD_EPC / 2], wb[QD_EPC / 2];
+            qd_row_words(xa + k0, xa != nullptr && in, wa);
+            qd_row_words(xb + k0, xb != nullptr && in, wb);
+            __align__(16) u16 dq[QD_EPC];
+            qg_dequant_chunk<Tag>(qc[u], swc[u], (k0 % QG_BK) / QD_EPC, dq);
+            const u32* dw = (const u32*)dq;
+#pragma unroll
+            for (int s = 0; s < QD_EPC / 4; ++s) {
+                const u32 a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
+                mma_16816(acc, a, dw[2 * s], dw[2 * s + 1], Tag());
+            }
+        }
     }
 }
 
 template <class Tag>
-__device__ void qdecode_gate_up(const QDecodeParams& p) {
-    const int pair = blockIdx.y, t = pair / p.k;
-    const int slot = ((const int*)p.ids)[pair];
+__device__ void qdecode_gate_up(const QDecodeParams& q) {
+    const DecodeParams& p = q.d;
+    extern __shared__ __align__(16) u16 qd_xs[];
+    __shared__ int members[QD_MAX_PAIRS];
+    __shared__ float mscale[16];
+    __shared__ int count;
+    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
     if (slot < 0 || slot >= p.slot_total) {
         if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
         return;
     }
     const int l = slot - p.slot_start;
-    const int col = blockIdx.x * QD_WARPS + (threadIdx.x >> 5);
-    if (l < 0 || l >= p.n_local || col >= p.inter) return;
-    const u16* x = (const u16*)p.x + (size_t)t * p.hidden;
-    const float s = p.scale_input ? ((const float*)p.weights)[pair] : 1.f;
-    const int n_total = 2 * p.inter;
-    const int rows[2] = {col, p.inter + col};
-    float gu[2];
-    qd_rows<2, Tag>(p.w13, p.s13, p.c13, p.e13, l, n_total, rows, p.hidden, x, p.scale_input, s, gu);
-    float g = gu[0], u = gu[1];
-    if ((threadIdx.x & 31) == 0) {
-        if (p.b13) {
-            const float* b = (const float*)p.b13 + (size_t)l * n_total;
-            g += b[col];
-            u += b[p.inter + col];
+    if (l < 0 || l >= p.n_local) return;
+    const int n = qd_members(p, pair, slot, members, &count);
+    if (n == 0) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int I = p.inter, H = p.hidden, n_total = 2 * I, R = q.rows_up, ld = H + QD_PAD;
+    const int c0 = (blockIdx.x * QD_WARPS + warp) * 4;
+    const int bcol = c0 + (g >> 1);  // this lane's B row: gate (g even) or up (g odd) of bcol
+    const int wrow = (g & 1) ? I + bcol : bcol;
+    const bool scale_v = p.scale_input != 0;
+    for (int mt = 0; mt < n; mt += R) {
+        const int rows = min(R, n - mt);
+        if (mt > 0) __syncthreads();  // every warp is done with the previous rows
+        if (scale_v && threadIdx.x < rows) mscale[threadIdx.x] = ((const float*)p.weights)[members[mt + threadIdx.x]];
+        __syncthreads();
+        qd_stage<Tag>(qd_xs, (const u16*)p.x, H, rows, [&](int r) { return members[mt + r] / p.k; },
+                      scale_v ? mscale : nullptr);
+        __syncthreads();
+        if (c0 >= I) continue;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        qd_mma_rows<Tag>(p.w13, q.s13, l, n_total, wrow, bcol < I, H, g < rows ? qd_xs + g * ld : nullptr,
+                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
+        // acc[0] / acc[1]: gate / up of column c0 + t for staged row g; acc[2] / acc[3]: row g + 8.
+        const int col = c0 + t;
+        if (col >= I) continue;
+        float fg = 1.f, fu = 1.f, bg = 0.f, bu = 0.f;
+        if (q.c13) {
+            fg = ((const float*)q.c13)[(size_t)l * n_total + col];
+            fu = ((const float*)q.c13)[(size_t)l * n_total + I + col];
         }
-        ((u16*)p.act)[(size_t)pair * p.inter + col] = from_f32(apply_act(p.act_kind, g, u, p.alpha, p.limit), Tag());
+        if (q.e13) {
+            const float es = ((const float*)q.e13)[l];
+            fg *= es;
+            fu *= es;
+        }
+        if (p.b13) {
+            bg = ((const float*)p.b13)[(size_t)l * n_total + col];
+            bu = ((const float*)p.b13)[(size_t)l * n_total + I + col];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = g + 8 * h;
+            if (r >= rows) continue;
+            const float v = apply_act(p.act_kind, acc[2 * h] * fg + bg, acc[2 * h + 1] * fu + bu, p.alpha, p.limit);
+            ((u16*)p.act)[(size_t)members[mt + r] * I + col] = from_f32(v, Tag());
+        }
     }
 }
 
 template <class Tag>
-__device__ void qdecode_down(const QDecodeParams& p) {
-    const int t = blockIdx.y;
-    const int col = blockIdx.x * QD_WARPS + (threadIdx.x >> 5);
-    if (col >= p.hidden) return;
+__device__ void qdecode_down(const QDecodeParams& q) {
+    const DecodeParams& p = q.d;
+    extern __shared__ __align__(16) u16 qd_xs[];
+    __shared__ int members[QD_MAX_PAIRS];
+    __shared__ int count;
+    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
+    const int l = slot - p.slot_start;
+    if (slot < 0 || slot >= p.slot_total || l < 0 || l >= p.n_local) return;  // flagged by gate_up
+    const int n = qd_members(p, pair, slot, members, &count);
+    if (n == 0) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
+    const int c0 = (blockIdx.x * QD_WARPS + warp) * 8;
+    for (int mt = 0; mt < n; mt += R) {
+        const int rows = min(R, n - mt);
+        if (mt > 0) __syncthreads();
+        qd_stage<Tag>(qd_xs, (const u16*)p.act, I, rows, [&](int r) { return members[mt + r]; }, nullptr);
+        __syncthreads();
+        if (c0 >= H) continue;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        qd_mma_rows<Tag>(p.w2, q.s2, l, H, c0 + g, c0 + g < H, I, g < rows ? qd_xs + g * ld : nullptr,
+                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int col = c0 + 2 * t + c;
+            if (col >= H) continue;
+            float f = q.c2 ? ((const float*)q.c2)[(size_t)l * H + col] : 1.f;
+            if (q.e2) f *= ((const float*)q.e2)[l];
+            const float b = p.b2 ? ((const float*)p.b2)[(size_t)l * H + col] : 0.f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = g + 8 * h;
+                if (r >= rows) continue;
+                const int pr = members[mt + r];
+                const float w = p.scale_input ? 1.f : ((const float*)p.weights)[pr];
+                ((float*)q.ypair)[(size_t)pr * H + col] = w * (acc[2 * h + c] * f + b);
+            }
+        }
+    }
+}
+
+template <class Tag>
+__device__ void qdecode_sum(const QDecodeParams& q) {
+    const DecodeParams& p = q.d;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)p.tokens * p.hidden) return;
+    const int tok = (int)(i / p.hidden), col = (int)(i % p.hidden);
     float acc = 0.f;
     for (int j = 0; j < p.k; ++j) {
-        const int pair = t * p.k + j;
-        const int l = ((const int*)p.ids)[pair] - p.slot_start;
+        const int pair = tok * p.k + j, l = ((const int*)p.ids)[pair] - p.slot_start;
         if (l < 0 || l >= p.n_local) continue;  // another rank's expert, or a bad id (flagged)
-        const u16* a = (const u16*)p.act + (size_t)pair * p.inter;
-        const int rows[1] = {col};
-        float dd[1];
-        qd_rows<1, Tag>(p.w2, p.s2, p.c2, p.e2, l, p.hidden, rows, p.inter, a, false, 1.f, dd);
-        float d = dd[0];
-        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
-        acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
+        acc += ((const float*)q.ypair)[(size_t)pair * p.hidden + col];
     }
-    if ((threadIdx.x & 31) == 0) ((float*)p.out)[(size_t)t * p.hidden + col] = acc;
+    ((float*)p.out)[i] = acc;
 }
 
 #define QDECODE_ENTRY(DT, TAG)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) qdecode_gate_up_##DT(QDecodeParams p) {               \
         qdecode_gate_up<TAG>(p);                                                                          \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) qdecode_down_##DT(QDecodeParams p) { qdecode_down<TAG>(p); }
+    extern "C" __global__ void __launch_bounds__(256) qdecode_down_##DT(QDecodeParams p) { qdecode_down<TAG>(p); } \
+    extern "C" __global__ void __launch_bounds__(256) qdecode_sum_##DT(QDecodeParams p) { qdecode_sum<TAG>(p); }
 #ifdef MOE_QGEMM_BF16
 QDECODE_ENTRY(bf16, Bf16Tag)
 #endif

@@ -141,11 +141,17 @@ impl CudaBackend {
         let quant = self.cfg.quant != moe_core::QuantFormat::None;
         let decode = match self.decode_max {
             Some(m) => tokens <= m,
+            None if quant => crate::quant::decode_auto(tokens, self.cfg.top_k, n_local),
             None => heuristics::decode_auto(tokens, self.cfg.top_k, self.cfg.num_experts),
         };
         // The 16-bit decode kernels keep the token row in shared memory (48 KiB without opt-in);
-        // the packed-weight ones read it from global memory.
-        if decode && (quant || self.cfg.hidden_size * 2 <= 48 * 1024) {
+        // the packed-weight ones read it from global memory but hold at most QDECODE_MAX_PAIRS.
+        let fits = if quant {
+            tokens * self.cfg.top_k <= crate::quant::QDECODE_MAX_PAIRS
+        } else {
+            self.cfg.hidden_size * 2 <= 48 * 1024
+        };
+        if decode && fits {
             let pairs = tokens * self.cfg.top_k;
             return Plan { layout: Layout::Decode, tile: GemmTile::M16, tiles: 0, rows: pairs };
         }
@@ -751,6 +757,8 @@ impl ExpertBackend for CudaBackend {
         let rec = self.graph_recording(t)?;
         if plan.layout == Layout::Decode {
             let act = self.scratch("act", pairs * inter * 2)?;
+            let ypair =
+                if self.cfg.quant != moe_core::QuantFormat::None { self.scratch("ypair", pairs * h * 4)? } else { 0 };
             let w = self.w()?;
             let (act_kind, alpha, limit) = self.act_params();
             let dp = DecodeParams {
@@ -779,7 +787,7 @@ impl ExpertBackend for CudaBackend {
             };
             if let Some(q) = w.quant.as_ref() {
                 // Packed weights: the format's matrix-vector kernels (same launch shape).
-                q.decode(&dev, &dp)?;
+                q.decode(&dev, &dp, ypair)?;
             } else {
                 const WARPS: usize = 8; // DECODE_WARPS: one output column per warp
                 let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);

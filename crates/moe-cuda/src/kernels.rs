@@ -254,6 +254,8 @@ pub enum KernelId {
     QDecodeGateUp(QuantKind, Elem),
     /// `qdecode_down_{dt}` of the quantized module of one format (decode sizes).
     QDecodeDown(QuantKind, Elem),
+    /// `qdecode_sum_{dt}`: each token's pair rows added in choice order (decode sizes).
+    QDecodeSum(QuantKind, Elem),
     /// `moe_decode_gate_up_{dt}`.
     DecodeGateUp(Elem),
     /// `moe_decode_down_{dt}`.
@@ -279,7 +281,8 @@ impl KernelId {
             | KernelId::QuantRows(q, d)
             | KernelId::F8Gemm(q, d, _)
             | KernelId::QDecodeGateUp(q, d)
-            | KernelId::QDecodeDown(q, d) => Module::QuantGemm(q, d),
+            | KernelId::QDecodeDown(q, d)
+            | KernelId::QDecodeSum(q, d) => Module::QuantGemm(q, d),
             KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) => Module::Decode,
         }
     }
@@ -306,6 +309,7 @@ impl KernelId {
             KernelId::F8Gemm(_, d, proj) => format!("f8gemm_{}_{}", proj.name(), d.suffix()),
             KernelId::QDecodeGateUp(_, d) => format!("qdecode_gate_up_{}", d.suffix()),
             KernelId::QDecodeDown(_, d) => format!("qdecode_down_{}", d.suffix()),
+            KernelId::QDecodeSum(_, d) => format!("qdecode_sum_{}", d.suffix()),
             KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
             KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
         }
@@ -333,7 +337,12 @@ impl KernelId {
                 for t in QuantTile::ALL {
                     v.extend([KernelId::QGemm(q, d, t, Proj::GateUp), KernelId::QGemm(q, d, t, Proj::Down)]);
                 }
-                v.extend([KernelId::QAct(q, d), KernelId::QDecodeGateUp(q, d), KernelId::QDecodeDown(q, d)]);
+                v.extend([
+                    KernelId::QAct(q, d),
+                    KernelId::QDecodeGateUp(q, d),
+                    KernelId::QDecodeDown(q, d),
+                    KernelId::QDecodeSum(q, d),
+                ]);
                 if q.is_fp8() {
                     v.extend([
                         KernelId::QuantRows(q, d),
@@ -720,6 +729,7 @@ impl KernelId {
         match self {
             KernelId::QGemm(q, _, t, _) => Some(t.smem_bytes(q)),
             KernelId::F8Gemm(..) => Some(fp8_tile::SMEM),
+            KernelId::QDecodeGateUp(..) | KernelId::QDecodeDown(..) => Some(QDECODE_SMEM),
             _ => None,
         }
     }
@@ -803,39 +813,29 @@ pub struct QGemmParams {
 
 // SAFETY: `#[repr(C)]` plain data matching `QGemmParams` in quant_gemm.cu field for field.
 unsafe impl DeviceRepr for QGemmParams {}
-/// Quantized decode launch parameters (`QDecodeParams`).
+/// Quantized decode launch parameters (`QDecodeParams`): the 16-bit decode parameters (with
+/// `w13` / `w2` pointing at the packed weights) plus the formats' parts and the per-pair rows.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QDecodeParams {
-    pub x: u64,
-    pub ids: u64,
-    pub weights: u64,
-    pub w13: u64,
+    pub d: DecodeParams,
     pub s13: u64,
     pub c13: u64,
     pub e13: u64,
-    pub b13: u64,
-    pub w2: u64,
     pub s2: u64,
     pub c2: u64,
     pub e2: u64,
-    pub b2: u64,
-    pub act: u64,
-    pub out: u64,
-    pub err: u64,
-    pub tokens: i32,
-    pub k: i32,
-    pub hidden: i32,
-    pub inter: i32,
-    pub slot_start: i32,
-    pub n_local: i32,
-    pub slot_total: i32,
-    pub act_kind: i32,
-    pub alpha: f32,
-    pub limit: f32,
-    pub scale_input: i32,
-    pub pad: i32,
+    /// `[T*k, H]` f32 scratch: each pair's weighted down row.
+    pub ypair: u64,
+    /// Member rows (activation vectors of one expert's pairs) the gate_up launch's dynamic shared
+    /// memory holds: at most 16.
+    pub rows_up: i32,
+    /// The same for the down launch.
+    pub rows_down: i32,
 }
+
+/// Dynamic shared memory the packed-weight decode kernels may use for staged activation rows.
+pub const QDECODE_SMEM: u32 = 96 * 1024;
 
 // SAFETY: `#[repr(C)]` plain data matching `QDecodeParams` in quant_gemm.cu field for field.
 unsafe impl DeviceRepr for QDecodeParams {}
@@ -980,7 +980,7 @@ mod tests {
                     }
                     KernelId::QGemm(_, d, t, _) => src.contains(&format!("QGEMM_ENTRY({}, {},", t.name(), d.suffix())),
                     KernelId::QAct(_, d) => src.contains(&format!("QACT_ENTRY({},", d.suffix())),
-                    KernelId::QDecodeGateUp(_, d) | KernelId::QDecodeDown(_, d) => {
+                    KernelId::QDecodeGateUp(_, d) | KernelId::QDecodeDown(_, d) | KernelId::QDecodeSum(_, d) => {
                         src.contains(&format!("QDECODE_ENTRY({},", d.suffix()))
                     }
                     KernelId::QuantRows(_, d) | KernelId::F8Gemm(_, d, _) => {
@@ -1009,7 +1009,7 @@ mod tests {
         // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
         assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
         assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
-        assert_eq!(std::mem::size_of::<QDecodeParams>(), 176);
+        assert_eq!(std::mem::size_of::<QDecodeParams>(), 192);
         // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
         assert_eq!(std::mem::size_of::<F8TmaParams>(), 448);
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);

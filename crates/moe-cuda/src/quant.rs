@@ -19,7 +19,7 @@ use crate::error::CudaError;
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::{
     fp8_tile, DecodeParams, Elem, Fp8GemmParams, GemmMode, GemmParams, GemmTile, KernelId, Proj, QActParams,
-    QDecodeParams, QGemmParams, QuantKind, QuantRowsParams, QuantTile,
+    QDecodeParams, QGemmParams, QuantKind, QuantRowsParams, QuantTile, QDECODE_SMEM,
 };
 
 /// Host-side parts of one expert projection in the device layout.
@@ -275,6 +275,20 @@ pub fn fp8_mma_ok(arch: &str, format: QuantFormat, hidden: usize, inter: usize) 
         && std::env::var("MOE_CUDA_FP8_MMA").as_deref() != Ok("0")
 }
 
+/// Largest `T * k` of the packed-weight decode path; must match `QD_MAX_PAIRS` in
+/// quant_gemm.cu (its member scan keeps one expert's pairs in shared memory).
+pub const QDECODE_MAX_PAIRS: usize = 256;
+/// Row padding of the staged activation rows (`QD_PAD` in quant_gemm.cu).
+const QD_PAD: usize = 8;
+
+/// Whether a quantized forward of `tokens` takes the grouped matrix-vector decode path by
+/// default: up to 8 rows an expert on average (its MMAs take 16 rows at once, and it reads each
+/// hit expert once), within [`QDECODE_MAX_PAIRS`].
+pub fn decode_auto(tokens: usize, k: usize, n_local: usize) -> bool {
+    let pairs = tokens * k;
+    pairs <= QDECODE_MAX_PAIRS && (tokens <= 2 || pairs <= 8 * n_local.max(1))
+}
+
 /// The launch plan of a quantized forward: the heuristics' layout with row tiles of at most 64
 /// (the weight-only GEMM has m16 and m64 tiles); 128-row contiguous tiles stay when the FP8
 /// tensor-core GEMM runs them (`fp8_mma`).
@@ -498,48 +512,47 @@ impl QuantExperts {
         Self::upload_pattern(dev, elem, &x, &(0..n).map(|s| s % d).collect::<Vec<_>>())
     }
 
-    /// A decode-sized forward: the format's matrix-vector kernels (`qdecode_*`) over the packed
-    /// weights. `p` carries everything but the weights, as the 16-bit decode kernels take it.
-    pub fn decode(&self, dev: &CudaDevice, p: &DecodeParams) -> Result<()> {
+    /// A decode-sized forward: the format's grouped matrix-vector kernels (`qdecode_*`) over the
+    /// packed weights. `p` carries everything but the weights, as the 16-bit decode kernels take
+    /// it; `ypair` is `[T*k, H]` f32 scratch for the pairs' weighted down rows.
+    pub fn decode(&self, dev: &CudaDevice, p: &DecodeParams, ypair: u64) -> Result<()> {
         let (h, i) = (p.hidden as usize, p.inter as usize);
+        let pairs = (p.tokens * p.k) as usize;
+        if pairs > QDECODE_MAX_PAIRS {
+            return Err(MoeError::unsupported(
+                "cuda",
+                format!("the packed-weight decode path holds at most {QDECODE_MAX_PAIRS} (token, choice) pairs, got {pairs}"),
+            ));
+        }
         let (w13, w2) = (self.proj(Proj::GateUp, i, h)?, self.proj(Proj::Down, h, i)?);
         let opt = |s: &Option<CudaSlice<u8>>| s.as_ref().map_or(0, |s| dev.ptr(s));
         let opt32 = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| dev.ptr(s));
         let q = QDecodeParams {
-            x: p.x,
-            ids: p.ids,
-            weights: p.weights,
-            w13: dev.ptr(&w13.w),
+            d: DecodeParams { w13: dev.ptr(&w13.w), w2: dev.ptr(&w2.w), ..*p },
             s13: opt(&w13.scales),
             c13: opt32(&w13.col),
             e13: opt32(&w13.exp),
-            b13: p.b13,
-            w2: dev.ptr(&w2.w),
             s2: opt(&w2.scales),
             c2: opt32(&w2.col),
             e2: opt32(&w2.exp),
-            b2: p.b2,
-            act: p.act,
-            out: p.out,
-            err: p.err,
-            tokens: p.tokens,
-            k: p.k,
-            hidden: p.hidden,
-            inter: p.inter,
-            slot_start: p.slot_start,
-            n_local: p.n_local,
-            slot_total: p.slot_total,
-            act_kind: p.act_kind,
-            alpha: p.alpha,
-            limit: p.limit,
-            scale_input: p.scale_input,
-            pad: 0,
+            ypair,
+            rows_up: 0,
+            rows_down: 0,
         };
-        const WARPS: usize = 8; // QD_WARPS: one output column per warp
-        let pairs = (p.tokens * p.k) as u32;
+        // An expert's pairs come from distinct tokens, so at most T of them share the staged rows;
+        // more (or longer rows than fit) run in several rounds over the expert's weights.
+        let rows = |k: usize| (p.tokens as usize).min(16).min(QDECODE_SMEM as usize / ((k + QD_PAD) * 2)).max(1);
+        let (ru, rd) = (rows(h), rows(i));
+        let q = QDecodeParams { rows_up: ru as i32, rows_down: rd as i32, ..q };
+        let smem = |r: usize, k: usize| (r * (k + QD_PAD) * 2) as u32;
+        const WARPS: usize = 8; // QD_WARPS: 4 intermediate / 8 hidden columns a warp
         let kind = self.packer.kind();
-        dev.launch(KernelId::QDecodeGateUp(kind, self.elem), (i.div_ceil(WARPS) as u32, pairs, 1), 256, 0, &q)?;
-        dev.launch(KernelId::QDecodeDown(kind, self.elem), (h.div_ceil(WARPS) as u32, p.tokens as u32, 1), 256, 0, &q)?;
+        let grid_up = (i.div_ceil(4 * WARPS) as u32, pairs as u32, 1);
+        dev.launch(KernelId::QDecodeGateUp(kind, self.elem), grid_up, 256, smem(ru, h), &q)?;
+        let grid_down = (h.div_ceil(8 * WARPS) as u32, pairs as u32, 1);
+        dev.launch(KernelId::QDecodeDown(kind, self.elem), grid_down, 256, smem(rd, i), &q)?;
+        let n = p.tokens as usize * h;
+        dev.launch(KernelId::QDecodeSum(kind, self.elem), (n.div_ceil(256) as u32, 1, 1), 256, 0, &q)?;
         Ok(())
     }
 

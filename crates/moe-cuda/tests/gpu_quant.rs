@@ -1,5 +1,5 @@
 //! Quantized experts on the `cuda` backend against `reference` (which dequantizes the same packed
-//! weights and computes in f32): every format x activation x T (1, 16, 200) x layout, poisoned
+//! weights and computes in f32): every format x activation x T (1, 16, 100, 200) x layout, poisoned
 //! outputs, split-K decode, EPLB slot replacement, and the errors for corrupt or unsupported
 //! parts. Without a usable GPU every test prints the `can_implement` reason and passes.
 
@@ -11,6 +11,7 @@ use moe_core::quant::{Int4Group, QuantMethod};
 use moe_core::tensor::HostData;
 use moe_core::weights::random_hidden;
 use moe_core::{DType, MoeConfig, MoeWeights, QuantFormat, Tensor};
+use moe_cuda::heuristics::Layout;
 use moe_cuda::kernels::GemmTile;
 use moe_cuda::{CudaBackend, CudaProvider};
 
@@ -144,9 +145,13 @@ fn every_format_matches_the_dequantized_reference() {
             with_zero_points(&cfg, &mut w);
         }
         let mut p = pair(&cfg, &w, &hw);
-        // Contiguous with the matrix-vector decode path at T = 1 (automatic), masked without
-        // it; FP8 block on sm_90a: the wgmma tile (default) and, once, the mma.sync GEMM.
-        for (masked_max, f8_tile, decode) in [(0usize, true, None), (1 << 20, true, Some(0)), (0, false, None)] {
+        // Contiguous with the grouped matrix-vector decode path at T = 1 and 16 (automatic),
+        // masked without it; FP8 block on sm_90a: the wgmma tile (default) and, once, the
+        // mma.sync GEMM; and the decode path forced at T = 100 (about 25 pairs an expert: two
+        // 16-row MMA tiles per expert).
+        for (masked_max, f8_tile, decode) in
+            [(0usize, true, None), (1 << 20, true, Some(0)), (0, false, None), (0, true, Some(128))]
+        {
             if !f8_tile && cfg.quant != QuantFormat::Fp8Block {
                 continue;
             }
@@ -155,7 +160,11 @@ fn every_format_matches_the_dequantized_reference() {
             p.cuda.set_decode_max_tokens(decode);
             let fp8 = matches!(cfg.quant, QuantFormat::Fp8Block | QuantFormat::Fp8Tensor);
             // T = 600: 150 rows per expert, 128-row tiles (the FP8 tensor-core GEMM on sm_89+).
-            let tokens_list: &[usize] = if fp8 { &[1, 16, 200, 600] } else { &[1, 16, 200] };
+            let tokens_list: &[usize] = match (decode, fp8) {
+                (Some(128), _) => &[100],
+                (_, true) => &[1, 16, 200, 600],
+                _ => &[1, 16, 200],
+            };
             for (i, &tokens) in tokens_list.iter().enumerate() {
                 let err = forward(&mut p, &cfg, tokens, 50 + i as u64);
                 let plan = p.cuda.plan(tokens);
@@ -163,6 +172,9 @@ fn every_format_matches_the_dequantized_reference() {
                 // The FP8 tensor-core path also quantizes activations (per token per 128): FP8's
                 // tolerance; the weight-only paths only round to 16 bits.
                 let tol = if plan.tile == GemmTile::M128 { TOL_FP8 } else { TOL };
+                if decode == Some(128) || tokens == 1 && decode.is_none() {
+                    assert_eq!(plan.layout, Layout::Decode, "{label}");
+                }
                 assert!(err < tol, "{label}: rel err {err:e}");
                 eprintln!("{label}: rel err {err:.2e}");
                 ran += 1;
