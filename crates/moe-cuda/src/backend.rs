@@ -176,7 +176,8 @@ impl CudaBackend {
     }
 
     /// Benchmarks and tests: whether the TMA tile gathers token rows itself in the contiguous
-    /// layout (default; `MOE_CUDA_GATHER=0` turns it off) instead of reading a permuted copy.
+    /// layout, and FP8 experts quantize token rows straight into their layout rows (default;
+    /// `MOE_CUDA_GATHER=0` turns both off) instead of reading a permuted copy.
     pub fn set_gather(&mut self, on: bool) {
         self.gather = on;
     }
