@@ -746,6 +746,20 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
         block_coords_of(b, tp.num_m, num_n, tile, nb);
         tile_rows(p, tile, TW_BM, e, row0, row_end);
         const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN);
+        if (row0 + c * 64 >= row_end) {
+            // All 64 rows of this warpgroup are padding (an expert's last, partial tile): release
+            // the stages without MMAs so the other warpgroup has the tensor cores to itself.
+            for (int kt = 0; kt < KT; ++kt) {
+                mbar_wait(&full[stage], phase);
+                __syncwarp();
+                if (lane == 0) mbar_arrive(&empty[stage]);
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+            continue;
+        }
         // This thread's two rows; the weight rows whose block scales apply: gate_up the gate
         // block (columns 0..63 of the tile) and the up block (64..127), down one block.
         const int r_lo = row0 + c * 64 + warp * 16 + g, r_hi = r_lo + 8;

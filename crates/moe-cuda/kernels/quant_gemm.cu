@@ -510,32 +510,74 @@ __device__ __forceinline__ void quant_gemm(const QGemmParams& p) {
 #endif
 
 struct QuantRowsParams {
-    u64 x;       // [rows, K] act dtype
-    u64 q;       // [rows, K] e4m3
-    u64 scales;  // [K / 128, rows] f32
-    int rows, K;
+    u64 x;            // [src_rows, K] act dtype
+    u64 q;            // [rows, K] e4m3
+    u64 scales;       // [K / 128, rows] f32
+    u64 dest;         // [src_rows * k] i32 layout rows of source row i (-1: none), or 0: row i itself
+    u64 tile_expert;  // [rows / tile_m] i32 or 0; with dest == 0, rows past their tile's end are skipped
+    u64 tile_end;     // [rows / tile_m] i32: end of each tile's real rows
+    int src_rows, K, k, tile_m;
+    int rows, pad;
 };
 
-// One warp per (row, 128 channels): amax over the group, scale = amax / 448, q = e4m3(x / scale).
+#define QR_ROWS 8   // source rows a block (one warp each): 8 scale words of a group are 32 bytes
+#define QR_PAIRS 4  // 128-channel group pairs a warp converts (8 groups, 1024 channels)
+
+// Activations to e4m3 per row per 128 channels: amax over the group, scale = amax / 448,
+// q = e4m3(x / scale) (DeepSeek-V3's activation quantization). A warp takes 8 groups of one
+// source row (16 lanes a group, 16-byte loads, all loads issued first) and writes the codes and
+// scales to each of the row's destinations: the layout rows of a token (the permutation fused
+// into the quantization, each token read and converted once) or the row itself.
 template <class Tag>
 __device__ __forceinline__ void quant_rows(const QuantRowsParams& p) {
 #ifdef MOE_HAS_FP8_MMA
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    const int groups = p.K / 128;
-    if (warp >= p.rows * groups) return;
-    const int row = warp / groups, g = warp % groups;
-    const size_t off = (size_t)row * p.K + g * 128 + lane * 4;
-    const uint2 raw = *(const uint2*)((const u16*)p.x + off);
-    float v[4] = {to_f32((u16)(raw.x & 0xFFFF), Tag()), to_f32((u16)(raw.x >> 16), Tag()),
-                  to_f32((u16)(raw.y & 0xFFFF), Tag()), to_f32((u16)(raw.y >> 16), Tag())};
-    float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-    m = warp_max(m);
-    const float s = m > 0.f ? m / 448.f : 1.f;
-    u16 lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(v[1] / s), "f"(v[0] / s));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(v[3] / s), "f"(v[2] / s));
-    *(u32*)((unsigned char*)p.q + off) = (u32)lo | ((u32)hi << 16);
-    if (lane == 0) ((float*)p.scales)[(size_t)g * p.rows + row] = s;
+    const int src = blockIdx.x * QR_ROWS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (src >= p.src_rows) return;
+    if (!p.dest && p.tile_expert) {
+        const int t = src / p.tile_m;
+        if (((const int*)p.tile_expert)[t] < 0 || src >= ((const int*)p.tile_end)[t]) return;
+    }
+    const int groups = p.K / 128, half = lane >> 4, c8 = (lane & 15) * 8;
+    const int g0 = blockIdx.y * 2 * QR_PAIRS;
+    const u16* x = (const u16*)p.x + (size_t)src * p.K;
+    uint4 raw[QR_PAIRS];
+#pragma unroll
+    for (int u = 0; u < QR_PAIRS; ++u) {
+        const int g = g0 + 2 * u + half;
+        raw[u] = g < groups ? *(const uint4*)(x + g * 128 + c8) : make_uint4(0, 0, 0, 0);
+    }
+    const int* dest = p.dest ? (const int*)p.dest + (size_t)src * p.k : nullptr;
+    const int nd = p.dest ? p.k : 1;
+#pragma unroll
+    for (int u = 0; u < QR_PAIRS; ++u) {
+        const int g = g0 + 2 * u + half;
+        const u32 w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            v[2 * j] = to_f32((u16)(w[j] & 0xFFFF), Tag());
+            v[2 * j + 1] = to_f32((u16)(w[j] >> 16), Tag());
+        }
+        float m = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+        // The 16 lanes of one group (xor offsets below 16 stay inside the half-warp).
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (g >= groups) continue;
+        const float s = m > 0.f ? m / 448.f : 1.f;
+        u16 e[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(e[j]) : "f"(v[2 * j + 1] / s), "f"(v[2 * j] / s));
+        const uint2 out = make_uint2((u32)e[0] | ((u32)e[1] << 16), (u32)e[2] | ((u32)e[3] << 16));
+        for (int j = 0; j < nd; ++j) {
+            const int row = dest ? dest[j] : src;
+            if (row < 0) continue;
+            *(uint2*)((unsigned char*)p.q + (size_t)row * p.K + g * 128 + c8) = out;
+            if ((lane & 15) == 0) ((float*)p.scales)[(size_t)g * p.rows + row] = s;
+        }
+    }
 #endif
 }
 

@@ -182,7 +182,8 @@ impl CudaBackend {
     }
 
     /// Benchmarks and tests: whether the TMA tile gathers token rows itself in the contiguous
-    /// layout (default; `MOE_CUDA_GATHER=0` turns it off) instead of reading a permuted copy.
+    /// layout, and FP8 experts quantize token rows straight into their layout rows (default;
+    /// `MOE_CUDA_GATHER=0` turns both off) instead of reading a permuted copy.
     pub fn set_gather(&mut self, on: bool) {
         self.gather = on;
     }
@@ -807,8 +808,10 @@ impl ExpertBackend for CudaBackend {
         let offsets = self.scratch("offsets", (n_local + 1) * 4)?;
         let tile_expert = self.scratch("tile_expert", plan.tiles * 4)?;
         let tile_end = self.scratch("tile_end", plan.tiles * 4)?;
-        // The TMA tile gathers token rows itself; otherwise permute copies them into `a`.
-        let gather = plan.tile.uses_tma()
+        // The TMA tile gathers token rows itself, and FP8 experts quantize token rows straight
+        // into their layout rows (crate::quant); otherwise permute copies them into `a`.
+        let fp8_rows = plan.tile == GemmTile::M128 && self.weights.as_ref().is_some_and(|w| w.quant.is_some());
+        let gather = (plan.tile.uses_tma() || fp8_rows)
             && plan.layout == Layout::Contiguous
             && !routing.weights_on_input()
             && x.is_multiple_of(16)
@@ -889,7 +892,7 @@ impl ExpertBackend for CudaBackend {
         let g2 =
             GemmParams { a: act, w: dev.ptr(&w.w2), bias: dev.ptr_opt(w.b2.as_ref()), out: y, split_stride, ..base };
         let y_elem = if w.quant.is_some() {
-            // Quantized experts: the format's own GEMMs (f32 expert outputs).
+            // Quantized experts: the format's own GEMMs.
             let f = crate::quant::Forward {
                 plan,
                 pairs,
@@ -899,11 +902,14 @@ impl ExpertBackend for CudaBackend {
                 hidden: h,
                 inter,
                 down_splits: splits,
+                row_of: if gather { row_of } else { 0 },
+                top_k: k,
+                y16: self.y16,
             };
-            if let Some(q) = self.weights.as_mut().and_then(|w| w.quant.as_mut()) {
-                q.forward(&dev, &f)?;
+            match self.weights.as_mut().and_then(|w| w.quant.as_mut()) {
+                Some(q) => q.forward(&dev, &f)?,
+                None => 0,
             }
-            0
         } else {
             let a_rows = if gather { t } else { plan.rows };
             self.gemm(true, plan.tile, plan.tiles, g1, inter, h, 1, a_rows, n_local * 2 * inter, token_of_row)?;

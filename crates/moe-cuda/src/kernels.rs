@@ -763,8 +763,18 @@ pub struct QuantRowsParams {
     pub x: u64,
     pub q: u64,
     pub scales: u64,
-    pub rows: i32,
+    /// `[src_rows * top_k]` i32 layout rows of each source row (-1: none), or 0: each row itself.
+    pub dest: u64,
+    /// Tile map (or 0): with `dest == 0`, rows past their tile's real rows are skipped.
+    pub tile_expert: u64,
+    pub tile_end: u64,
+    pub src_rows: i32,
     pub k: i32,
+    pub top_k: i32,
+    pub tile_m: i32,
+    /// Rows of `q` (the stride of the scale words).
+    pub rows: i32,
+    pub pad: i32,
 }
 
 /// FP8 GEMM parameters (`Fp8GemmParams`): the quantized GEMM's plus the activation scales.
@@ -1015,7 +1025,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);
         assert_eq!(std::mem::size_of::<QGemmParams>(), 128);
         assert_eq!(std::mem::size_of::<QActParams>(), 88);
-        assert_eq!(std::mem::size_of::<QuantRowsParams>(), 32);
+        assert_eq!(std::mem::size_of::<QuantRowsParams>(), 72);
         assert_eq!(std::mem::size_of::<Fp8GemmParams>(), 144);
     }
 

@@ -389,6 +389,14 @@ pub struct Forward {
     pub inter: usize,
     /// K splits of the down projection (the backend sized `g2.out` for them).
     pub down_splits: usize,
+    /// Nonzero: `g1.a` holds the token rows `[pairs / top_k, hidden]` (no permuted copy) and this
+    /// the i32 layout row of each (token, choice) pair (-1: not local); the FP8 path gathers and
+    /// quantizes them in one pass. 0: `g1.a` is the permuted copy `[plan.rows, hidden]`.
+    pub row_of: u64,
+    /// Choices per token.
+    pub top_k: usize,
+    /// Whether the down projection may write 16-bit outputs (one split, routed rows).
+    pub y16: bool,
 }
 
 fn driver(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoeError {
@@ -604,19 +612,41 @@ impl QuantExperts {
     /// Both projections of one forward: FP8 tensor cores for 128-row tiles of FP8 weights
     /// (activations quantized per row per 128 channels in between), the weight-only GEMMs
     /// otherwise, with gate_up split over K at decode sizes (bias + activation in `qg_act`).
-    pub fn forward(&mut self, dev: &CudaDevice, f: &Forward) -> Result<()> {
+    /// Returns the element type of the down outputs in `g2.out` (0 f32, 1 bf16, 2 f16).
+    pub fn forward(&mut self, dev: &CudaDevice, f: &Forward) -> Result<i32> {
         let (h, inter, rows) = (f.hidden, f.inter, f.plan.rows);
         if f.plan.tile.block_m() == fp8_tile::BM {
             let qa = self.ws.get(dev, "f8_a", rows * h)?;
             let sa = self.ws.get(dev, "f8_sa", rows * (h / 128) * 4)?;
-            self.quant_rows(dev, f.g1.a, qa, sa, rows, h)?;
+            let src = if f.row_of != 0 {
+                // Token rows straight to their layout rows (no 16-bit permuted copy).
+                let tokens = f.pairs / f.top_k.max(1);
+                QuantRowsParams { dest: f.row_of, src_rows: tokens as i32, top_k: f.top_k as i32, ..Default::default() }
+            } else {
+                self.skip_padding(f)
+            };
+            self.quant_rows(dev, QuantRowsParams { x: f.g1.a, q: qa, scales: sa, k: h as i32, ..src }, rows)?;
             let g1 = QGemmParams { a: qa, ..f.g1 };
-            self.fp8_gemm(dev, Proj::GateUp, f.plan.tiles, g1, sa, rows, inter, h)?;
+            self.fp8_gemm(dev, Proj::GateUp, f.plan.tiles, g1, sa, rows, inter, h, false)?;
             let qact = self.ws.get(dev, "f8_act", rows * inter)?;
             let sact = self.ws.get(dev, "f8_sact", rows * (inter / 128) * 4)?;
-            self.quant_rows(dev, f.g1.out, qact, sact, rows, inter)?;
+            let act = QuantRowsParams { x: f.g1.out, q: qact, scales: sact, k: inter as i32, ..self.skip_padding(f) };
+            self.quant_rows(dev, act, rows)?;
             let g2 = QGemmParams { a: qact, ..f.g2 };
-            return self.fp8_gemm(dev, Proj::Down, f.plan.tiles, g2, sact, rows, h, inter);
+            let y16 = f.y16 && f.down_splits == 1 && f.g2.mode != GemmMode::Dense as i32;
+            let wrote16 = self.fp8_gemm(dev, Proj::Down, f.plan.tiles, g2, sact, rows, h, inter, y16)?;
+            return Ok(match (wrote16, self.elem) {
+                (false, _) => 0,
+                (true, Elem::Bf16) => 1,
+                (true, Elem::F16) => 2,
+            });
+        }
+        if f.row_of != 0 {
+            return Err(MoeError::unsupported(
+                "cuda",
+                "internal: token rows without a permuted copy reached the weight-only GEMMs (only the FP8 \
+                 128-row path gathers them)",
+            ));
         }
         let splits = self.gate_up_splits(dev, f);
         if splits > 1 {
@@ -651,7 +681,8 @@ impl QuantExperts {
         } else {
             self.gemm(dev, Proj::GateUp, f.plan.tile, f.plan.tiles, f.g1, inter, h, 1)?;
         }
-        self.gemm(dev, Proj::Down, f.plan.tile, f.plan.tiles, f.g2, h, inter, f.down_splits)
+        self.gemm(dev, Proj::Down, f.plan.tile, f.plan.tiles, f.g2, h, inter, f.down_splits)?;
+        Ok(0)
     }
 
     /// K splits of gate_up: decode-sized problems have too few column blocks to keep every SM
@@ -667,10 +698,38 @@ impl QuantExperts {
         want.clamp(1, 8).min((f.hidden / (4 * QuantTile::BK)).max(1))
     }
 
-    fn quant_rows(&self, dev: &CudaDevice, x: u64, q: u64, scales: u64, rows: usize, k: usize) -> Result<()> {
-        let p = QuantRowsParams { x, q, scales, rows: rows as i32, k: k as i32 };
-        let warps = rows * (k / 128);
-        dev.launch(KernelId::QuantRows(self.packer.kind(), self.elem), (warps.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
+    /// Row quantization over every layout row, skipping the padding rows of contiguous tiles.
+    fn skip_padding(&self, f: &Forward) -> QuantRowsParams {
+        let contiguous = f.g1.mode == GemmMode::Contiguous as i32;
+        QuantRowsParams {
+            tile_expert: if contiguous { f.g1.tile_expert } else { 0 },
+            tile_end: f.g1.tile_end,
+            src_rows: f.plan.rows as i32,
+            tile_m: f.plan.tile.block_m() as i32,
+            ..Default::default()
+        }
+    }
+
+    /// `moe_quant_rows` over `p`'s source rows into `rows` layout rows (`p.k` channels a row).
+    fn quant_rows(&self, dev: &CudaDevice, mut p: QuantRowsParams, rows: usize) -> Result<()> {
+        // QR_ROWS source rows a block; QR_PAIRS * 2 groups of 128 channels a block column.
+        const QR_ROWS: usize = 8;
+        const QR_GROUPS: usize = 8;
+        p.rows = rows as i32;
+        let (blocks, cols) =
+            ((p.src_rows.max(0) as usize).div_ceil(QR_ROWS), (p.k.max(0) as usize / 128).div_ceil(QR_GROUPS));
+        if blocks == 0 || cols == 0 {
+            return Ok(());
+        }
+        if blocks > i32::MAX as usize || cols > 65535 {
+            return Err(MoeError::shape(
+                "cuda.quant_rows",
+                "fewer than 2^31 row blocks and 2^16 column blocks",
+                format!("{blocks} x {cols}"),
+            ));
+        }
+        let grid = (blocks as u32, cols as u32, 1);
+        dev.launch(KernelId::QuantRows(self.packer.kind(), self.elem), grid, 256, 0, &p)?;
         Ok(())
     }
 
@@ -685,7 +744,8 @@ impl QuantExperts {
         rows: usize,
         n: usize,
         k: usize,
-    ) -> Result<()> {
+        y16: bool,
+    ) -> Result<bool> {
         let counter = self.ws.get(dev, "f8_counter", 4)?;
         let d = self.proj(proj, n, k)?;
         g.w = dev.ptr(&d.w);
@@ -734,16 +794,16 @@ impl QuantExperts {
                     a_scales,
                     w_rows: d.w.len() / k,
                     w_scales: dev.ptr(scales),
-                    y16: false,
+                    y16,
                 };
                 crate::fp8_gemm::launch(dev, self.elem, counter, &f8)?;
-                return Ok(());
+                return Ok(y16);
             }
         }
         let p = Fp8GemmParams { g, a_scales, rows_total: rows as i32, pad: 0 };
         let id = KernelId::F8Gemm(self.packer.kind(), self.elem, proj);
         dev.launch(id, (blocks as u32, 1, 1), fp8_tile::THREADS, fp8_tile::SMEM, &p)?;
-        Ok(())
+        Ok(false)
     }
 
     fn proj(&self, proj: Proj, n: usize, k: usize) -> Result<&DeviceProj> {

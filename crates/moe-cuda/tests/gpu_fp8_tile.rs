@@ -209,3 +209,126 @@ fn fp8_tile_matches_block_scaled_reference() {
         assert!(err < if y16 { 1e-2 } else { 1e-3 }, "down y16={y16} rel err {err:e}");
     }
 }
+
+/// `moe_quant_rows` launched as the backend does, on bf16 rows; returns (codes, scales) of `rows`
+/// layout rows, poisoned (0xFF: e4m3 NaN, f32 NaN) where nothing was written.
+fn quant_rows_on_device(
+    dev: &CudaDevice,
+    x: &[u16],
+    p: moe_cuda::kernels::QuantRowsParams,
+    rows: usize,
+    k: usize,
+) -> (Vec<u8>, Vec<u32>) {
+    use moe_cuda::kernels::{KernelId, QuantKind};
+    let x_d = dev.upload(x).unwrap();
+    let q_d = dev.alloc::<u8>(rows * k).unwrap();
+    let s_d = dev.alloc::<u32>(k / 128 * rows).unwrap();
+    dev.memset_ptr_value(dev.ptr(&q_d), 0xFF, rows * k).unwrap();
+    dev.memset_ptr_value(dev.ptr(&s_d), 0xFF, k / 128 * rows * 4).unwrap();
+    let p = moe_cuda::kernels::QuantRowsParams {
+        x: dev.ptr(&x_d),
+        q: dev.ptr(&q_d),
+        scales: dev.ptr(&s_d),
+        k: k as i32,
+        rows: rows as i32,
+        ..p
+    };
+    // 8 source rows a block, 8 groups of 128 channels a block column (QR_ROWS, QR_PAIRS).
+    let grid = ((p.src_rows as usize).div_ceil(8) as u32, (k / 128).div_ceil(8) as u32, 1);
+    dev.launch(KernelId::QuantRows(QuantKind::Fp8Block, Elem::Bf16), grid, 256, 0, &p).unwrap();
+    (dev.download(&q_d, rows * k).unwrap(), dev.download(&s_d, k / 128 * rows).unwrap())
+}
+
+/// The fused gather + quantization (token rows straight to their layout rows) against the
+/// row pass over a host-permuted bf16 copy and against a host model of DeepSeek's formula
+/// (scale = amax / 448, code = e4m3(x / scale)); padding rows and non-local pairs stay unwritten.
+#[test]
+fn fused_gather_quantization_matches_the_row_pass() {
+    let Some(dev) = device() else { return };
+    // 9 groups of 128 channels: two block columns, the second partial.
+    let (tokens, top_k, k) = (60usize, 3usize, 1152usize);
+    let rows = 256usize; // two 128-row tiles: real rows 0..100 and 128..200
+    let tile_expert = [0i32, 1];
+    let tile_end = [100i32, 200];
+    let real: Vec<usize> = (0..100).chain(128..200).collect();
+    // Pair -> layout row: a shuffled assignment of the 172 real rows; 8 pairs are not local.
+    let mut rng = Lcg(11);
+    let mut order: Vec<usize> = (0..tokens * top_k).collect();
+    for i in (1..order.len()).rev() {
+        let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+        order.swap(i, j);
+    }
+    let mut row_of = vec![-1i32; tokens * top_k];
+    for (slot, &pair) in order.iter().enumerate().take(real.len()) {
+        row_of[pair] = real[slot] as i32;
+    }
+    // Token rows whose magnitude varies by group; token 7's group 2 is all zero (scale 1, codes 0).
+    let x: Vec<u16> = (0..tokens * k)
+        .map(|i| {
+            let (t, c) = (i / k, i % k);
+            let mag = 0.01 + ((t * 5 + c / 128 * 3) % 7) as f32;
+            let v = if t == 7 && c / 128 == 2 { 0.0 } else { rng.next() * mag };
+            half::bf16::from_f32(v).to_bits()
+        })
+        .collect();
+    let te_d = dev.upload(&tile_expert[..]).unwrap();
+    let tend_d = dev.upload(&tile_end[..]).unwrap();
+    let ro_d = dev.upload(&row_of).unwrap();
+    let base = moe_cuda::kernels::QuantRowsParams::default();
+    let fused = moe_cuda::kernels::QuantRowsParams {
+        dest: dev.ptr(&ro_d),
+        src_rows: tokens as i32,
+        top_k: top_k as i32,
+        ..base
+    };
+    let (qf, sf) = quant_rows_on_device(&dev, &x, fused, rows, k);
+    // The permuted copy: real rows hold their token's row, padding rows garbage (never read).
+    let mut a = vec![half::bf16::from_f32(1e4).to_bits(); rows * k];
+    for (pair, &r) in row_of.iter().enumerate() {
+        if r >= 0 {
+            let t = pair / top_k;
+            a[r as usize * k..(r as usize + 1) * k].copy_from_slice(&x[t * k..(t + 1) * k]);
+        }
+    }
+    let unfused = moe_cuda::kernels::QuantRowsParams {
+        tile_expert: dev.ptr(&te_d),
+        tile_end: dev.ptr(&tend_d),
+        src_rows: rows as i32,
+        tile_m: 128,
+        ..base
+    };
+    let (qu, su) = quant_rows_on_device(&dev, &a, unfused, rows, k);
+    assert_eq!(qf, qu, "fused and row-pass codes differ");
+    assert_eq!(sf, su, "fused and row-pass scales differ");
+    let groups = k / 128;
+    let mut off_by_one = 0usize;
+    for r in 0..rows {
+        let is_real = real.contains(&r);
+        for g in 0..groups {
+            let s = f32::from_bits(sf[g * rows + r]);
+            let codes = &qf[r * k + g * 128..r * k + (g + 1) * 128];
+            if !is_real {
+                assert!(s.is_nan() && codes.iter().all(|&b| b == 0xFF), "padding row {r} group {g} was written");
+                continue;
+            }
+            let vals: Vec<f32> =
+                a[r * k + g * 128..r * k + (g + 1) * 128].iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+            let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let want_s = if amax > 0.0 { amax / 448.0 } else { 1.0 };
+            assert_eq!(s, want_s, "row {r} group {g} scale");
+            for (i, v) in vals.iter().enumerate() {
+                // Equal values (+0 / -0 alike), or the neighbouring code where the host rounding
+                // of a tie may differ from cvt.rn (counted below).
+                let want = f32_to_e4m3((v / want_s).clamp(-448.0, 448.0));
+                let got = codes[i];
+                if e4m3_to_f32(got) == e4m3_to_f32(want) {
+                    continue;
+                }
+                let adjacent = (got ^ want) & 0x80 == 0 && (got as i32 - want as i32).abs() == 1;
+                assert!(adjacent, "row {r} group {g} channel {i}: x = {v}, code {got:#x}, host {want:#x}");
+                off_by_one += 1;
+            }
+        }
+    }
+    assert!(off_by_one * 1000 < real.len() * k, "{off_by_one} codes one step from the host rounding");
+}

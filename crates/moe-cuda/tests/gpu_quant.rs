@@ -147,17 +147,25 @@ fn every_format_matches_the_dequantized_reference() {
         let mut p = pair(&cfg, &w, &hw);
         // Contiguous with the grouped matrix-vector decode path at T = 1 and 16 (automatic),
         // masked without it; FP8 block on sm_90a: the wgmma tile (default) and, once, the
-        // mma.sync GEMM; and the decode path forced at T = 100 (about 25 pairs an expert: two
+        // mma.sync GEMM, and once the unfused FP8 path (permuted 16-bit copy, row pass, f32
+        // down outputs); and the decode path forced at T = 100 (about 25 pairs an expert: two
         // 16-row MMA tiles per expert).
-        for (masked_max, f8_tile, decode) in
-            [(0usize, true, None), (1 << 20, true, Some(0)), (0, false, None), (0, true, Some(128))]
-        {
-            if !f8_tile && cfg.quant != QuantFormat::Fp8Block {
+        let runs = [
+            (0usize, true, None, true),
+            (1 << 20, true, Some(0), true),
+            (0, false, None, true),
+            (0, true, None, false),
+            (0, true, Some(128), true),
+        ];
+        for (masked_max, f8_tile, decode, fused) in runs {
+            if (!f8_tile || !fused) && cfg.quant != QuantFormat::Fp8Block {
                 continue;
             }
             p.cuda.set_masked_max_tokens(masked_max);
             p.cuda.set_f8_tile(f8_tile).unwrap();
             p.cuda.set_decode_max_tokens(decode);
+            p.cuda.set_gather(fused);
+            p.cuda.set_y16(fused);
             let fp8 = matches!(cfg.quant, QuantFormat::Fp8Block | QuantFormat::Fp8Tensor);
             // T = 600: 150 rows per expert, 128-row tiles (the FP8 tensor-core GEMM on sm_89+).
             let tokens_list: &[usize] = match (decode, fp8) {
@@ -168,7 +176,8 @@ fn every_format_matches_the_dequantized_reference() {
             for (i, &tokens) in tokens_list.iter().enumerate() {
                 let err = forward(&mut p, &cfg, tokens, 50 + i as u64);
                 let plan = p.cuda.plan(tokens);
-                let label = format!("{name} T={tokens} {:?}/{:?} f8_tile={f8_tile}", plan.layout, plan.tile);
+                let label =
+                    format!("{name} T={tokens} {:?}/{:?} f8_tile={f8_tile} fused={fused}", plan.layout, plan.tile);
                 // The FP8 tensor-core path also quantizes activations (per token per 128): FP8's
                 // tolerance; the weight-only paths only round to 16 bits.
                 let tol = if plan.tile == GemmTile::M128 { TOL_FP8 } else { TOL };
