@@ -668,14 +668,22 @@ struct F8TmaParams {
     int num_m;
     int y16;
     u64 tile_counter;
-    u64 a_scales;  // f32 [ceil(K / 128), a_rows]
-    u64 w_scales;  // f32 [experts][ceil(K / 128), n_total]: block scale of each weight row
-    int a_rows, pad;
+    u64 a_scales;  // f32 [ceil(K / 128), a_rows], 16-byte aligned
+    u64 w_scales;  // f32 [experts][ceil(K / 128), n_total]: block scale of each weight row, 16-byte aligned
+    int a_rows, pad;  // a_rows: a multiple of 4, at least num_m * 128 (whole tiles' scales are copied)
 };
 
 #define F8_BK 128
 #define F8_BN 128
 #define F8_STAGES 6
+
+// 1-D bulk copy global -> shared (16-byte aligned, size a multiple of 16) completing on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_addr(dst)),
+                 "l"((u64)src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
 
 template <bool GATE_UP, class Tag>
 __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
@@ -686,7 +694,13 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     unsigned char* base = (unsigned char*)(((size_t)f8_smem + 1023) & ~(size_t)1023);
     unsigned char* As = base;
     unsigned char* Bs = base + STAGES * A_BYTES;
-    u64* full = (u64*)(Bs + STAGES * B_BYTES);
+    // Each stage also carries its k-tile's scales (copied by the producer with the tiles, so the
+    // consumers never wait on global loads): the activation scales of the tile's 128 rows and
+    // the weight block scales, gate at 0 and up at 4 (4 words each: one 16-byte copy).
+    float* Sa = (float*)(Bs + STAGES * B_BYTES);
+    float* Sw = Sa + STAGES * TW_BM;
+    constexpr u32 SC_BYTES = TW_BM * 4 + (GATE_UP ? 32 : 16);
+    u64* full = (u64*)(Sw + STAGES * 8);
     u64* empty = full + STAGES;
     u64* sched_full = empty + STAGES;
     u64* sched_empty = sched_full + 2;
@@ -709,12 +723,17 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             sched_block[slot] = b;
             mbar_arrive(&sched_full[slot]);
             if (b < 0) break;
-            const int wrow = e * n_total + nb * (GATE_UP ? F8_BN / 2 : F8_BN);
+            const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN), wrow = e * n_total + n0;
+            const float* ws = (const float*)tp.w_scales + (size_t)e * KT * n_total;
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&empty[stage], phase ^ 1);
                 const int k0 = kt * F8_BK;
-                mbar_expect_tx(&full[stage], A_BYTES + B_BYTES);
+                mbar_expect_tx(&full[stage], A_BYTES + B_BYTES + SC_BYTES);
                 tma_load_2d(As + stage * A_BYTES, &tp.a, &full[stage], k0, row0);
+                bulk_load(Sa + stage * TW_BM, (const float*)tp.a_scales + (size_t)kt * tp.a_rows + row0, TW_BM * 4,
+                          &full[stage]);
+                bulk_load(Sw + stage * 8, ws + (size_t)kt * n_total + n0, 16, &full[stage]);
+                if (GATE_UP) bulk_load(Sw + stage * 8 + 4, ws + (size_t)kt * n_total + N + n0, 16, &full[stage]);
                 if (GATE_UP) {
                     tma_load_2d(Bs + stage * B_BYTES, &tp.b, &full[stage], k0, wrow);
                     tma_load_2d(Bs + stage * B_BYTES + B_BYTES / 2, &tp.b, &full[stage], k0, wrow + N);
@@ -734,7 +753,6 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     u32 phase = 0;
     constexpr int NI = F8_BN / 8;
     float d[F8_BN / 2], acc[1][NI][4];
-    const float* a_scales = (const float*)tp.a_scales;
     for (int it = 0;; ++it) {
         const int slot = it & 1;
         mbar_wait(&sched_full[slot], (it >> 1) & 1);
@@ -760,19 +778,9 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             }
             continue;
         }
-        // This thread's two rows; the weight rows whose block scales apply: gate_up the gate
-        // block (columns 0..63 of the tile) and the up block (64..127), down one block.
-        const int r_lo = row0 + c * 64 + warp * 16 + g, r_hi = r_lo + 8;
-        const int wr0 = n0, wr1 = GATE_UP ? N + n0 : n0;
-        const float* ws = (const float*)tp.w_scales + (size_t)e * KT * n_total;
-        auto load_scales = [&](int kt, float& a_lo, float& a_hi, float& b0, float& b1) {
-            a_lo = r_lo < tp.a_rows ? a_scales[(size_t)kt * tp.a_rows + r_lo] : 0.f;
-            a_hi = r_hi < tp.a_rows ? a_scales[(size_t)kt * tp.a_rows + r_hi] : 0.f;
-            b0 = ws[(size_t)kt * n_total + wr0];
-            b1 = ws[(size_t)kt * n_total + wr1];
-        };
-        float a_lo, a_hi, b0, b1;
-        load_scales(0, a_lo, a_hi, b0, b1);
+        // This thread's two rows (r_lo, r_lo + 8 of the tile) and the weight block scales that
+        // apply: gate_up the gate block (columns 0..63 of the tile) and the up block (64..127).
+        const int r_lo = c * 64 + warp * 16 + g;
 #pragma unroll
         for (int j = 0; j < NI; ++j)
 #pragma unroll
@@ -786,10 +794,10 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             for (int kk = 0; kk < F8_BK; kk += 32)
                 wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
             wgmma_commit();
-            // This k-tile's scales (loaded last iteration) and the next k-tile's, in flight
-            // while the MMAs run.
+            // This k-tile's scales from the stage, read while the MMAs run (before the release).
+            const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
+            const float b0 = Sw[stage * 8], b1 = Sw[stage * 8 + (GATE_UP ? 4 : 0)];
             const float s00 = a_lo * b0, s01 = a_lo * b1, s10 = a_hi * b0, s11 = a_hi * b1;
-            if (kt + 1 < KT) load_scales(kt + 1, a_lo, a_hi, b0, b1);
             wgmma_wait<0>();
             if (lane == 0) mbar_arrive(&empty[stage]);
             if (++stage == STAGES) {

@@ -45,6 +45,9 @@ pub fn refuse(arch: &str, n: usize, k: usize, gate_up: bool) -> Option<String> {
     if !k.is_multiple_of(16) {
         return Some(format!("reduction size {k} is not a multiple of 16 bytes (TMA row stride)"));
     }
+    if !n.is_multiple_of(4) {
+        return Some(format!("output width {n} is not a multiple of 4 (16-byte copies of the weight scales)"));
+    }
     None
 }
 
@@ -67,6 +70,18 @@ pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaRe
     }
     if blocks > i32::MAX as usize {
         return Err(CudaError::Kernel(format!("{blocks} FP8 GEMM blocks exceed 2^31")));
+    }
+    // Each stage copies a whole tile's 128 activation scales and 16-byte runs of weight scales.
+    if g.a_rows < g.tiles * tile.block_m() || !g.a_rows.is_multiple_of(4) {
+        return Err(CudaError::Kernel(format!(
+            "the FP8 tile needs a_rows (the scale stride) a multiple of 4 covering all {} tiles of {} rows; got {}",
+            g.tiles,
+            tile.block_m(),
+            g.a_rows
+        )));
+    }
+    if !g.a_scales.is_multiple_of(16) || !g.w_scales.is_multiple_of(16) {
+        return Err(CudaError::Kernel("the FP8 tile needs 16-byte aligned scale arrays".into()));
     }
     dev.memset_ptr(counter, 4)?;
     let fp = F8TmaParams {
@@ -99,5 +114,6 @@ mod tests {
         // down: the output width need not be a multiple of 128 (partial column tiles)
         assert!(refuse("sm_90a", 320, 192, false).is_none());
         assert!(refuse("sm_90a", 256, 100, false).unwrap().contains("16 bytes"));
+        assert!(refuse("sm_90a", 322, 128, false).unwrap().contains("multiple of 4"));
     }
 }

@@ -194,8 +194,8 @@ impl GemmTile {
             // Plus a full and an empty mbarrier per stage.
             // Plus full/empty mbarriers per stage, the scheduler's 2-slot ring and its block ids.
             GemmTile::T256 => (s * (m + n) * k * 2 + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
-            // One byte per element.
-            GemmTile::F8T128 => (s * (m + n) * k + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
+            // One byte per element, plus each stage's scales (128 row scales, 8 weight words).
+            GemmTile::F8T128 => (s * (m + n) * k + s * (m * 4 + 32) + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             _ => (s * (m + n) * (k + 8) * 2) as u32,
         }
     }
