@@ -183,17 +183,9 @@ __device__ __forceinline__ float fp4_unscale_f(F16Tag) { return 16384.0f; }
 __device__ __forceinline__ bool fits16(float s, Bf16Tag) { return s < 3.0e38f && s >= 1.2e-38f; }
 __device__ __forceinline__ bool fits16(float s, F16Tag) { return s <= 65504.0f && s >= 6.2e-5f; }
 
-// MXFP4: 2^(code - 127) times the bit-placement constant, the one factor a chunk's 16-bit
-// values need when it is a normal 16-bit number.
-template <class Tag>
-__device__ __forceinline__ float mx_folded(u32 code) {
-    return __uint_as_float(code == 0 ? 0x00400000u : (code << 23)) * fp4_unscale_f(Tag());
-}
-
 // Dequantizes one 16-byte chunk of packed row bytes (chunk j of the k-tile) into 16-bit
 // values at `dst` (EPC = 128 / BITS elements). `sw` is this row's scale word for the k-tile.
-// FOLDS: the caller knows the MXFP4 folded factor fits (one multiply a word, no test).
-template <class Tag, bool FOLDS = false>
+template <class Tag>
 __device__ __forceinline__ void qg_dequant_chunk(const uint4 q, u32 sw, int j, u16* dst) {
     const u32 words[4] = {q.x, q.y, q.z, q.w};
 #if QG_BITS == 4
@@ -201,8 +193,8 @@ __device__ __forceinline__ void qg_dequant_chunk(const uint4 q, u32 sw, int j, u
 #if QFMT == QFMT_MXFP4
     const u32 code = (sw >> (8 * j)) & 0xFFu;  // one E8M0 per 32 elements
     // 2^(code - 127) times the bit-placement constant, folded into one factor when it fits.
-    const float s = mx_folded<Tag>(code);
-    const bool fold = FOLDS || fits16(s, Tag());
+    const float s = __uint_as_float(code == 0 ? 0x00400000u : (code << 23)) * fp4_unscale_f(Tag());
+    const bool fold = fits16(s, Tag());
     const u32 s2 = fold ? pack2(s, s, Tag()) : pack2(__uint_as_float(code == 0 ? 0x00400000u : (code << 23)),
                                                     __uint_as_float(code == 0 ? 0x00400000u : (code << 23)), Tag());
 #elif QFMT == QFMT_NVFP4
@@ -859,7 +851,7 @@ struct QDecodeParams {
 
 #define QD_WARPS 8
 #define QD_EPC (128 / QG_BITS)        // elements per 16-byte chunk
-#define QD_U 3                        // 4-chunk blocks a lane keeps in flight
+#define QD_U 4                        // 4-chunk blocks a lane keeps in flight
 #define QD_MAX_PAIRS 256              // must match QDECODE_MAX_PAIRS in src/quant.rs
 // Shared row pitch: K + QD_PAD elements, so the two member rows of one 16-byte shared-load
 // phase start on different banks (4-bit chunks still pair up 2-way within a row).
@@ -920,116 +912,66 @@ __device__ __forceinline__ void qd_row_words(const u16* row, bool ok, u32 (&w)[Q
 }
 
 // acc (mma C layout: rows = member rows g / g + 8 of the staged tile, columns = the warp's 8
-// weight rows) += A(staged rows) x dequant(W rows)^T over 4-chunk blocks [b_begin, b_end) of
-// K. `wrow` is this lane's weight row (n_total rows of expert l); `xa` / `xb` its staged rows
-// (0: none). The first blocks' loads are issued by `qd_prefetch` before the caller stages.
-struct QdStream {
-    uint4 q[QD_U];
-    u32 sw[QD_U];
-};
-
+// weight rows) += A(staged rows) x dequant(W rows)^T over K. `wrow` is this lane's weight row
+// (n_total rows of expert l); `xa` / `xb` its staged rows (0: none).
 template <class Tag>
-__device__ __forceinline__ void qd_load(QdStream& st, u64 w, u64 sc, int l, int n_total, int wrow, bool row_ok, int K,
-                                        int b0, int b_end) {
-    const int t = threadIdx.x & 3, chunks = K / QD_EPC;
+__device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, int wrow, bool row_ok, int K,
+                                            const u16* xa, const u16* xb, float (&acc)[4]) {
+    const int t = threadIdx.x & 3, chunks = K / QD_EPC, blocks = (chunks + 3) / 4;
     const uint4* wp = (const uint4*)w + ((size_t)l * n_total + wrow) * (size_t)chunks;
 #if QG_KSPAN > 0
     const size_t spans = (size_t)((K + QG_KSPAN - 1) / QG_KSPAN);
     const unsigned char* sp = (const unsigned char*)sc + ((size_t)l * spans * n_total + wrow) * QG_SW;
 #endif
-#pragma unroll
-    for (int u = 0; u < QD_U; ++u) {
-        const int c = 4 * (b0 + u) + t;
-        const bool ok = row_ok && b0 + u < b_end && c < chunks;
-        st.q[u] = ok ? __ldg(wp + c) : make_uint4(0, 0, 0, 0);
-        st.sw[u] = 0;
-#if QG_KSPAN > 0
-        if (ok) {
-            const unsigned char* s = sp + (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
-#if QG_SW == 2
-            st.sw[u] = __ldg((const unsigned short*)s);
-#else
-            st.sw[u] = __ldg((const u32*)s);
-#endif
-        }
-#endif
-    }
-}
-
-template <class Tag, bool FOLDS>
-__device__ __forceinline__ void qd_mma_blocks(const QdStream& st, int b0, int b_end, int chunks, const u16* xa,
-                                              const u16* xb, float (&acc)[4]) {
-    const int t = threadIdx.x & 3;
-#pragma unroll
-    for (int u = 0; u < QD_U; ++u) {
-        if (b0 + u >= b_end || 4 * (b0 + u) >= chunks) break;  // warp-uniform: past the range
-        const int c = 4 * (b0 + u) + t;
-        const bool in = c < chunks;
-        const int k0 = c * QD_EPC;
-        u32 wa[QD_EPC / 2], wb[QD_EPC / 2];
-        qd_row_words(xa + k0, xa != nullptr && in, wa);
-        qd_row_words(xb + k0, xb != nullptr && in, wb);
-        __align__(16) u16 dq[QD_EPC];
-        qg_dequant_chunk<Tag, FOLDS>(st.q[u], st.sw[u], (k0 % QG_BK) / QD_EPC, dq);
-        const u32* dw = (const u32*)dq;
-#pragma unroll
-        for (int s = 0; s < QD_EPC / 4; ++s) {
-            const u32 a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
-            mma_16816(acc, a, dw[2 * s], dw[2 * s + 1], Tag());
-        }
-    }
-}
-
-template <class Tag>
-__device__ __forceinline__ void qd_mma_rows(QdStream& st, u64 w, u64 sc, int l, int n_total, int wrow, bool row_ok,
-                                            int K, int b_begin, int b_end, const u16* xa, const u16* xb,
-                                            float (&acc)[4]) {
-    const int chunks = K / QD_EPC;
-    for (int b0 = b_begin; b0 < b_end; b0 += QD_U) {
-        const QdStream cur = st;
-        // The next blocks' bytes fly during these MMAs.
-        if (b0 + QD_U < b_end) qd_load<Tag>(st, w, sc, l, n_total, wrow, row_ok, K, b0 + QD_U, b_end);
-#if QFMT == QFMT_MXFP4
-        // One multiply a word when every chunk's factor of the warp fits (any real checkpoint).
-        bool fits = true;
+    uint4 q[QD_U];
+    u32 sw[QD_U];
+    auto load = [&](int b0) {
 #pragma unroll
         for (int u = 0; u < QD_U; ++u) {
-            const int k0 = (4 * (b0 + u) + (threadIdx.x & 3)) * QD_EPC;
-            fits = fits && fits16(mx_folded<Tag>((cur.sw[u] >> (8 * ((k0 % QG_BK) / QD_EPC))) & 0xFFu), Tag());
-        }
-        if (__all_sync(0xffffffffu, fits)) {
-            qd_mma_blocks<Tag, true>(cur, b0, b_end, chunks, xa, xb, acc);
-            continue;
-        }
+            const int c = 4 * (b0 + u) + t;
+            const bool ok = row_ok && c < chunks;
+            q[u] = ok ? __ldg(wp + c) : make_uint4(0, 0, 0, 0);
+            sw[u] = 0;
+#if QG_KSPAN > 0
+            if (ok) {
+                const unsigned char* s = sp + (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
+#if QG_SW == 2
+                sw[u] = __ldg((const unsigned short*)s);
+#else
+                sw[u] = __ldg((const u32*)s);
 #endif
-        qd_mma_blocks<Tag, false>(cur, b0, b_end, chunks, xa, xb, acc);
-    }
-}
-
-// The block's 8 warps: 4 column groups x 2 halves of K (QD_KSPLIT), so a decode-sized grid
-// has twice the warps in flight; the halves meet in shared memory (low half + high half).
-#define QD_GROUPS 4
-#define QD_KSPLIT 2
-
-// K-half `kh` of the 4-chunk blocks of a reduction of K elements.
-__device__ __forceinline__ void qd_half(int K, int kh, int& b_begin, int& b_end) {
-    const int blocks = (K / QD_EPC + 3) / 4, half = (blocks + 1) / 2;
-    b_begin = kh * half;
-    b_end = min(blocks, b_begin + half);
-}
-
-// Adds the high K-half's accumulators into the low half's (warps kh = 1 -> kh = 0). Every
-// thread of the block calls it (two barriers).
-__device__ __forceinline__ void qd_join(float (&acc)[4], float (*red)[32][4], int group, int kh) {
-    const int lane = threadIdx.x & 31;
-    if (kh == 1) {
+            }
+#endif
+        }
+    };
+    load(0);
+    for (int b0 = 0; b0 < blocks; b0 += QD_U) {
+        uint4 qc[QD_U];
+        u32 swc[QD_U];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[group][lane][i] = acc[i];
-    }
-    __syncthreads();
-    if (kh == 0) {
+        for (int u = 0; u < QD_U; ++u) {
+            qc[u] = q[u];
+            swc[u] = sw[u];
+        }
+        if (b0 + QD_U < blocks) load(b0 + QD_U);  // the next blocks' bytes fly during these MMAs
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] += red[group][lane][i];
+        for (int u = 0; u < QD_U; ++u) {
+            if (4 * (b0 + u) >= chunks) break;  // warp-uniform: past the last block
+            const int c = 4 * (b0 + u) + t;
+            const bool in = c < chunks;
+            const int k0 = c * QD_EPC;
+            u32 wa[QD_EPC / 2], wb[QD_EPC / 2];
+            qd_row_words(xa + k0, xa != nullptr && in, wa);
+            qd_row_words(xb + k0, xb != nullptr && in, wb);
+            __align__(16) u16 dq[QD_EPC];
+            qg_dequant_chunk<Tag>(qc[u], swc[u], (k0 % QG_BK) / QD_EPC, dq);
+            const u32* dw = (const u32*)dq;
+#pragma unroll
+            for (int s = 0; s < QD_EPC / 4; ++s) {
+                const u32 a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
+                mma_16816(acc, a, dw[2 * s], dw[2 * s + 1], Tag());
+            }
+        }
     }
 }
 
@@ -1039,7 +981,6 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
     extern __shared__ __align__(16) u16 qd_xs[];
     __shared__ int members[QD_MAX_PAIRS];
     __shared__ float mscale[16];
-    __shared__ float red[QD_GROUPS][32][4];
     __shared__ int count;
     const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
     if (slot < 0 || slot >= p.slot_total) {
@@ -1048,39 +989,29 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
     }
     const int l = slot - p.slot_start;
     if (l < 0 || l >= p.n_local) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int group = warp % QD_GROUPS, kh = warp / QD_GROUPS;
-    const int I = p.inter, H = p.hidden, n_total = 2 * I, R = q.rows_up, ld = H + QD_PAD;
-    const int c0 = (blockIdx.x * QD_GROUPS + group) * 4;
-    const int bcol = c0 + (g >> 1);  // this lane's B row: gate (g even) or up (g odd) of bcol
-    const int wrow = (g & 1) ? I + bcol : bcol;
-    int b_begin, b_end;
-    qd_half(H, kh, b_begin, b_end);
-    QdStream st;
-    // The weights do not depend on the members: their first bytes fly during the scan and staging.
-    qd_load<Tag>(st, p.w13, q.s13, l, n_total, wrow, bcol < I, H, b_begin, b_end);
     const int n = qd_members(p, pair, slot, members, &count);
     if (n == 0) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int I = p.inter, H = p.hidden, n_total = 2 * I, R = q.rows_up, ld = H + QD_PAD;
+    const int c0 = (blockIdx.x * QD_WARPS + warp) * 4;
+    const int bcol = c0 + (g >> 1);  // this lane's B row: gate (g even) or up (g odd) of bcol
+    const int wrow = (g & 1) ? I + bcol : bcol;
     const bool scale_v = p.scale_input != 0;
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
-        if (mt > 0) {
-            __syncthreads();  // every warp is done with the previous rows
-            qd_load<Tag>(st, p.w13, q.s13, l, n_total, wrow, bcol < I, H, b_begin, b_end);
-        }
+        if (mt > 0) __syncthreads();  // every warp is done with the previous rows
         if (scale_v && threadIdx.x < rows) mscale[threadIdx.x] = ((const float*)p.weights)[members[mt + threadIdx.x]];
         __syncthreads();
         qd_stage<Tag>(qd_xs, (const u16*)p.x, H, rows, [&](int r) { return members[mt + r] / p.k; },
                       scale_v ? mscale : nullptr);
         __syncthreads();
+        if (c0 >= I) continue;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (c0 < I)
-            qd_mma_rows<Tag>(st, p.w13, q.s13, l, n_total, wrow, bcol < I, H, b_begin, b_end,
-                             g < rows ? qd_xs + g * ld : nullptr, g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
-        qd_join(acc, red, group, kh);
+        qd_mma_rows<Tag>(p.w13, q.s13, l, n_total, wrow, bcol < I, H, g < rows ? qd_xs + g * ld : nullptr,
+                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
         // acc[0] / acc[1]: gate / up of column c0 + t for staged row g; acc[2] / acc[3]: row g + 8.
         const int col = c0 + t;
-        if (kh != 0 || col >= I) continue;
+        if (col >= I) continue;
         float fg = 1.f, fu = 1.f, bg = 0.f, bu = 0.f;
         if (q.c13) {
             fg = ((const float*)q.c13)[(size_t)l * n_total + col];
@@ -1110,35 +1041,24 @@ __device__ void qdecode_down(const QDecodeParams& q) {
     const DecodeParams& p = q.d;
     extern __shared__ __align__(16) u16 qd_xs[];
     __shared__ int members[QD_MAX_PAIRS];
-    __shared__ float red[QD_GROUPS][32][4];
     __shared__ int count;
     const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
     const int l = slot - p.slot_start;
     if (slot < 0 || slot >= p.slot_total || l < 0 || l >= p.n_local) return;  // flagged by gate_up
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int group = warp % QD_GROUPS, kh = warp / QD_GROUPS;
-    const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
-    const int c0 = (blockIdx.x * QD_GROUPS + group) * 8;
-    int b_begin, b_end;
-    qd_half(I, kh, b_begin, b_end);
-    QdStream st;
-    qd_load<Tag>(st, p.w2, q.s2, l, H, c0 + g, c0 + g < H, I, b_begin, b_end);
     const int n = qd_members(p, pair, slot, members, &count);
     if (n == 0) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
+    const int c0 = (blockIdx.x * QD_WARPS + warp) * 8;
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
-        if (mt > 0) {
-            __syncthreads();
-            qd_load<Tag>(st, p.w2, q.s2, l, H, c0 + g, c0 + g < H, I, b_begin, b_end);
-        }
+        if (mt > 0) __syncthreads();
         qd_stage<Tag>(qd_xs, (const u16*)p.act, I, rows, [&](int r) { return members[mt + r]; }, nullptr);
         __syncthreads();
+        if (c0 >= H) continue;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (c0 < H)
-            qd_mma_rows<Tag>(st, p.w2, q.s2, l, H, c0 + g, c0 + g < H, I, b_begin, b_end,
-                             g < rows ? qd_xs + g * ld : nullptr, g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
-        qd_join(acc, red, group, kh);
-        if (kh != 0) continue;
+        qd_mma_rows<Tag>(p.w2, q.s2, l, H, c0 + g, c0 + g < H, I, g < rows ? qd_xs + g * ld : nullptr,
+                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
             const int col = c0 + 2 * t + c;

@@ -553,13 +553,11 @@ impl QuantExperts {
         let (ru, rd) = (rows(h), rows(i));
         let q = QDecodeParams { rows_up: ru as i32, rows_down: rd as i32, ..q };
         let smem = |r: usize, k: usize| (r * (k + QD_PAD) * 2) as u32;
-        // QD_GROUPS: a block's 8 warps are 4 column groups (4 intermediate / 8 hidden columns
-        // each) times 2 halves of the reduction.
-        const GROUPS: usize = 4;
+        const WARPS: usize = 8; // QD_WARPS: 4 intermediate / 8 hidden columns a warp
         let kind = self.packer.kind();
-        let grid_up = (i.div_ceil(4 * GROUPS) as u32, pairs as u32, 1);
+        let grid_up = (i.div_ceil(4 * WARPS) as u32, pairs as u32, 1);
         dev.launch(KernelId::QDecodeGateUp(kind, self.elem), grid_up, 256, smem(ru, h), &q)?;
-        let grid_down = (h.div_ceil(8 * GROUPS) as u32, pairs as u32, 1);
+        let grid_down = (h.div_ceil(8 * WARPS) as u32, pairs as u32, 1);
         dev.launch(KernelId::QDecodeDown(kind, self.elem), grid_down, 256, smem(rd, i), &q)?;
         let n = p.tokens as usize * h;
         dev.launch(KernelId::QDecodeSum(kind, self.elem), (n.div_ceil(256) as u32, 1, 1), 256, 0, &q)?;
