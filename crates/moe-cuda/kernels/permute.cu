@@ -136,22 +136,33 @@ extern "C" __global__ void moe_unpermute(UnpermuteParams p) {
     const int h4 = p.hidden / 4;
     for (int c = threadIdx.x; c < h4; c += blockDim.x) {
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int j = 0; j < p.k; ++j) {
-            int r = row_of[j];
-            if (r < 0) continue;
-            float s = p.unweighted ? 1.f : w[j];
-            float4 v = load_y4(p, (size_t)r * h4 + c);
-            for (int z = 1; z < p.splits; ++z) {
-                float4 u = y[(size_t)z * (p.split_stride / 4) + (size_t)r * h4 + c];
-                v.x += u.x;
-                v.y += u.y;
-                v.z += u.z;
-                v.w += u.w;
+        // Choices in groups of 8: all loads of a group are in flight before the first add (one
+        // dependent load at a time left the kernel latency-bound); the sum keeps the order j = 0, 1, ..
+        for (int j0 = 0; j0 < p.k; j0 += 8) {
+            int r[8];
+            float4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                r[u] = j0 + u < p.k ? row_of[j0 + u] : -1;
+                v[u] = r[u] >= 0 ? load_y4(p, (size_t)r[u] * h4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
-            acc.x += s * v.x;
-            acc.y += s * v.y;
-            acc.z += s * v.z;
-            acc.w += s * v.w;
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                if (r[u] < 0) continue;
+                float4 vu = v[u];
+                for (int z = 1; z < p.splits; ++z) {
+                    float4 q = y[(size_t)z * (p.split_stride / 4) + (size_t)r[u] * h4 + c];
+                    vu.x += q.x;
+                    vu.y += q.y;
+                    vu.z += q.z;
+                    vu.w += q.w;
+                }
+                const float s = p.unweighted ? 1.f : w[j0 + u];
+                acc.x += s * vu.x;
+                acc.y += s * vu.y;
+                acc.z += s * vu.z;
+                acc.w += s * vu.w;
+            }
         }
         out[c] = acc;
     }

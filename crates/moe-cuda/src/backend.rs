@@ -68,6 +68,9 @@ pub struct CudaBackend {
     decode_max: Option<usize>,
     gather: bool,
     y16: bool,
+    /// T256 switches (`kernels::TW_*`): dead-half skip (`MOE_CUDA_T256_SKIP=0` off) and the
+    /// staged epilogue (`MOE_CUDA_T256_EPI=0` off); both on by default, kept for A/B runs.
+    t256_flags: i32,
     /// The T256 tile scheduler's block counter (zeroed before each launch).
     tile_counter: CudaSlice<u32>,
     graphs: GraphCache,
@@ -115,6 +118,11 @@ impl CudaBackend {
             decode_max: heuristics::decode_max_tokens(),
             gather: std::env::var("MOE_CUDA_GATHER").as_deref() != Ok("0"),
             y16: std::env::var("MOE_CUDA_Y16").as_deref() != Ok("0"),
+            t256_flags: {
+                let on = |name: &str| std::env::var(name).as_deref() != Ok("0");
+                (if on("MOE_CUDA_T256_SKIP") { crate::kernels::TW_SKIP_DEAD } else { 0 })
+                    | (if on("MOE_CUDA_T256_EPI") { crate::kernels::TW_STAGED_EPI } else { 0 })
+            },
             tile_counter,
             poison: false,
             graphs: GraphCache::default(),
@@ -185,6 +193,12 @@ impl CudaBackend {
     /// (default; `MOE_CUDA_Y16=0` keeps f32), halving the traffic of the unpermute-reduce.
     pub fn set_y16(&mut self, on: bool) {
         self.y16 = on;
+    }
+
+    /// Benchmarks and tests: the T256 switches (`kernels::TW_SKIP_DEAD | kernels::TW_STAGED_EPI`,
+    /// both by default).
+    pub fn set_t256_flags(&mut self, flags: i32) {
+        self.t256_flags = flags;
     }
 
     /// Benchmarks and tests: the smallest average rows per expert that use the TMA tile.
@@ -483,6 +497,8 @@ impl CudaBackend {
                 // Routed outputs only: the unpermute reads 16-bit y, the shared expert's finalize f32.
                 y16: (!gate_up && splits == 1 && self.y16 && p.mode != GemmMode::Dense as i32) as i32,
                 token_of_row,
+                flags: self.t256_flags,
+                pad: 0,
             };
             let grid = blocks.min(self.dev.sm_count() as usize) as u32;
             self.dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &tp)?;

@@ -192,8 +192,9 @@ impl GemmTile {
             // Unpadded swizzled tiles plus 1 KiB to align them to 1024 bytes.
             GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
             // Plus a full and an empty mbarrier per stage.
-            // Plus full/empty mbarriers per stage, the scheduler's 2-slot ring and its block ids.
-            GemmTile::T256 => (s * (m + n) * k * 2 + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
+            // Plus the epilogue buffer, full/empty mbarriers per stage, the scheduler's 2-slot
+            // ring and its block ids.
+            GemmTile::T256 => (s * (m + n) * k * 2 + TW_EPI_BYTES + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             // One byte per element.
             GemmTile::F8T128 => (s * (m + n) * k + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             _ => (s * (m + n) * (k + 8) * 2) as u32,
@@ -887,7 +888,18 @@ pub struct TmaGemmParams {
     pub y16: i32,
     pub token_of_row: u64,
     pub tile_counter: u64,
+    /// `TW_SKIP_DEAD` | `TW_STAGED_EPI` (grouped_gemm.cu).
+    pub flags: i32,
+    pub pad: i32,
 }
+
+/// T256 switch: a consumer warpgroup whose 64 rows are all past the expert's end skips its MMAs.
+pub const TW_SKIP_DEAD: i32 = 1;
+/// T256 switch: 16-bit outputs leave through a shared-memory buffer as 16-byte row chunks.
+pub const TW_STAGED_EPI: i32 = 2;
+/// Shared memory of the T256 staged epilogue: 8 consumer warps x 16 rows x 128 16-bit columns,
+/// rows padded to 272 bytes but the last (`TW_EPI_BYTES` in grouped_gemm.cu).
+const TW_EPI_BYTES: usize = 8 * (15 * 272 + 256);
 
 /// Parameters of the FP8 TMA tile (`F8TmaParams`): e4m3 operands with f32 block scales.
 #[repr(C, align(64))]
@@ -1006,8 +1018,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<FinalizeParams>(), 48);
         assert_eq!(std::mem::size_of::<GemmParams>(), 104);
         assert_eq!(std::mem::size_of::<FillParams>(), 24);
-        // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
-        assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
+        // 2 x 128-byte maps, GemmParams at 256, 4 + 4 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
+        assert_eq!(std::mem::size_of::<TmaGemmParams>(), 448);
         assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
         assert_eq!(std::mem::size_of::<QDecodeParams>(), 176);
         // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
@@ -1037,5 +1049,15 @@ mod tests {
                 assert!(t.smem_bytes(q) <= 227 * 1024, "{t:?} {q:?}");
             }
         }
+    }
+
+    #[test]
+    fn t256_epilogue_buffer_matches_the_cuda_size_and_fits() {
+        let src = Module::GroupedGemm(Elem::Bf16).source();
+        assert_eq!(define(&src, "TW_EPI_LD") as usize * 4, 272);
+        assert_eq!(define(&src, "TW_SKIP_DEAD"), TW_SKIP_DEAD);
+        assert_eq!(define(&src, "TW_STAGED_EPI"), TW_STAGED_EPI);
+        // Sm90's opt-in limit per block; the ring, the buffer, the alignment slack and barriers.
+        assert!(GemmTile::T256.smem_bytes() <= 227 * 1024, "{}", GemmTile::T256.smem_bytes());
     }
 }
