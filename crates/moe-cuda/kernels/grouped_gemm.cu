@@ -419,7 +419,7 @@ struct __align__(64) TmaGemmParams {
     int y16;    // down: write the expert outputs in the activation dtype instead of f32
     u64 token_of_row;  // gate_up gather mode: [rows] i32 token of each layout row; A = x [T, K]
     u64 tile_counter;  // u32, zero at launch: the dynamic tile scheduler's next block
-    int flags;         // TW_SKIP_DEAD | TW_STAGED_EPI (switches kept for A/B measurements)
+    int flags;         // TW_SKIP_DEAD | TW_STAGED_EPI | TW_THREE_STAGES (A/B switches)
     int pad;
 };
 
@@ -437,6 +437,10 @@ struct __align__(64) TmaGemmParams {
 // 8 buffers fit next to the 4 stages within 227 KiB).
 #define TW_EPI_LD 68
 #define TW_EPI_BYTES (15 * TW_EPI_LD * 4 + 256)
+// A 3-stage ring (measurement switch: more L1 beside the epilogue buffer).
+#define TW_THREE_STAGES 4
+// Barriers and scheduler slots after the ring: 2 x 4 + 4 mbarriers and 3 block ids.
+#define TW_BAR_BYTES 128
 
 #ifdef MOE_HAS_WGMMA
 __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
@@ -546,18 +550,20 @@ __device__ __forceinline__ void tw_epi_flush(u32* buf, u16* out, int ld, int row
 template <bool GATE_UP, class Tag>
 __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
 #ifdef MOE_HAS_WGMMA
-    constexpr int A_BYTES = TW_BM * TW_BK * 2, B_BYTES = TW_BN * TW_BK * 2, STAGES = TW_STAGES;
+    constexpr int A_BYTES = TW_BM * TW_BK * 2, B_BYTES = TW_BN * TW_BK * 2;
+    const int STAGES = (tp.flags & TW_THREE_STAGES) ? 3 : TW_STAGES;
     const GemmParams& p = tp.p;
     extern __shared__ __align__(16) unsigned char tw_smem[];
     unsigned char* base = (unsigned char*)(((size_t)tw_smem + 1023) & ~(size_t)1023);
     unsigned char* As = base;
     unsigned char* Bs = base + STAGES * A_BYTES;
-    unsigned char* epi = Bs + STAGES * B_BYTES;  // 8 consumer warps x TW_EPI_BYTES
-    u64* full = (u64*)(epi + 8 * TW_EPI_BYTES);
+    u64* full = (u64*)(Bs + STAGES * B_BYTES);
     u64* empty = full + STAGES;
     u64* sched_full = empty + STAGES;
     u64* sched_empty = sched_full + 2;
     int* sched_block = (int*)(sched_empty + 2);  // [2] ring + [1] the producer warpgroup's copy
+    // 8 consumer warps x TW_EPI_BYTES after the barriers; allocated only with TW_STAGED_EPI.
+    unsigned char* epi = Bs + STAGES * B_BYTES + TW_BAR_BYTES;
     const int tid = threadIdx.x, wg = tid >> 7;
     const bool skip_dead = (tp.flags & TW_SKIP_DEAD) != 0;
     // Gather mode (gate_up of the contiguous layout): the producer warpgroup copies A rows

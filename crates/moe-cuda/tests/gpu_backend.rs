@@ -10,7 +10,7 @@ use moe_core::compare::rel_l2;
 use moe_core::config::{Activation, GroupMaskValue, RoutingConfig, SharedExpertConfig, V2TopkMethod};
 use moe_core::weights::random_hidden;
 use moe_core::{DType, MoeConfig, MoeWeights, Tensor, TopK};
-use moe_cuda::kernels::{GemmTile, TW_SKIP_DEAD, TW_STAGED_EPI};
+use moe_cuda::kernels::{GemmTile, TW_SKIP_DEAD, TW_STAGED_EPI, TW_THREE_STAGES};
 use moe_cuda::{CudaBackend, CudaProvider};
 
 fn hardware() -> Hardware {
@@ -175,6 +175,7 @@ fn every_family_and_dtype_matches_reference_on_both_layouts() {
                 (0, Some(GemmTile::T256), true, false, 0, T256_ALL),
                 (0, Some(GemmTile::T256), true, true, 0, T256_ALL),
                 (0, Some(GemmTile::T256), true, true, 0, 0),
+                (0, Some(GemmTile::T256), true, true, 0, T256_ALL | TW_THREE_STAGES),
                 (0, Some(GemmTile::W256), false, true, 0, T256_ALL),
                 (1 << 20, Some(GemmTile::T256), false, true, 0, T256_ALL),
                 (1 << 20, Some(GemmTile::W128), false, true, 8, T256_ALL),
