@@ -419,12 +419,28 @@ struct __align__(64) TmaGemmParams {
     int y16;    // down: write the expert outputs in the activation dtype instead of f32
     u64 token_of_row;  // gate_up gather mode: [rows] i32 token of each layout row; A = x [T, K]
     u64 tile_counter;  // u32, zero at launch: the dynamic tile scheduler's next block
+    int flags;         // TW_SKIP_DEAD | TW_STAGED_EPI | TW_THREE_STAGES (A/B switches)
+    int pad;
 };
 
 #define TW_BM 128
 #define TW_BN 256
 #define TW_BK 64
 #define TW_STAGES 4
+// A consumer whose 64 rows all lie past the expert's end issues no MMAs (the other one then has
+// the tensor cores to itself) and the gather copies none of those rows.
+#define TW_SKIP_DEAD 1
+// 16-bit outputs go through a per-warp shared-memory buffer and leave as 16-byte row chunks.
+#define TW_STAGED_EPI 2
+// Per consumer warp: 16 rows x 128 16-bit columns, rows 272 bytes apart (16 bytes of padding
+// put the 8 rows of one accumulator store on distinct banks; the last row needs no padding, so
+// 8 buffers fit next to the 4 stages within 227 KiB).
+#define TW_EPI_LD 68
+#define TW_EPI_BYTES (15 * TW_EPI_LD * 4 + 256)
+// A 3-stage ring (measurement switch: more L1 beside the epilogue buffer).
+#define TW_THREE_STAGES 4
+// Barriers and scheduler slots after the ring: 2 x 4 + 4 mbarriers and 3 block ids.
+#define TW_BAR_BYTES 128
 
 #ifdef MOE_HAS_WGMMA
 __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
@@ -496,12 +512,46 @@ __device__ __forceinline__ void tw_init_barriers(u64* full, u64* empty, u64* sch
     }
     __syncthreads();
 }
+
+// Staged epilogue, part 1: the packed pair of 16-bit values of row g + 8 h, local columns
+// 8 j + 2 t4 (+1) of a warp's 16 x 128 slab goes to its buffer. The offset beyond the thread's
+// base is a constant, so no address registers compete with the 128 accumulators.
+__device__ __forceinline__ void tw_epi_put(u32* buf, int h, int j, u32 v) {
+    const int lane = threadIdx.x & 31;
+    buf[(lane >> 2) * TW_EPI_LD + (lane & 3) + 8 * h * TW_EPI_LD + 4 * j] = v;
+}
+// Part 2: the slab leaves as 16-byte chunks, a warp store covering two whole 256-byte row
+// segments (the register layout writes 8 rows x 16 bytes per store). Rows from `row_end` and
+// columns from `n` are dropped; `ld` is the output's row length in elements.
+__device__ __forceinline__ void tw_epi_flush(u32* buf, u16* out, int ld, int row_base, int row_end, int col0, int n) {
+    const int lane = threadIdx.x & 31;
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {
+        const int r = 2 * it + (lane >> 4), ch = lane & 15;
+        const int row = row_base + r, col = col0 + ch * 8;
+        if (row < row_end && col < n) {
+            const uint4 v = *(const uint4*)(buf + r * TW_EPI_LD + 4 * ch);
+            u16* dst = out + (size_t)row * ld + col;
+            if (col + 8 <= n && (ld & 7) == 0 && ((size_t)out & 15) == 0) {
+                *(uint4*)dst = v;
+            } else {
+                for (int q = 0; q < 8 && col + q < n; ++q) {
+                    const u32 w = q < 2 ? v.x : q < 4 ? v.y : q < 6 ? v.z : v.w;
+                    dst[q] = (u16)(w >> (16 * (q & 1)));
+                }
+            }
+        }
+    }
+    __syncwarp();  // the buffer is rewritten next
+}
 #endif
 
 template <bool GATE_UP, class Tag>
 __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
 #ifdef MOE_HAS_WGMMA
-    constexpr int A_BYTES = TW_BM * TW_BK * 2, B_BYTES = TW_BN * TW_BK * 2, STAGES = TW_STAGES;
+    constexpr int A_BYTES = TW_BM * TW_BK * 2, B_BYTES = TW_BN * TW_BK * 2;
+    const int STAGES = (tp.flags & TW_THREE_STAGES) ? 3 : TW_STAGES;
     const GemmParams& p = tp.p;
     extern __shared__ __align__(16) unsigned char tw_smem[];
     unsigned char* base = (unsigned char*)(((size_t)tw_smem + 1023) & ~(size_t)1023);
@@ -512,7 +562,10 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
     u64* sched_full = empty + STAGES;
     u64* sched_empty = sched_full + 2;
     int* sched_block = (int*)(sched_empty + 2);  // [2] ring + [1] the producer warpgroup's copy
+    // 8 consumer warps x TW_EPI_BYTES after the barriers; allocated only with TW_STAGED_EPI.
+    unsigned char* epi = Bs + STAGES * B_BYTES + TW_BAR_BYTES;
     const int tid = threadIdx.x, wg = tid >> 7;
+    const bool skip_dead = (tp.flags & TW_SKIP_DEAD) != 0;
     // Gather mode (gate_up of the contiguous layout): the producer warpgroup copies A rows
     // straight from the token activations with cp.async (row r of the tile is token
     // token_of_row[row0 + r]), so the permuted copy of the activations is never materialized.
@@ -576,8 +629,11 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                 if (gather) {
                     u16* dst = (u16*)(As + stage * A_BYTES) + rsub * TW_BK + ((ch ^ (rsub & 7)) << 3);
                     const int k = k0 + ch * 8;
+                    // Rows 64.. (i >= 4) feed the second consumer, idle when they are all past the end.
+                    const int copies = skip_dead && row0 + 64 >= row_end ? 4 : 8;
 #pragma unroll
                     for (int i = 0; i < 8; ++i) {
+                        if (i >= copies) break;
                         const bool ok = tok[i] >= 0 && k < K;
                         cp_async16(dst + 16 * i * TW_BK, ok ? X + (size_t)tok[i] * K + k : X, ok ? 16 : 0);
                     }
@@ -607,20 +663,29 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
         tile_rows(p, tile, TW_BM, e, row0, row_end);
 #pragma unroll
         for (int i = 0; i < TW_BN / 2; ++i) d[i] = 0.f;
+        // This consumer's rows row0 + 64 c.. hold no expert rows: it only keeps the barrier
+        // protocol (wait on full, release on empty), so the other consumer's MMAs run alone.
+        const bool live = !skip_dead || row0 + c * 64 < row_end;
         int prev = -1;
         for (int kt = 0; kt < KT; ++kt) {
             mbar_wait(&full[stage], phase);
-            // cp.async (generic proxy) wrote A in gather mode; the MMAs read through the async proxy.
-            if (gather) fence_proxy_async();
-            const u16* as = (const u16*)(As + stage * A_BYTES) + c * 64 * TW_BK;
-            const u16* bs = (const u16*)(Bs + stage * B_BYTES);
-            wgmma_fence();
+            if (live) {
+                // cp.async (generic proxy) wrote A in gather mode; the MMAs read through the async proxy.
+                if (gather) fence_proxy_async();
+                const u16* as = (const u16*)(As + stage * A_BYTES) + c * 64 * TW_BK;
+                const u16* bs = (const u16*)(Bs + stage * B_BYTES);
+                wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < TW_BK; kk += 16) wgmma_m64n256k16(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), Tag());
-            wgmma_commit();
-            wgmma_wait<1>();
-            if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
-            prev = stage;
+                for (int kk = 0; kk < TW_BK; kk += 16)
+                    wgmma_m64n256k16(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), Tag());
+                wgmma_commit();
+                wgmma_wait<1>();
+                if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+                prev = stage;
+            } else {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(&empty[stage]);
+            }
             if (++stage == STAGES) {
                 stage = 0;
                 phase ^= 1;
@@ -628,6 +693,53 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
         }
         wgmma_wait<0>();
         if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+        if (!live) continue;
+        const int row_base = row0 + c * 64 + warp * 16;
+        const int n0 = nb * (GATE_UP ? TW_BN / 2 : TW_BN);
+        if ((tp.flags & TW_STAGED_EPI) && (GATE_UP || tp.y16)) {
+            u32* buf = (u32*)(epi + (c * 4 + warp) * TW_EPI_BYTES);
+            const int t4 = lane & 3;
+            const float* bias = p.bias ? (const float*)p.bias + (size_t)e * n_total : nullptr;
+            if (GATE_UP) {
+                // Gate column block j (registers 4 j..) pairs with up block j + 16.
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int j = 0; j < 16; ++j) {
+                        const int col = n0 + j * 8 + t4 * 2;
+                        float v[2];
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) {
+                            float gt = d[4 * j + 2 * h + q], up = d[4 * (j + 16) + 2 * h + q];
+                            if (bias && col + q < N) {
+                                gt += bias[col + q];
+                                up += bias[N + col + q];
+                            }
+                            v[q] = apply_act(p.act, gt, up, p.alpha, p.limit);
+                        }
+                        tw_epi_put(buf, h, j, (u32)from_f32(v[0], Tag()) | ((u32)from_f32(v[1], Tag()) << 16));
+                    }
+                tw_epi_flush(buf, (u16*)p.out, N, row_base, row_end, n0, N);
+            } else {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int j = 0; j < 16; ++j) {
+                            const int jj = 16 * half + j, col = n0 + jj * 8 + t4 * 2;
+                            float v0 = d[4 * jj + 2 * h], v1 = d[4 * jj + 2 * h + 1];
+                            if (bias) {
+                                if (col < N) v0 += bias[col];
+                                if (col + 1 < N) v1 += bias[col + 1];
+                            }
+                            tw_epi_put(buf, h, j, (u32)from_f32(v0, Tag()) | ((u32)from_f32(v1, Tag()) << 16));
+                        }
+                    tw_epi_flush(buf, (u16*)p.out, N, row_base, row_end, n0 + 128 * half, N);
+                }
+            }
+            continue;
+        }
         constexpr int NI = TW_BN / 8;
         float acc[1][NI][4];
         if (GATE_UP) {
@@ -645,9 +757,8 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
 #pragma unroll
                 for (int r = 0; r < 4; ++r) acc[0][j][r] = d[4 * j + r];
         }
-        const int n0 = nb * (GATE_UP ? TW_BN / 2 : TW_BN);
-        if (!GATE_UP && tp.y16) store_acc<1, NI, false, Tag, true>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
-        else store_acc<1, NI, GATE_UP, Tag>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+        if (!GATE_UP && tp.y16) store_acc<1, NI, false, Tag, true>(p, acc, e, row_base, row_end, 0, n0);
+        else store_acc<1, NI, GATE_UP, Tag>(p, acc, e, row_base, row_end, 0, n0);
     }
 #endif
 }

@@ -68,6 +68,10 @@ pub struct CudaBackend {
     decode_max: Option<usize>,
     gather: bool,
     y16: bool,
+    /// T256 switches (`kernels::TW_*`): dead-half skip (`MOE_CUDA_T256_SKIP=0` off), the staged
+    /// epilogue (`MOE_CUDA_T256_EPI=0` off), both on by default, and a 3-stage ring
+    /// (`MOE_CUDA_T256_STAGES=3`); kept for A/B runs.
+    t256_flags: i32,
     /// The T256 tile scheduler's block counter (zeroed before each launch).
     tile_counter: CudaSlice<u32>,
     graphs: GraphCache,
@@ -115,6 +119,16 @@ impl CudaBackend {
             decode_max: heuristics::decode_max_tokens(),
             gather: std::env::var("MOE_CUDA_GATHER").as_deref() != Ok("0"),
             y16: std::env::var("MOE_CUDA_Y16").as_deref() != Ok("0"),
+            t256_flags: {
+                let on = |name: &str| std::env::var(name).as_deref() != Ok("0");
+                (if on("MOE_CUDA_T256_SKIP") { crate::kernels::TW_SKIP_DEAD } else { 0 })
+                    | (if on("MOE_CUDA_T256_EPI") { crate::kernels::TW_STAGED_EPI } else { 0 })
+                    | (if std::env::var("MOE_CUDA_T256_STAGES").as_deref() == Ok("3") {
+                        crate::kernels::TW_THREE_STAGES
+                    } else {
+                        0
+                    })
+            },
             tile_counter,
             poison: false,
             graphs: GraphCache::default(),
@@ -192,6 +206,12 @@ impl CudaBackend {
     /// (default; `MOE_CUDA_Y16=0` keeps f32), halving the traffic of the unpermute-reduce.
     pub fn set_y16(&mut self, on: bool) {
         self.y16 = on;
+    }
+
+    /// Benchmarks and tests: the T256 switches (`kernels::TW_SKIP_DEAD | kernels::TW_STAGED_EPI`
+    /// by default, `kernels::TW_THREE_STAGES`).
+    pub fn set_t256_flags(&mut self, flags: i32) {
+        self.t256_flags = flags;
     }
 
     /// Benchmarks and tests: the smallest average rows per expert that use the TMA tile.
@@ -490,9 +510,12 @@ impl CudaBackend {
                 // Routed outputs only: the unpermute reads 16-bit y, the shared expert's finalize f32.
                 y16: (!gate_up && splits == 1 && self.y16 && p.mode != GemmMode::Dense as i32) as i32,
                 token_of_row,
+                flags: self.t256_flags,
+                pad: 0,
             };
             let grid = blocks.min(self.dev.sm_count() as usize) as u32;
-            self.dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &tp)?;
+            let smem = crate::kernels::t256_smem_bytes(tp.flags);
+            self.dev.launch(id, (grid, 1, 1), tile.threads(), smem, &tp)?;
             let y_elem = match self.elem {
                 Elem::Bf16 => 1,
                 Elem::F16 => 2,
@@ -928,7 +951,10 @@ impl ExpertBackend for CudaBackend {
             splits: splits as i32,
             y_elem,
         };
-        dev.launch(KernelId::Unpermute, (t as u32, 1, 1), 256, 0, &up)?;
+        // Measured (docs/perf/cuda.md): issuing a token's row loads together pays at k = 8 and
+        // costs at k = 4, where the leaner kernel keeps more blocks resident.
+        let unpermute = if k >= 8 { KernelId::UnpermuteWide } else { KernelId::Unpermute };
+        dev.launch(unpermute, (t as u32, 1, 1), 256, 0, &up)?;
         if let Some(rec) = rec {
             self.graphs.launch(&dev, rec.finish())?;
         }

@@ -192,8 +192,8 @@ impl GemmTile {
             // Unpadded swizzled tiles plus 1 KiB to align them to 1024 bytes.
             GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
             // Plus a full and an empty mbarrier per stage.
-            // Plus full/empty mbarriers per stage, the scheduler's 2-slot ring and its block ids.
-            GemmTile::T256 => (s * (m + n) * k * 2 + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
+            // The most any launch asks for (`t256_smem_bytes`).
+            GemmTile::T256 => t256_smem_bytes(TW_SKIP_DEAD | TW_STAGED_EPI),
             // One byte per element, plus each stage's scales (128 row scales, 8 weight words).
             GemmTile::F8T128 => (s * (m + n) * k + s * (m * 4 + 32) + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
             _ => (s * (m + n) * (k + 8) * 2) as u32,
@@ -230,6 +230,8 @@ pub enum KernelId {
     Permute(Elem),
     /// `moe_unpermute`.
     Unpermute,
+    /// `moe_unpermute_wide`: the same reduce with a token's row loads issued together (k >= 8).
+    UnpermuteWide,
     /// `moe_shared_gate_{dt}`.
     SharedGate(Elem),
     /// `moe_finalize_{dt}`.
@@ -271,6 +273,7 @@ impl KernelId {
             | KernelId::Layout
             | KernelId::Permute(_)
             | KernelId::Unpermute
+            | KernelId::UnpermuteWide
             | KernelId::SharedGate(_)
             | KernelId::Finalize(_)
             | KernelId::FillRandom(_)
@@ -297,6 +300,7 @@ impl KernelId {
             KernelId::Layout => "moe_layout".into(),
             KernelId::Permute(d) => format!("moe_permute_{}", d.suffix()),
             KernelId::Unpermute => "moe_unpermute".into(),
+            KernelId::UnpermuteWide => "moe_unpermute_wide".into(),
             KernelId::SharedGate(d) => format!("moe_shared_gate_{}", d.suffix()),
             KernelId::Finalize(d) => format!("moe_finalize_{}", d.suffix()),
             KernelId::FillRandom(d) => format!("moe_fill_random_{}", d.suffix()),
@@ -317,8 +321,14 @@ impl KernelId {
 
     /// Every kernel of every module (the compile-everything test walks this).
     pub fn all() -> Vec<KernelId> {
-        let mut v =
-            vec![KernelId::Route, KernelId::Count, KernelId::Layout, KernelId::Unpermute, KernelId::FillRandomF32];
+        let mut v = vec![
+            KernelId::Route,
+            KernelId::Count,
+            KernelId::Layout,
+            KernelId::Unpermute,
+            KernelId::UnpermuteWide,
+            KernelId::FillRandomF32,
+        ];
         for d in [Elem::Bf16, Elem::F16] {
             v.extend([
                 KernelId::RouterLogits(d),
@@ -897,6 +907,32 @@ pub struct TmaGemmParams {
     pub y16: i32,
     pub token_of_row: u64,
     pub tile_counter: u64,
+    /// `TW_SKIP_DEAD` | `TW_STAGED_EPI` (grouped_gemm.cu).
+    pub flags: i32,
+    pub pad: i32,
+}
+
+/// T256 switch: a consumer warpgroup whose 64 rows are all past the expert's end skips its MMAs.
+pub const TW_SKIP_DEAD: i32 = 1;
+/// T256 switch: 16-bit outputs leave through a shared-memory buffer as 16-byte row chunks.
+pub const TW_STAGED_EPI: i32 = 2;
+/// T256 switch: a 3-stage ring instead of 4 (less shared memory, more L1).
+pub const TW_THREE_STAGES: i32 = 4;
+/// Shared memory of the T256 staged epilogue: 8 consumer warps x 16 rows x 128 16-bit columns,
+/// rows padded to 272 bytes but the last (`TW_EPI_BYTES` in grouped_gemm.cu).
+const TW_EPI_BYTES: usize = 8 * (15 * 272 + 256);
+/// The T256 barriers and scheduler slots (`TW_BAR_BYTES`).
+const TW_BAR_BYTES: usize = 128;
+// 2 x 4 stage barriers + 4 scheduler barriers + 3 block ids.
+const _: () = assert!((2 * 4 + 4) * 8 + 3 * 4 <= TW_BAR_BYTES);
+
+/// Dynamic shared memory of a T256 launch with switches `flags`: the ring, the barriers, the
+/// epilogue buffer when it is used, and 1 KiB to align the ring to 1024 bytes.
+pub fn t256_smem_bytes(flags: i32) -> u32 {
+    let t = GemmTile::T256;
+    let stages = if flags & TW_THREE_STAGES != 0 { 3 } else { t.stages() };
+    let epi = if flags & TW_STAGED_EPI != 0 { TW_EPI_BYTES } else { 0 };
+    (stages * (t.block_m() + t.block_n()) * t.block_k() * 2 + 1024 + TW_BAR_BYTES + epi) as u32
 }
 
 /// Parameters of the FP8 TMA tile (`F8TmaParams`): e4m3 operands with f32 block scales.
@@ -1016,8 +1052,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<FinalizeParams>(), 48);
         assert_eq!(std::mem::size_of::<GemmParams>(), 104);
         assert_eq!(std::mem::size_of::<FillParams>(), 24);
-        // 2 x 128-byte maps, GemmParams at 256, num_m/pad, rounded up to 64.
-        assert_eq!(std::mem::size_of::<TmaGemmParams>(), 384);
+        // 2 x 128-byte maps, GemmParams at 256, 4 + 4 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
+        assert_eq!(std::mem::size_of::<TmaGemmParams>(), 448);
         assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
         assert_eq!(std::mem::size_of::<QDecodeParams>(), 192);
         // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
@@ -1047,5 +1083,19 @@ mod tests {
                 assert!(t.smem_bytes(q) <= 227 * 1024, "{t:?} {q:?}");
             }
         }
+    }
+
+    #[test]
+    fn t256_epilogue_buffer_matches_the_cuda_size_and_fits() {
+        let src = Module::GroupedGemm(Elem::Bf16).source();
+        assert_eq!(define(&src, "TW_EPI_LD") as usize * 4, 272);
+        assert_eq!(define(&src, "TW_SKIP_DEAD"), TW_SKIP_DEAD);
+        assert_eq!(define(&src, "TW_STAGED_EPI"), TW_STAGED_EPI);
+        assert_eq!(define(&src, "TW_THREE_STAGES"), TW_THREE_STAGES);
+        assert_eq!(define(&src, "TW_BAR_BYTES") as usize, TW_BAR_BYTES);
+        assert!(t256_smem_bytes(TW_STAGED_EPI | TW_THREE_STAGES) < t256_smem_bytes(TW_STAGED_EPI));
+        assert!(t256_smem_bytes(0) < t256_smem_bytes(TW_STAGED_EPI));
+        // Sm90's opt-in limit per block; the ring, the buffer, the alignment slack and barriers.
+        assert!(GemmTile::T256.smem_bytes() <= 227 * 1024, "{}", GemmTile::T256.smem_bytes());
     }
 }

@@ -10,7 +10,7 @@ use moe_core::compare::rel_l2;
 use moe_core::config::{Activation, GroupMaskValue, RoutingConfig, SharedExpertConfig, V2TopkMethod};
 use moe_core::weights::random_hidden;
 use moe_core::{DType, MoeConfig, MoeWeights, Tensor, TopK};
-use moe_cuda::kernels::GemmTile;
+use moe_cuda::kernels::{GemmTile, TW_SKIP_DEAD, TW_STAGED_EPI, TW_THREE_STAGES};
 use moe_cuda::{CudaBackend, CudaProvider};
 
 fn hardware() -> Hardware {
@@ -167,17 +167,22 @@ fn every_family_and_dtype_matches_reference_on_both_layouts() {
             let w = MoeWeights::random(&cfg, 7).unwrap();
             let mut p = pair(&cfg, &w, full(&cfg), &hw);
             // (masked switch point, wgmma tile, T256 gathers token rows, T256 writes 16-bit
-            // expert outputs, decode path up to); T256 at every size (its rows-per-expert switch
-            // off).
-            for (masked_max, wgmma, gather, y16, decode_max) in [
-                (0usize, Some(GemmTile::T256), false, true, 0usize),
-                (0, Some(GemmTile::T256), true, false, 0),
-                (0, Some(GemmTile::W256), false, true, 0),
-                (1 << 20, Some(GemmTile::T256), false, true, 0),
-                (1 << 20, Some(GemmTile::W128), false, true, 8),
-                (0, Some(GemmTile::W128), false, true, 0),
-                (0, None, false, true, 2),
+            // expert outputs, decode path up to, T256 switches); T256 at every size (its
+            // rows-per-expert switch off).
+            const T256_ALL: i32 = TW_SKIP_DEAD | TW_STAGED_EPI;
+            for (masked_max, wgmma, gather, y16, decode_max, t256_flags) in [
+                (0usize, Some(GemmTile::T256), false, true, 0usize, T256_ALL),
+                (0, Some(GemmTile::T256), true, false, 0, T256_ALL),
+                (0, Some(GemmTile::T256), true, true, 0, T256_ALL),
+                (0, Some(GemmTile::T256), true, true, 0, 0),
+                (0, Some(GemmTile::T256), true, true, 0, T256_ALL | TW_THREE_STAGES),
+                (0, Some(GemmTile::W256), false, true, 0, T256_ALL),
+                (1 << 20, Some(GemmTile::T256), false, true, 0, T256_ALL),
+                (1 << 20, Some(GemmTile::W128), false, true, 8, T256_ALL),
+                (0, Some(GemmTile::W128), false, true, 0, T256_ALL),
+                (0, None, false, true, 2, T256_ALL),
             ] {
+                p.cuda.set_t256_flags(t256_flags);
                 p.cuda.set_tma_min_rows(0);
                 p.cuda.set_gather(gather);
                 p.cuda.set_y16(y16);
