@@ -9,7 +9,12 @@ bin="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$PWD/gpu-out}"
 mkdir -p "$out"
 steps="${STEPS:-tests check peer bench}"
-export MOE_KERNEL_CACHE="${MOE_KERNEL_CACHE:-/tmp/moe-kernels}"
+# The cache gpu-build.sh prefilled, copied to a writable place (or an empty one).
+if [ -z "${MOE_KERNEL_CACHE:-}" ]; then
+  export MOE_KERNEL_CACHE=/tmp/moe-kernels
+  mkdir -p "$MOE_KERNEL_CACHE"
+  [ -d "$bin/kcache" ] && cp "$bin"/kcache/* "$MOE_KERNEL_CACHE"/ 2>/dev/null
+fi
 export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
