@@ -207,7 +207,33 @@ impl QMat {
         }
     }
 
-    /// [`QMat::decode_row`] with the SIMD decoders of `isa` for the 4-bit formats.
+    /// Row `r` of matrix `m` of an FP8 stack: its e4m3 bytes and block scales (one per 128
+    /// inputs); `None` for other formats.
+    pub fn fp8_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32])> {
+        match &self.data {
+            Data::Fp8 { q, scale } => {
+                let (row, k) = (m * self.n + r, self.k);
+                let cb = k.div_ceil(128);
+                Some((&q[row * k..(row + 1) * k], &scale[row * cb..(row + 1) * cb]))
+            }
+            _ => None,
+        }
+    }
+
+    /// Row `r` of matrix `m` of an E2M1 stack (MXFP4 / NVFP4): its packed bytes, per-group f32
+    /// scales and the group size; `None` for other formats or with a GPTQ-style permutation.
+    pub fn e2m1_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32], usize)> {
+        match &self.data {
+            Data::E2m1 { codes, scale, group } if self.perm.is_none() => {
+                let (row, k) = (m * self.n + r, self.k);
+                let per = k / group;
+                Some((&codes[row * k / 2..(row + 1) * k / 2], &scale[row * per..(row + 1) * per], *group))
+            }
+            _ => None,
+        }
+    }
+
+    /// [`QMat::decode_row`] with the SIMD decoders of `isa` (4-bit formats and FP8).
     ///
     /// `isa` must be available on this CPU (the caller checked it with [`Isa::available`]).
     #[inline(always)]
@@ -249,6 +275,22 @@ impl QMat {
                         let (b, o) = (&bytes[c0 / 2..c0 / 2 + 16], &mut out[c0..c0 + CHUNK]);
                         // SAFETY: AVX2 was detected (caller contract); 16 bytes -> 32 values.
                         unsafe { super::simd::e2m1_chunk_avx2(b, s0, s1, o) }
+                    }
+                    return;
+                }
+                Data::Fp8 { q, scale } if isa != Isa::Portable => {
+                    let cb = k.div_ceil(128);
+                    let (bytes, sc) = (&q[row * k..(row + 1) * k], &scale[row * cb..(row + 1) * cb]);
+                    let done = if wide {
+                        // SAFETY: AVX-512 was detected (caller contract); `out` holds k values and
+                        // `sc` the row's ceil(k / 128) block scales.
+                        unsafe { super::simd::e4m3_row_avx512(bytes, sc, out) }
+                    } else {
+                        // SAFETY: AVX2 was detected (caller contract); the same sizes.
+                        unsafe { super::simd::e4m3_row_avx2(bytes, sc, out) }
+                    };
+                    for c in done..k {
+                        out[c] = E4M3_LUT[bytes[c] as usize] * sc[c / 128];
                     }
                     return;
                 }
@@ -409,6 +451,101 @@ mod tests {
                             "{f} expert {ex} row {r}: {got} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_fp8_rows_equal_the_table_decode_bit_for_bit() {
+        // Every byte value (NaN codes and subnormals included), scales spanning 2^-20 .. 2^10,
+        // rows with a partial last 128-block and a tail shorter than one SIMD step.
+        for k in [256usize, 200, 131] {
+            let (e, n) = (1, 3);
+            let q: Vec<u8> = (0..e * n * k).map(|i| (i * 37 % 256) as u8).collect();
+            let cb = k.div_ceil(128);
+            let scale: Vec<f32> = (0..e * n * cb).map(|i| 2f32.powi(i as i32 * 7 % 31 - 20) * 1.37).collect();
+            let m = QMat { mats: e, n, k, data: Data::Fp8 { q, scale }, perm: None };
+            for isa in [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2] {
+                if !isa.available() {
+                    continue;
+                }
+                for r in 0..n {
+                    let (mut want, mut got) = (vec![0.0f32; k], vec![0.0f32; k]);
+                    m.decode_row(0, r, &mut want);
+                    m.decode_row_isa(isa, 0, r, &mut got);
+                    for c in 0..k {
+                        let same = want[c].to_bits() == got[c].to_bits() || want[c].is_nan() && got[c].is_nan();
+                        assert!(same, "{isa:?} k={k} row {r} col {c}: {} vs {}", got[c], want[c]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_bf16_dot_matches_the_exact_dot() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !Isa::Avx512Bf16.available() {
+                return;
+            }
+            let table = super::super::simd::e4m3_bf16_magnitudes();
+            for k in [256usize, 200, 131, 32] {
+                // Every finite code (subnormals included; NaN codes 0x7F / 0xFF skipped).
+                let q: Vec<u8> =
+                    (0..k).map(|i| (i * 53 % 256) as u8).map(|b| if b & 0x7F == 0x7F { 1 } else { b }).collect();
+                let sc: Vec<f32> = (0..k.div_ceil(128)).map(|b| 0.013 * (b + 1) as f32).collect();
+                let x: Vec<f32> =
+                    (0..k).map(|i| half::bf16::from_f32(((i * 29 % 23) as f32 - 11.0) * 0.37).to_f32()).collect();
+                let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                // SAFETY: AVX-512 BF16 was detected above; the slices are one row of k inputs.
+                let (mut got, done) = unsafe { super::super::simd::e4m3_dot_bf16(&q, &sc, &xb, &table) };
+                for i in done..k {
+                    got += E4M3_LUT[q[i] as usize] * sc[i / 128] * x[i];
+                }
+                let want: f64 = (0..k).map(|i| E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64).sum();
+                let norm: f64 =
+                    (0..k).map(|i| (E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64).abs()).sum();
+                assert!((got as f64 - want).abs() <= 1e-6 * norm, "k={k}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn e2m1_bf16_dot_matches_the_decoded_dot() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !Isa::Avx512Bf16.available() {
+                return;
+            }
+            let table = super::super::simd::e2m1_bf16_codes();
+            let (e, n, k) = (1, 4, 384);
+            let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
+            // bf16 activations, then put in the matrix's pair order as the engine does.
+            let x: Vec<f32> =
+                (0..k).map(|i| half::bf16::from_f32(((i * 31 % 17) as f32 - 8.0) * 0.1).to_f32()).collect();
+            for f in [QuantFormat::Mxfp4, QuantFormat::Nvfp4] {
+                let t = quant_method(f, DType::F32).unwrap().quantize(&w, e, n, k).unwrap();
+                let q = QMat::from_tensor(&t).unwrap();
+                let (mut xo, mut row) = (vec![0.0; k], vec![0.0; k]);
+                q.order_input(0, &x, &mut xo);
+                let mut xb = vec![0u16; k];
+                for m in 0..k / 64 {
+                    for (c, (chunk, odd)) in [(0usize, 0usize), (1, 0), (0, 1), (1, 1)].into_iter().enumerate() {
+                        for l in 0..16 {
+                            let v = xo[64 * m + 32 * chunk + 16 * odd + l];
+                            xb[64 * m + 16 * c + l] = half::bf16::from_f32(v).to_bits();
+                        }
+                    }
+                }
+                for r in 0..n {
+                    q.decode_row(0, r, &mut row);
+                    let want = dot(&row, &xo);
+                    let (bytes, sc, group) = q.e2m1_row(0, r).unwrap();
+                    // SAFETY: AVX-512 BF16 was detected above; k is a multiple of 64.
+                    let got = unsafe { super::super::simd::e2m1_dot_bf16(bytes, sc, group, &xb, &table) };
+                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{f} row {r}: {got} vs {want}");
                 }
             }
         }

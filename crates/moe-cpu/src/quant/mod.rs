@@ -14,6 +14,7 @@ pub mod mats;
 mod simd;
 
 use half::{bf16, f16};
+use moe_core::quant::codec::E4M3_LUT;
 use moe_core::quant::ExpertTensor;
 use moe_core::tensor::{HostData, Tensor};
 use moe_core::weights::{copy_bias_row, ExpertWeights, SharedWeights};
@@ -416,6 +417,65 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
             }
             return;
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if mode.bf16_dot && s.rows <= 4 && k.is_multiple_of(64) && w.e2m1_row(s.expert, 0).is_some() {
+        // Few tokens: E2M1 codes become bf16 in registers (`vpermw`, exact) for `vdpbf16ps`,
+        // scaled per group in f32; activations (bf16 already) as even / odd halves per 64.
+        let table = simd::e2m1_bf16_codes();
+        let mut xb = vec![0u16; s.rows * k];
+        for (r, xr) in xb.chunks_exact_mut(k).enumerate() {
+            let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+            // `a` is in the matrix's pair order (32-input chunks: 16 even, then 16 odd inputs).
+            for m in 0..k / 64 {
+                for (c, half) in [(0usize, 0usize), (1, 0), (0, 1), (1, 1)].into_iter().enumerate() {
+                    let (chunk, odd) = half;
+                    let src = &x[64 * m + 32 * chunk + 16 * odd..64 * m + 32 * chunk + 16 * odd + 16];
+                    for (d, &v) in xr[64 * m + 16 * c..64 * m + 16 * c + 16].iter_mut().zip(src) {
+                        *d = half::bf16::from_f32(v).to_bits();
+                    }
+                }
+            }
+        }
+        for c in t.c0..t.c1 {
+            let (bytes, sc, group) = w.e2m1_row(s.expert, c).expect("e2m1 stack");
+            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+            for r in 0..s.rows {
+                // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
+                // k is a multiple of 64, so `bytes` is whole 32-byte steps and `xb`'s row and
+                // `sc` cover them.
+                let y = unsafe { simd::e2m1_dot_bf16(bytes, sc, group, &xb[r * k..(r + 1) * k], &table) };
+                out[(c - t.c0) * s.rows + r] = y + b;
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if mode.bf16_dot && s.rows <= 4 && w.fp8_row(s.expert, 0).is_some() {
+        // Few tokens (decode): FP8 rows become bf16 in registers (exact) for `vdpbf16ps`; the
+        // activations are bf16 already (`bf16_dot` needs bf16 activations), so nothing rounds.
+        let table = simd::e4m3_bf16_magnitudes();
+        let mut xb = vec![0u16; s.rows * k];
+        for (r, xr) in xb.chunks_exact_mut(k).enumerate() {
+            for (d, &v) in xr.iter_mut().zip(&a[(s.row0 + r) * k..(s.row0 + r + 1) * k]) {
+                *d = half::bf16::from_f32(v).to_bits();
+            }
+        }
+        for c in t.c0..t.c1 {
+            let (bytes, sc) = w.fp8_row(s.expert, c).expect("fp8 stack");
+            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+            for r in 0..s.rows {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
+                // `bytes`, `xb`'s row and `sc` are one full row.
+                let (mut y, done) = unsafe { simd::e4m3_dot_bf16(bytes, sc, &xb[r * k..(r + 1) * k], &table) };
+                for i in done..k {
+                    y += E4M3_LUT[bytes[i] as usize] * sc[i / 128] * x[i];
+                }
+                out[(c - t.c0) * s.rows + r] = y + b;
+            }
+        }
+        return;
     }
     for c in t.c0..t.c1 {
         w.decode_row_isa(isa, s.expert, c, row);

@@ -1,5 +1,5 @@
 //! SIMD decoders for the 4-bit formats: 16 packed bytes -> 16 even + 16 odd f32 values (the
-//! pair order of [`super::mats`]). Written with intrinsics because the compiler vectorizes the
+//! pair order of [`super::mats`]), and for e4m3 bytes (FP8, in order). Written with intrinsics because the compiler vectorizes the
 //! scalar loop across chunks (with gathers and scatters) instead of across the 16 lanes.
 
 #[cfg(target_arch = "x86_64")]
@@ -202,5 +202,179 @@ pub unsafe fn int4_dot_bf16(bytes: &[u8], s: &[f32], zs: &[f32], xb: &[u16], xsu
             zterm += zs[gi] * xsum[gi];
         }
         _mm512_reduce_add_ps(tot) - zterm
+    }
+}
+
+/// e4m3fn bits moved into an f32 (sign to bit 31, exponent and mantissa to bits 26..20) are the
+/// value times 2^-120, subnormals included (they land on f32 subnormals); 2^120 undoes it exactly.
+#[cfg(target_arch = "x86_64")]
+const E4M3_UNBIAS: f32 = 1.329_228e36; // 2^120
+
+/// FP8 (e4m3fn) row decode: `out[c] = e4m3(bytes[c]) * scale[c / 128]` for the whole 16-byte
+/// chunks of the row, bit for bit the table decode (`E4M3_LUT[b] * s`: one exact power-of-two
+/// multiply, then the one rounding multiply); NaN codes (0x7F, 0xFF) decode to NaN. Returns how
+/// many values it wrote (the row length rounded down to 16); the caller decodes the tail.
+///
+/// # Safety
+/// AVX-512F must be available; `out.len() >= bytes.len()` and `scale` covers
+/// `ceil(bytes.len() / 128)` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub unsafe fn e4m3_row_avx512(bytes: &[u8], scale: &[f32], out: &mut [f32]) -> usize {
+    debug_assert!(out.len() >= bytes.len() && scale.len() >= bytes.len().div_ceil(128));
+    let whole = bytes.len() / 16 * 16;
+    // SAFETY: chunk c reads bytes [c, c + 16) and writes out [c, c + 16), c + 16 <= whole.
+    unsafe {
+        let (mag, sgn) = (_mm512_set1_epi32(0x7F), _mm512_set1_epi32(0x80));
+        let (unbias, nan) = (_mm512_set1_ps(E4M3_UNBIAS), _mm512_set1_ps(f32::NAN));
+        for c in (0..whole).step_by(16) {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(c) as *const __m128i));
+            let m = _mm512_and_si512(v, mag);
+            let bits = _mm512_or_si512(_mm512_slli_epi32(m, 20), _mm512_slli_epi32(_mm512_and_si512(v, sgn), 24));
+            let x = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(bits), unbias), _mm512_set1_ps(scale[c / 128]));
+            let x = _mm512_mask_mov_ps(x, _mm512_cmpeq_epi32_mask(m, mag), nan);
+            _mm512_storeu_ps(out.as_mut_ptr().add(c), x);
+        }
+    }
+    whole
+}
+
+/// [`e4m3_row_avx512`] with AVX2, 8 values a step (the row length rounded down to 8).
+///
+/// # Safety
+/// AVX2 must be available; the same slice contract.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn e4m3_row_avx2(bytes: &[u8], scale: &[f32], out: &mut [f32]) -> usize {
+    debug_assert!(out.len() >= bytes.len() && scale.len() >= bytes.len().div_ceil(128));
+    let whole = bytes.len() / 8 * 8;
+    // SAFETY: step c reads bytes [c, c + 8) and writes out [c, c + 8), c + 8 <= whole.
+    unsafe {
+        let (mag, sgn) = (_mm256_set1_epi32(0x7F), _mm256_set1_epi32(0x80));
+        let (unbias, nan) = (_mm256_set1_ps(E4M3_UNBIAS), _mm256_set1_ps(f32::NAN));
+        for c in (0..whole).step_by(8) {
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(c) as *const __m128i));
+            let m = _mm256_and_si256(v, mag);
+            let bits = _mm256_or_si256(_mm256_slli_epi32(m, 20), _mm256_slli_epi32(_mm256_and_si256(v, sgn), 24));
+            let x = _mm256_mul_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), unbias), _mm256_set1_ps(scale[c / 128]));
+            let is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, mag));
+            _mm256_storeu_ps(out.as_mut_ptr().add(c), _mm256_blendv_ps(x, nan, is_nan));
+        }
+    }
+    whole
+}
+
+/// bf16 bits of every e4m3fn magnitude (codes 0..128; 0x7F is NaN). Every finite e4m3 value,
+/// subnormals included, is a normal bf16 (3 mantissa bits, exponents 2^-9 .. 2^8): exact.
+pub fn e4m3_bf16_magnitudes() -> [u16; 128] {
+    let mut t = [0u16; 128];
+    for (c, v) in t.iter_mut().enumerate() {
+        *v = half::bf16::from_f32(moe_core::quant::codec::E4M3_LUT[c]).to_bits();
+    }
+    t
+}
+
+/// One FP8 (e4m3fn, block-scaled) row times one bf16 activation vector with `vdpbf16ps`:
+/// `sum_b scale[b] * sum_{c in block b} e4m3(q[c]) x[c]`. The codes become bf16 through a
+/// 128-entry table (two `vpermi2w` and a blend on bit 6, then the sign), 32 weights a step, in
+/// input order; each 128-block's partial sum is scaled once. Handles the whole 32-element
+/// chunks; the caller adds the rest (returns the sum and how many inputs it covered).
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available; `xb.len() >= bytes.len()` and
+/// `scale` covers `ceil(bytes.len() / 128)` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+pub unsafe fn e4m3_dot_bf16(bytes: &[u8], scale: &[f32], xb: &[u16], table: &[u16; 128]) -> (f32, usize) {
+    let whole = bytes.len() / 32 * 32;
+    debug_assert!(xb.len() >= bytes.len() && scale.len() >= bytes.len().div_ceil(128));
+    // SAFETY: the table reads are 4 x 32 u16 of a 128-entry array; step c reads bytes and xb
+    // [c, c + 32) with c + 32 <= whole <= both lengths.
+    unsafe {
+        let t: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(table.as_ptr().add(32 * i) as *const _));
+        let (bit6, sign) = (_mm512_set1_epi16(0x40), _mm512_set1_epi16(0x80));
+        let mut tot = _mm512_setzero_ps();
+        let mut acc = _mm512_setzero_ps();
+        for c in (0..whole).step_by(32) {
+            let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes.as_ptr().add(c) as *const __m256i));
+            // Codes 0..63 from tables 0/1, 64..127 from 2/3 (the index's low 6 bits pick).
+            let lo = _mm512_permutex2var_epi16(t[0], v, t[1]);
+            let hi = _mm512_permutex2var_epi16(t[2], v, t[3]);
+            let mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(v, bit6), lo, hi);
+            let w = _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(v, sign), 8));
+            let x = _mm512_loadu_si512(xb.as_ptr().add(c) as *const _);
+            acc = _mm512_dpbf16_ps(
+                acc,
+                std::mem::transmute::<__m512i, __m512bh>(w),
+                std::mem::transmute::<__m512i, __m512bh>(x),
+            );
+            if (c + 32) % 128 == 0 || c + 32 == whole {
+                tot = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale[c / 128]), tot);
+                acc = _mm512_setzero_ps();
+            }
+        }
+        (_mm512_reduce_add_ps(tot), whole)
+    }
+}
+
+/// bf16 bits of the 16 E2M1 codes (sign in bit 3), for `vpermw`; all exact in bf16.
+pub fn e2m1_bf16_codes() -> [u16; 32] {
+    let mut t = [0u16; 32];
+    for (c, v) in t.iter_mut().enumerate().take(16) {
+        *v = half::bf16::from_f32(moe_core::quant::codec::E2M1_LUT[c]).to_bits();
+    }
+    t
+}
+
+/// One E2M1 row (MXFP4 group 32 / NVFP4 group 16, f32 scale per group) times one bf16
+/// activation vector with `vdpbf16ps`, 64 weights (two 16-byte chunks) a step. Byte l of a
+/// chunk at input c0 holds inputs c0 + 2l (low nibble) and c0 + 2l + 1 (high); `xb` holds, for
+/// every 64 inputs, the even inputs of both chunks then the odd ones, as bf16 bits. Output lane
+/// j of `vdpbf16ps` covers bytes 2j, 2j + 1 of the step, so lanes 0-3 / 4-7 / 8-11 / 12-15 take
+/// the scales of inputs c0 / c0 + 16 / c0 + 32 / c0 + 48.
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available; `bytes.len()` is a multiple of 32,
+/// `xb` holds `2 * bytes.len()` values, `scale` covers them in groups of `group` (16 or 32).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+pub unsafe fn e2m1_dot_bf16(bytes: &[u8], scale: &[f32], group: usize, xb: &[u16], table: &[u16; 32]) -> f32 {
+    debug_assert!(bytes.len().is_multiple_of(32) && xb.len() >= 2 * bytes.len());
+    debug_assert!(group == 16 || group == 32);
+    // SAFETY: step m reads bytes [32m, 32m + 32), xb [64m, 64m + 64) and scales
+    // [64m / group, 64m / group + 64 / group), all in bounds by the contract.
+    unsafe {
+        let lut = _mm512_loadu_si512(table.as_ptr() as *const _);
+        let fifteen = _mm512_set1_epi16(15);
+        // Lane -> scale slot: 4 slots (group 16) or 2 (group 32) per 64 inputs.
+        let pick = if group == 16 {
+            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+        } else {
+            _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+        };
+        let per = 64 / group;
+        let mut tot = _mm512_setzero_ps();
+        for m in 0..bytes.len() / 32 {
+            let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes.as_ptr().add(32 * m) as *const __m256i));
+            let lo = _mm512_permutexvar_epi16(_mm512_and_si512(v, fifteen), lut);
+            let hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+            let xp = xb.as_ptr().add(64 * m);
+            let xe = _mm512_loadu_si512(xp as *const _);
+            let xo = _mm512_loadu_si512(xp.add(32) as *const _);
+            let acc = _mm512_dpbf16_ps(
+                _mm512_setzero_ps(),
+                std::mem::transmute::<__m512i, __m512bh>(lo),
+                std::mem::transmute::<__m512i, __m512bh>(xe),
+            );
+            let acc = _mm512_dpbf16_ps(
+                acc,
+                std::mem::transmute::<__m512i, __m512bh>(hi),
+                std::mem::transmute::<__m512i, __m512bh>(xo),
+            );
+            let sp = scale.as_ptr().add(m * per);
+            let s4 = if per == 4 { _mm_loadu_ps(sp) } else { _mm_castsi128_ps(_mm_loadl_epi64(sp as *const __m128i)) };
+            tot = _mm512_fmadd_ps(acc, _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(s4)), tot);
+        }
+        _mm512_reduce_add_ps(tot)
     }
 }
