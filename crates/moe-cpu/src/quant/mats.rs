@@ -220,6 +220,18 @@ impl QMat {
         }
     }
 
+    /// Row `r` of matrix `m` of an int8 stack: its signed bytes and the row's scale; `None` for
+    /// other formats.
+    pub fn int8_row(&self, m: usize, r: usize) -> Option<(&[u8], f32)> {
+        match &self.data {
+            Data::Int8 { q, scale } => {
+                let (row, k) = (m * self.n + r, self.k);
+                Some((&q[row * k..(row + 1) * k], scale[row]))
+            }
+            _ => None,
+        }
+    }
+
     /// Row `r` of matrix `m` of an E2M1 stack (MXFP4 / NVFP4): its packed bytes, per-group f32
     /// scales and the group size; `None` for other formats or with a GPTQ-style permutation.
     pub fn e2m1_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32], usize)> {
@@ -507,6 +519,30 @@ mod tests {
                 let want: f64 = (0..k).map(|i| E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64).sum();
                 let norm: f64 =
                     (0..k).map(|i| (E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64).abs()).sum();
+                assert!((got as f64 - want).abs() <= 1e-6 * norm, "k={k}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn int8_bf16_dot_matches_the_exact_dot() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !Isa::Avx512Bf16.available() {
+                return;
+            }
+            for k in [256usize, 200, 31] {
+                let q: Vec<u8> = (0..k).map(|i| (i * 53 % 256) as u8).collect();
+                let x: Vec<f32> =
+                    (0..k).map(|i| half::bf16::from_f32(((i * 29 % 23) as f32 - 11.0) * 0.37).to_f32()).collect();
+                let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                // SAFETY: AVX-512 BF16 was detected above; the slices are one row of k inputs.
+                let (mut got, done) = unsafe { super::super::simd::int8_dot_bf16(&q, &xb) };
+                for i in done..k {
+                    got += (q[i] as i8) as f32 * x[i];
+                }
+                let want: f64 = (0..k).map(|i| (q[i] as i8) as f64 * x[i] as f64).sum();
+                let norm: f64 = (0..k).map(|i| ((q[i] as i8) as f64 * x[i] as f64).abs()).sum();
                 assert!((got as f64 - want).abs() <= 1e-6 * norm, "k={k}: {got} vs {want}");
             }
         }

@@ -354,6 +354,11 @@ fn project(mode: Mode, w: &QMat, spans: &[Span], a: &[f32], out: &mut [f32], bia
     );
 }
 
+/// The span's activation rows as bf16 bits, in input order (exact for bf16 activations).
+fn bf16_rows(a: &[f32], s: Span, k: usize) -> Vec<u16> {
+    a[s.row0 * k..(s.row0 + s.rows) * k].iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+}
+
 /// Decodes each row of the task once and dots it with every token of the span.
 #[inline(always)]
 fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
@@ -451,16 +456,31 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if mode.bf16_dot && s.rows <= 4 && w.int8_row(s.expert, 0).is_some() {
+        // Few tokens: int8 codes are exact in bf16; the row's scale multiplies the sum once.
+        let xb = bf16_rows(a, s, k);
+        for c in t.c0..t.c1 {
+            let (bytes, sc) = w.int8_row(s.expert, c).expect("int8 stack");
+            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+            for r in 0..s.rows {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
+                // `bytes` and `xb`'s row are one full row.
+                let (mut y, done) = unsafe { simd::int8_dot_bf16(bytes, &xb[r * k..(r + 1) * k]) };
+                for i in done..k {
+                    y += (bytes[i] as i8) as f32 * x[i];
+                }
+                out[(c - t.c0) * s.rows + r] = y * sc + b;
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if mode.bf16_dot && s.rows <= 4 && w.fp8_row(s.expert, 0).is_some() {
         // Few tokens (decode): FP8 rows become bf16 in registers (exact) for `vdpbf16ps`; the
         // activations are bf16 already (`bf16_dot` needs bf16 activations), so nothing rounds.
         let table = simd::e4m3_bf16_magnitudes();
-        let mut xb = vec![0u16; s.rows * k];
-        for (r, xr) in xb.chunks_exact_mut(k).enumerate() {
-            for (d, &v) in xr.iter_mut().zip(&a[(s.row0 + r) * k..(s.row0 + r + 1) * k]) {
-                *d = half::bf16::from_f32(v).to_bits();
-            }
-        }
+        let xb = bf16_rows(a, s, k);
         for c in t.c0..t.c1 {
             let (bytes, sc) = w.fp8_row(s.expert, c).expect("fp8 stack");
             let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
