@@ -870,6 +870,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn packed_decode_takes_up_to_eight_rows_an_expert_within_the_pair_limit() {
+        // gpt-oss-20b (32 experts, top-4): T = 16 (64 pairs) and T = 64 (256) decode, T = 65 not.
+        assert!(decode_auto(16, 4, 32) && decode_auto(64, 4, 32) && !decode_auto(65, 4, 32));
+        // deepseek-v3 (256, top-8): up to the pair limit, T = 32; qwen3 (128, top-8) likewise.
+        assert!(decode_auto(32, 8, 256) && !decode_auto(33, 8, 256));
+        assert!(decode_auto(32, 8, 128) && !decode_auto(33, 8, 128));
+        // Few experts: T <= 2 always, then at most 8 rows an expert (8 experts, top-2: T <= 32).
+        assert!(decode_auto(2, 8, 1) && decode_auto(32, 2, 8) && !decode_auto(33, 2, 8));
+    }
+
+    #[test]
     fn large_masked_plans_use_64_row_tiles() {
         // 200 tokens on the masked layout: 256 rows an expert, 128-row tiles in the bf16 plan.
         let p = plan(200, 2, 8, 1 << 20, false);
