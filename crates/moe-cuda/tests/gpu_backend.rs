@@ -4,32 +4,16 @@
 //! Every routing method x activation x dtype, T = 0 / 1 / odd / both layouts, empty experts,
 //! a partial slot range (expert parallelism), poisoned outputs and scratch buffers.
 
-use moe_core::backend::reference::ReferenceBackend;
 use moe_core::backend::{BackendInput, BackendProvider, ExpertBackend, Hardware, LocalWeights, SlotRange};
 use moe_core::compare::rel_l2;
 use moe_core::config::{Activation, GroupMaskValue, RoutingConfig, SharedExpertConfig, V2TopkMethod};
 use moe_core::weights::random_hidden;
 use moe_core::{DType, MoeConfig, MoeWeights, Tensor, TopK};
 use moe_cuda::kernels::{GemmTile, TW_SKIP_DEAD, TW_STAGED_EPI, TW_THREE_STAGES};
-use moe_cuda::{CudaBackend, CudaProvider};
+use moe_cuda::CudaProvider;
 
-fn hardware() -> Hardware {
-    let mut hw = Hardware::cpu_only();
-    moe_cuda::fill_hardware(&mut hw);
-    hw
-}
-
-/// `Some(hw)` when the provider accepts `cfg`; otherwise prints the skip reason.
-fn usable(cfg: &MoeConfig, what: &str) -> Option<Hardware> {
-    let hw = hardware();
-    match CudaProvider.can_implement(cfg, &hw) {
-        Ok(()) => Some(hw),
-        Err(reason) => {
-            eprintln!("skip {what}: {reason}");
-            None
-        }
-    }
-}
+mod common;
+use common::{full, hardware, pair_with, usable, Pair};
 
 fn families(dtype: DType) -> Vec<(&'static str, MoeConfig)> {
     let base = |e, k| {
@@ -105,28 +89,8 @@ fn local(w: &MoeWeights, slots: SlotRange) -> LocalWeights {
     }
 }
 
-struct Pair {
-    cuda: CudaBackend,
-    reference: ReferenceBackend,
-}
-
 fn pair(cfg: &MoeConfig, w: &MoeWeights, slots: SlotRange, hw: &Hardware) -> Pair {
-    let mut cuda = CudaBackend::new(cfg.clone(), moe_cuda::provider::ordinal_for(cfg, hw)).unwrap();
-    cuda.set_poison(true);
-    let mut ref_cfg = cfg.clone();
-    ref_cfg.act_dtype = DType::F32;
-    let mut reference = ReferenceBackend::new(ref_cfg);
-    let lw = local(w, slots);
-    for b in [&mut cuda as &mut dyn ExpertBackend, &mut reference] {
-        b.create_weights(slots).unwrap();
-        b.load_weights(&lw).unwrap();
-        b.post_load().unwrap();
-    }
-    Pair { cuda, reference }
-}
-
-fn full(cfg: &MoeConfig) -> SlotRange {
-    SlotRange { start: 0, count: cfg.num_experts, total: cfg.num_experts }
+    pair_with(cfg, &local(w, slots), slots, hw)
 }
 
 /// One forward through both backends' stages; returns (rel err of the block, rel err of logits).

@@ -3,7 +3,6 @@
 //! outputs, split-K decode, EPLB slot replacement, and the errors for corrupt or unsupported
 //! parts. Without a usable GPU every test prints the `can_implement` reason and passes.
 
-use moe_core::backend::reference::ReferenceBackend;
 use moe_core::backend::{BackendInput, BackendProvider, ExpertBackend, Hardware, LocalWeights, SlotRange};
 use moe_core::compare::rel_l2;
 use moe_core::config::{Activation, RoutingConfig};
@@ -15,28 +14,14 @@ use moe_cuda::heuristics::Layout;
 use moe_cuda::kernels::GemmTile;
 use moe_cuda::{CudaBackend, CudaProvider};
 
+mod common;
+use common::{full, hardware, pair_with, usable, Pair};
+
 /// Weight-only kernels compute with 16-bit activations and dequantized 16-bit weights: the
 /// difference to the dequantized f32 reference is bf16 rounding.
 const TOL: f64 = 1e-2;
 /// DESIGN.md's FP8 tolerance, for the path that also quantizes activations to e4m3.
 const TOL_FP8: f64 = 5e-2;
-
-fn hardware() -> Hardware {
-    let mut hw = Hardware::cpu_only();
-    moe_cuda::fill_hardware(&mut hw);
-    hw
-}
-
-fn usable(cfg: &MoeConfig, what: &str) -> Option<Hardware> {
-    let hw = hardware();
-    match CudaProvider.can_implement(cfg, &hw) {
-        Ok(()) => Some(hw),
-        Err(reason) => {
-            eprintln!("skip {what}: {reason}");
-            None
-        }
-    }
-}
 
 fn config(quant: QuantFormat, dtype: DType, gpt_oss: bool, hidden: usize, inter: usize) -> MoeConfig {
     let mut c = MoeConfig::new(8, 2, hidden, inter);
@@ -54,25 +39,9 @@ fn config(quant: QuantFormat, dtype: DType, gpt_oss: bool, hidden: usize, inter:
     c
 }
 
-struct Pair {
-    cuda: CudaBackend,
-    reference: ReferenceBackend,
-}
-
 fn pair(cfg: &MoeConfig, w: &MoeWeights, hw: &Hardware) -> Pair {
-    let mut cuda = CudaBackend::new(cfg.clone(), moe_cuda::provider::ordinal_for(cfg, hw)).unwrap();
-    cuda.set_poison(true);
-    let mut ref_cfg = cfg.clone();
-    ref_cfg.act_dtype = DType::F32;
-    let mut reference = ReferenceBackend::new(ref_cfg);
-    let slots = SlotRange { start: 0, count: cfg.num_experts, total: cfg.num_experts };
     let lw = LocalWeights { router: w.router.clone(), experts: w.experts.clone(), shared: w.shared.clone() };
-    for b in [&mut cuda as &mut dyn ExpertBackend, &mut reference] {
-        b.create_weights(slots).unwrap();
-        b.load_weights(&lw).unwrap();
-        b.post_load().unwrap();
-    }
-    Pair { cuda, reference }
+    pair_with(cfg, &lw, full(cfg), hw)
 }
 
 /// One routed forward through both backends (routing from the reference's logits).
