@@ -354,6 +354,19 @@ fn project(mode: Mode, w: &QMat, spans: &[Span], a: &[f32], out: &mut [f32], bia
     );
 }
 
+/// `out[(c - c0) * rows + r] = y(c, r) + bias[c]` over the task's output rows `c` and the span's
+/// tokens `r`.
+#[inline(always)]
+fn each_output(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut y: impl FnMut(usize, usize) -> f32) {
+    let s = t.span;
+    for c in t.c0..t.c1 {
+        let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+        for r in 0..s.rows {
+            out[(c - t.c0) * s.rows + r] = y(c, r) + b;
+        }
+    }
+}
+
 /// The span's activation rows as bf16 bits, in input order (exact for bf16 activations).
 fn bf16_rows(a: &[f32], s: Span, k: usize) -> Vec<u16> {
     a[s.row0 * k..(s.row0 + s.rows) * k].iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
@@ -442,37 +455,29 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                 }
             }
         }
-        for c in t.c0..t.c1 {
+        each_output(t, n, bias, out, |c, r| {
             let (bytes, sc, group) = w.e2m1_row(s.expert, c).expect("e2m1 stack");
-            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-            for r in 0..s.rows {
-                // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
-                // k is a multiple of 64, so `bytes` is whole 32-byte steps and `xb`'s row and
-                // `sc` cover them.
-                let y = unsafe { simd::e2m1_dot_bf16(bytes, sc, group, &xb[r * k..(r + 1) * k], &table) };
-                out[(c - t.c0) * s.rows + r] = y + b;
-            }
-        }
+            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time; k is a
+            // multiple of 64, so `bytes` is whole 32-byte steps and `xb`'s row and `sc` cover them.
+            unsafe { simd::e2m1_dot_bf16(bytes, sc, group, &xb[r * k..(r + 1) * k], &table) }
+        });
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if mode.bf16_dot && s.rows <= 4 && w.int8_row(s.expert, 0).is_some() {
         // Few tokens: int8 codes are exact in bf16; the row's scale multiplies the sum once.
         let xb = bf16_rows(a, s, k);
-        for c in t.c0..t.c1 {
+        each_output(t, n, bias, out, |c, r| {
             let (bytes, sc) = w.int8_row(s.expert, c).expect("int8 stack");
-            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-            for r in 0..s.rows {
-                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
-                // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
-                // `bytes` and `xb`'s row are one full row.
-                let (mut y, done) = unsafe { simd::int8_dot_bf16(bytes, &xb[r * k..(r + 1) * k]) };
-                for i in done..k {
-                    y += (bytes[i] as i8) as f32 * x[i];
-                }
-                out[(c - t.c0) * s.rows + r] = y * sc + b;
+            let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
+            // `bytes` and `xb`'s row are one full row.
+            let (mut y, done) = unsafe { simd::int8_dot_bf16(bytes, &xb[r * k..(r + 1) * k]) };
+            for i in done..k {
+                y += (bytes[i] as i8) as f32 * x[i];
             }
-        }
+            y * sc
+        });
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -481,20 +486,17 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         // activations are bf16 already (`bf16_dot` needs bf16 activations), so nothing rounds.
         let table = simd::e4m3_bf16_magnitudes();
         let xb = bf16_rows(a, s, k);
-        for c in t.c0..t.c1 {
+        each_output(t, n, bias, out, |c, r| {
             let (bytes, sc) = w.fp8_row(s.expert, c).expect("fp8 stack");
-            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-            for r in 0..s.rows {
-                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
-                // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
-                // `bytes`, `xb`'s row and `sc` are one full row.
-                let (mut y, done) = unsafe { simd::e4m3_dot_bf16(bytes, sc, &xb[r * k..(r + 1) * k], &table) };
-                for i in done..k {
-                    y += E4M3_LUT[bytes[i] as usize] * sc[i / 128] * x[i];
-                }
-                out[(c - t.c0) * s.rows + r] = y + b;
+            let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
+            // `bytes`, `xb`'s row and `sc` are one full row.
+            let (mut y, done) = unsafe { simd::e4m3_dot_bf16(bytes, sc, &xb[r * k..(r + 1) * k], &table) };
+            for i in done..k {
+                y += E4M3_LUT[bytes[i] as usize] * sc[i / 128] * x[i];
             }
-        }
+            y
+        });
         return;
     }
     for c in t.c0..t.c1 {
