@@ -535,6 +535,10 @@ impl QuantExperts {
         let (w13, w2) = (self.proj(Proj::GateUp, i, h)?, self.proj(Proj::Down, h, i)?);
         let opt = |s: &Option<CudaSlice<u8>>| s.as_ref().map_or(0, |s| dev.ptr(s));
         let opt32 = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| dev.ptr(s));
+        // An expert's pairs come from distinct tokens, so at most T of them share the staged rows;
+        // more (or longer rows than fit) run in several rounds over the expert's weights.
+        let rows = |k: usize| (p.tokens as usize).min(16).min(QDECODE_SMEM as usize / ((k + QD_PAD) * 2)).max(1);
+        let (ru, rd) = (rows(h), rows(i));
         let q = QDecodeParams {
             d: DecodeParams { w13: dev.ptr(&w13.w), w2: dev.ptr(&w2.w), ..*p },
             s13: opt(&w13.scales),
@@ -544,14 +548,9 @@ impl QuantExperts {
             c2: opt32(&w2.col),
             e2: opt32(&w2.exp),
             ypair,
-            rows_up: 0,
-            rows_down: 0,
+            rows_up: ru as i32,
+            rows_down: rd as i32,
         };
-        // An expert's pairs come from distinct tokens, so at most T of them share the staged rows;
-        // more (or longer rows than fit) run in several rounds over the expert's weights.
-        let rows = |k: usize| (p.tokens as usize).min(16).min(QDECODE_SMEM as usize / ((k + QD_PAD) * 2)).max(1);
-        let (ru, rd) = (rows(h), rows(i));
-        let q = QDecodeParams { rows_up: ru as i32, rows_down: rd as i32, ..q };
         let smem = |r: usize, k: usize| (r * (k + QD_PAD) * 2) as u32;
         const WARPS: usize = 8; // QD_WARPS: 4 intermediate / 8 hidden columns a warp
         let kind = self.packer.kind();
