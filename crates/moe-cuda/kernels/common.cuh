@@ -83,6 +83,27 @@ __device__ __forceinline__ float apply_act(int act, float g, float u, float alph
     return gelu_tanh_f(g) * u;
 }
 
+// ---- programmatic dependent launch (sm_90+; no-ops below, and when launched without it) ----
+// A kernel launched with a programmatic edge (src/device.rs `Dep::Programmatic`) may start while
+// its predecessor still runs: it does work that reads only older data (routing, weights) and
+// then waits for the predecessor's completion and memory flush before reading its outputs.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) at `p` without waiting.
+__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // ---- async copies and tensor-core fragments (sm_80+) ----
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 

@@ -8,6 +8,10 @@
 //            pair: act[pair, col] = act_fn(x . w_gate + b, x . w_up + b) in the activation dtype;
 //   down:    one warp per hidden column, one block row per token: out[t, col] = sum over the
 //            token's local choices, in order, of w * (act[pair] . w_down[col] + b) (f32).
+//
+// On sm_90 the down kernel is launched programmatically after gate_up (src/device.rs): its blocks
+// start as gate_up's retire, load their weights (which depend only on the routing) and only then
+// wait for gate_up's activations, so the down weights stream while gate_up finishes.
 
 // DecodeParams: common.cuh (the packed-weight decode kernels of quant_gemm.cu embed it).
 
@@ -27,6 +31,7 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 template <class Tag>
 __device__ void decode_gate_up(const DecodeParams& p) {
     extern __shared__ __align__(16) uint4 xs[];
+    pdl_launch_dependents();
     const int pair = blockIdx.y, t = pair / p.k, H8 = p.hidden / 8;
     const int slot = ((const int*)p.ids)[pair];
     if (slot < 0 || slot >= p.slot_total) {
@@ -73,23 +78,69 @@ __device__ void decode_gate_up(const DecodeParams& p) {
     }
 }
 
+// Down weights held in registers from before the wait: the first DOWN_PRE_CHUNKS 16-byte chunks
+// of each lane, for the first DOWN_PRE_PAIRS choices (all of qwen3-30b-a3b's: I = 768, k = 8);
+// longer rows get the rest prefetched into L2.
+#define DOWN_PRE_PAIRS 8
+#define DOWN_PRE_CHUNKS 3
+
+// act[pair] . w over I8 chunks, lane-strided (chunk lane, lane + 32, ...: the order of the sum is
+// the same with or without preloaded chunks), then summed over the warp.
+template <class Tag>
+__device__ __forceinline__ float down_dot(const uint4* a, const uint4* w, int I8, int lane,
+                                          const uint4 (&pre)[DOWN_PRE_CHUNKS], bool use_pre) {
+    float d = 0.f;
+    int c = lane;
+    if (use_pre) {
+#pragma unroll
+        for (int q = 0; q < DOWN_PRE_CHUNKS; ++q, c += 32)
+            if (c < I8) d += dot8<Tag>(pre[q], a[c]);
+    }
+#pragma unroll 4
+    for (; c < I8; c += 32) d += dot8<Tag>(__ldg(w + c), a[c]);
+    return warp_sum(d);
+}
+
 template <class Tag>
 __device__ void decode_down(const DecodeParams& p) {
     const int t = blockIdx.y, I8 = p.inter / 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int col = blockIdx.x * DECODE_WARPS + warp;
     if (col >= p.hidden) return;
+    auto local = [&](int j) {
+        const int l = ((const int*)p.ids)[t * p.k + j] - p.slot_start;
+        return (l < 0 || l >= p.n_local) ? -1 : l;  // another rank's expert, or a bad id (flagged)
+    };
+    auto wrow = [&](int l) { return (const uint4*)p.w2 + ((size_t)l * p.hidden + col) * I8; };
+    uint4 pre[DOWN_PRE_PAIRS][DOWN_PRE_CHUNKS];
+#pragma unroll
+    for (int j = 0; j < DOWN_PRE_PAIRS; ++j) {
+        const int l = j < p.k ? local(j) : -1;
+#pragma unroll
+        for (int q = 0; q < DOWN_PRE_CHUNKS; ++q) {
+            const int c = lane + 32 * q;
+            pre[j][q] = (l >= 0 && c < I8) ? __ldg(wrow(l) + c) : make_uint4(0, 0, 0, 0);
+        }
+        const int rest = I8 - 32 * DOWN_PRE_CHUNKS;
+        if (l >= 0 && rest > 0 && lane == 0) prefetch_l2(wrow(l) + 32 * DOWN_PRE_CHUNKS, (u32)rest * 16);
+    }
+    pdl_wait();  // gate_up's activations are complete and visible from here
     float acc = 0.f;
-    for (int j = 0; j < p.k; ++j) {
+#pragma unroll
+    for (int j = 0; j < DOWN_PRE_PAIRS; ++j) {
+        if (j >= p.k) break;
+        const int l = local(j);
+        if (l < 0) continue;
         const int pair = t * p.k + j;
-        const int l = ((const int*)p.ids)[pair] - p.slot_start;
-        if (l < 0 || l >= p.n_local) continue;  // another rank's expert, or a bad id (flagged)
-        const uint4* a = (const uint4*)p.act + (size_t)pair * I8;
-        const uint4* w = (const uint4*)p.w2 + ((size_t)l * p.hidden + col) * I8;
-        float d = 0.f;
-#pragma unroll 4
-        for (int c = lane; c < I8; c += 32) d += dot8<Tag>(__ldg(w + c), a[c]);
-        d = warp_sum(d);
+        float d = down_dot<Tag>((const uint4*)p.act + (size_t)pair * I8, wrow(l), I8, lane, pre[j], true);
+        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
+        acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
+    }
+    for (int j = DOWN_PRE_PAIRS; j < p.k; ++j) {
+        const int l = local(j);
+        if (l < 0) continue;
+        const int pair = t * p.k + j;
+        float d = down_dot<Tag>((const uint4*)p.act + (size_t)pair * I8, wrow(l), I8, lane, pre[0], false);
         if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
         acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
     }

@@ -982,6 +982,7 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
     __shared__ int members[QD_MAX_PAIRS];
     __shared__ float mscale[16];
     __shared__ int count;
+    pdl_launch_dependents();
     const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
     if (slot < 0 || slot >= p.slot_total) {
         if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
@@ -1042,6 +1043,7 @@ __device__ void qdecode_down(const QDecodeParams& q) {
     extern __shared__ __align__(16) u16 qd_xs[];
     __shared__ int members[QD_MAX_PAIRS];
     __shared__ int count;
+    pdl_launch_dependents();
     const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
     const int l = slot - p.slot_start;
     if (slot < 0 || slot >= p.slot_total || l < 0 || l >= p.n_local) return;  // flagged by gate_up
@@ -1050,6 +1052,13 @@ __device__ void qdecode_down(const QDecodeParams& q) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
     const int c0 = (blockIdx.x * QD_WARPS + warp) * 8;
+    // Launched programmatically after gate_up (sm_90): the warp's packed weight rows depend only
+    // on the routing, so L2 fetches them while gate_up finishes; its activations come after the wait.
+    if (t == 0 && c0 + g < H) {
+        const int chunks = I / QD_EPC;
+        prefetch_l2((const uint4*)p.w2 + ((size_t)l * H + c0 + g) * (size_t)chunks, (u32)chunks * 16);
+    }
+    pdl_wait();
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
         if (mt > 0) __syncthreads();
@@ -1081,6 +1090,7 @@ __device__ void qdecode_down(const QDecodeParams& q) {
 template <class Tag>
 __device__ void qdecode_sum(const QDecodeParams& q) {
     const DecodeParams& p = q.d;
+    pdl_wait();  // launched programmatically after the down kernel (sm_90)
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)p.tokens * p.hidden) return;
     const int tok = (int)(i / p.hidden), col = (int)(i % p.hidden);

@@ -16,7 +16,7 @@ use moe_core::weights::ExpertWeights;
 use moe_core::{DType, Logical, MoeConfig, MoeError, Physical, Result, Tensor, TopK};
 
 use crate::buffer::{device_buffer, CudaBuffer, ErrorFlag, Half16, Slice};
-use crate::device::{CudaDevice, Workspace};
+use crate::device::{CudaDevice, Dep, Workspace};
 use crate::error::CudaError;
 use crate::graph::{GraphCache, GraphStats, Recording};
 use crate::heuristics::{self, Layout, Plan};
@@ -816,7 +816,8 @@ impl ExpertBackend for CudaBackend {
                 const WARPS: usize = 8; // DECODE_WARPS: one output column per warp
                 let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);
                 dev.launch(KernelId::DecodeGateUp(self.elem), grid_up, 256, (h * 2) as u32, &dp)?;
-                dev.launch(KernelId::DecodeDown(self.elem), (h.div_ceil(WARPS) as u32, t as u32, 1), 256, 0, &dp)?;
+                let grid_down = (h.div_ceil(WARPS) as u32, t as u32, 1);
+                dev.launch_dep(KernelId::DecodeDown(self.elem), grid_down, 256, 0, &dp, Dep::Programmatic)?;
             }
             if let Some(rec) = rec {
                 self.graphs.launch(&dev, rec.finish())?;

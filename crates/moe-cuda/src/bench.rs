@@ -441,6 +441,7 @@ pub fn graph_micro(ordinal: usize) -> Result<String> {
         grid: (1, 1, 1),
         block: 256,
         smem: 0,
+        dep: crate::device::Dep::Full,
         params: bytes(&params(ids)),
     };
     let host_us = |f: &mut dyn FnMut(usize) -> Result<()>| -> Result<(f64, f64)> {

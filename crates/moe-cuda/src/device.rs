@@ -14,6 +14,23 @@ use crate::error::{CudaError, CudaResult};
 use crate::kernels::{KernelId, Module};
 use crate::probe::arch_for;
 
+/// How a launch depends on the launch queued just before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dep {
+    /// Starts after the previous operation has completed.
+    Full,
+    /// Programmatic dependent launch: may start once every block of the previous kernel has
+    /// started (or signalled); the kernel waits for that kernel's results itself.
+    Programmatic,
+}
+
+/// Whether programmatic dependent launches are used where a kernel supports them (sm_90+):
+/// `MOE_CUDA_PDL=0` turns them off (a measurement switch).
+pub fn pdl_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !matches!(std::env::var("MOE_CUDA_PDL").as_deref(), Ok("0") | Ok("off") | Ok("false")))
+}
+
 /// A device with its stream and kernels.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -136,7 +153,7 @@ impl CudaDevice {
         Ok(f)
     }
 
-    /// Launches `id` with one by-value parameter struct.
+    /// Queues kernel `id` on the device's stream after everything queued before it.
     pub fn launch<P: DeviceRepr>(
         &self,
         id: KernelId,
@@ -145,17 +162,44 @@ impl CudaDevice {
         smem: u32,
         p: &P,
     ) -> CudaResult<()> {
+        self.launch_dep(id, grid, block, smem, p, Dep::Full)
+    }
+
+    /// [`Self::launch`] with the dependency on the previous launch spelled out: with
+    /// [`Dep::Programmatic`] (sm_90+, and [`pdl_enabled`]) the kernel may start before its
+    /// predecessor ends; it must `pdl_wait()` (kernels/common.cuh) before reading that kernel's
+    /// outputs. Elsewhere it is an ordinary launch.
+    pub fn launch_dep<P: DeviceRepr>(
+        &self,
+        id: KernelId,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+        dep: Dep,
+    ) -> CudaResult<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let dep = if dep == Dep::Programmatic && self.cc.0 >= 9 && pdl_enabled() { dep } else { Dep::Full };
         // Inside a CUDA-graph recording (crate::graph) the launch becomes a graph node instead.
         // Any other stream operation added to the forward path must do the same.
         let f = self.func(id)?;
         // SAFETY: `P` is a `#[repr(C)]` plain-data parameter struct (DeviceRepr); its bytes are
         // exactly what the kernel receives by value.
         let bytes = || unsafe { std::slice::from_raw_parts(p as *const P as *const u8, std::mem::size_of::<P>()) };
-        if crate::graph::try_record(|| crate::graph::Op::Kernel { id, grid, block, smem, params: bytes().to_vec() }) {
+        if crate::graph::try_record(|| crate::graph::Op::Kernel {
+            id,
+            grid,
+            block,
+            smem,
+            dep,
+            params: bytes().to_vec(),
+        }) {
             return Ok(());
+        }
+        if dep == Dep::Programmatic {
+            return self.launch_programmatic(&f, id, grid, block, smem, p);
         }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the parameter struct mirrors the kernel's signature (checked by unit tests);
@@ -164,6 +208,46 @@ impl CudaDevice {
         unsafe { self.stream.launch_builder(&f).arg(p).launch(cfg) }
             .map(|_| ())
             .map_err(|e| CudaError::Driver { op: "kernel launch", detail: format!("{}: {e:?}", id.name()) })
+    }
+
+    fn launch_programmatic<P: DeviceRepr>(
+        &self,
+        f: &CudaFunction,
+        id: KernelId,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> CudaResult<()> {
+        use cudarc::driver::sys;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+        };
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread().map_err(|e| CudaError::driver("bind context", e))?;
+        let mut arg = p as *const P as *mut std::ffi::c_void;
+        // SAFETY: as in `launch_dep`: `arg` points at the by-value parameter struct, which
+        // mirrors the kernel's single parameter and outlives the call (the driver copies it);
+        // `attr` and `cfg` live across the call; the context, which owns the stream, is current on this thread.
+        let r = unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), &mut arg, std::ptr::null_mut()) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(CudaError::Driver { op: "kernel launch", detail: format!("{} (programmatic): {r:?}", id.name()) })
+        }
     }
 
     /// Uploads a host slice.

@@ -23,15 +23,16 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext};
 
-use crate::device::CudaDevice;
+use crate::device::{CudaDevice, Dep};
 use crate::error::{CudaError, CudaResult};
 use crate::kernels::KernelId;
 
 /// One recorded stream operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Op {
-    /// A kernel launch with its by-value parameter struct as bytes.
-    Kernel { id: KernelId, grid: (u32, u32, u32), block: u32, smem: u32, params: Vec<u8> },
+    /// A kernel launch with its by-value parameter struct as bytes, and how it depends on the
+    /// operation before it.
+    Kernel { id: KernelId, grid: (u32, u32, u32), block: u32, smem: u32, dep: Dep, params: Vec<u8> },
     /// A byte memset.
     Memset { ptr: u64, value: u8, bytes: usize },
 }
@@ -39,15 +40,15 @@ pub(crate) enum Op {
 /// The part of an op that fixes the graph's topology; addresses and parameters are updated.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Shape {
-    Kernel { id: KernelId, grid: (u32, u32, u32), block: u32, smem: u32, param_len: usize },
+    Kernel { id: KernelId, grid: (u32, u32, u32), block: u32, smem: u32, dep: Dep, param_len: usize },
     Memset { value: u8, bytes: usize },
 }
 
 impl Op {
     fn shape(&self) -> Shape {
         match self {
-            Op::Kernel { id, grid, block, smem, params } => {
-                Shape::Kernel { id: *id, grid: *grid, block: *block, smem: *smem, param_len: params.len() }
+            Op::Kernel { id, grid, block, smem, dep, params } => {
+                Shape::Kernel { id: *id, grid: *grid, block: *block, smem: *smem, dep: *dep, param_len: params.len() }
             }
             Op::Memset { value, bytes, .. } => Shape::Memset { value: *value, bytes: *bytes },
         }
@@ -154,7 +155,7 @@ fn drv(op: &'static str, r: sys::CUresult) -> CudaResult<()> {
 }
 
 fn kernel_params(dev: &CudaDevice, op: &Op, slot: &mut *mut c_void) -> CudaResult<sys::CUDA_KERNEL_NODE_PARAMS> {
-    let Op::Kernel { id, grid, block, smem, params } = op else {
+    let Op::Kernel { id, grid, block, smem, params, .. } = op else {
         return Err(CudaError::Kernel("internal: kernel node parameters asked for a memset".into()));
     };
     let f = dev.func(*id)?;
@@ -300,6 +301,11 @@ fn destroy(e: Entry) {
     }
 }
 
+/// The operation before the `i`-th one.
+fn ops_before(ops: &[Op], i: usize) -> Option<&Op> {
+    i.checked_sub(1).and_then(|j| ops.get(j))
+}
+
 /// Builds the linear graph of `ops` and instantiates it.
 fn build(dev: &CudaDevice, ops: &[Op]) -> CudaResult<Entry> {
     let mut graph: sys::CUgraph = std::ptr::null_mut();
@@ -312,14 +318,32 @@ fn build(dev: &CudaDevice, ops: &[Op]) -> CudaResult<Entry> {
             let deps = nodes.last().map_or(std::ptr::null(), |n| n as *const sys::CUgraphNode);
             let ndeps = nodes.len().min(1);
             match op {
-                Op::Kernel { .. } => {
+                Op::Kernel { dep, .. } => {
                     let mut slot = std::ptr::null_mut();
                     let p = kernel_params(dev, op, &mut slot)?;
+                    // A programmatic edge needs a kernel on its other end.
+                    let programmatic = *dep == Dep::Programmatic
+                        && ndeps == 1
+                        && matches!(ops_before(ops, nodes.len()), Some(Op::Kernel { .. }));
+                    let (deps, ndeps) = if programmatic { (std::ptr::null(), 0) } else { (deps, ndeps) };
                     // SAFETY: `graph` is live; `deps` points at the previous node (or is null with 0
                     // dependencies); the parameter bytes outlive the call (the driver copies them).
                     drv("add a graph kernel node", unsafe {
                         sys::cuGraphAddKernelNode_v2(&mut node, graph, deps, ndeps, &p)
                     })?;
+                    if programmatic {
+                        let edge = sys::CUgraphEdgeData {
+                            from_port: sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8,
+                            to_port: 0,
+                            type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8,
+                            reserved: [0; 5],
+                        };
+                        let from = nodes[nodes.len() - 1];
+                        // SAFETY: both nodes belong to `graph`; one edge, read during the call.
+                        drv("add a programmatic graph edge", unsafe {
+                            sys::cuGraphAddDependencies_v2(graph, &from, &node, &edge, 1)
+                        })?;
+                    }
                 }
                 Op::Memset { .. } => {
                     let p = memset_params(op);
@@ -390,11 +414,11 @@ mod tests {
 
     #[test]
     fn shapes_ignore_addresses_and_parameter_values() {
-        let a = Op::Kernel { id: KernelId::Count, grid: (1, 1, 1), block: 256, smem: 0, params: vec![1, 2] };
-        let b = Op::Kernel { id: KernelId::Count, grid: (1, 1, 1), block: 256, smem: 0, params: vec![3, 4] };
-        assert_eq!(a.shape(), b.shape());
-        let c = Op::Kernel { id: KernelId::Count, grid: (2, 1, 1), block: 256, smem: 0, params: vec![3, 4] };
-        assert_ne!(a.shape(), c.shape());
+        let op = |grid, dep, params| Op::Kernel { id: KernelId::Count, grid, block: 256, smem: 0, dep, params };
+        let a = op((1, 1, 1), Dep::Full, vec![1, 2]);
+        assert_eq!(a.shape(), op((1, 1, 1), Dep::Full, vec![3, 4]).shape());
+        assert_ne!(a.shape(), op((2, 1, 1), Dep::Full, vec![3, 4]).shape());
+        assert_ne!(a.shape(), op((1, 1, 1), Dep::Programmatic, vec![1, 2]).shape(), "the edge type is topology");
         let m1 = Op::Memset { ptr: 1, value: 0xFF, bytes: 8 };
         let m2 = Op::Memset { ptr: 9, value: 0xFF, bytes: 8 };
         assert_eq!(m1.shape(), m2.shape());

@@ -14,7 +14,7 @@ use moe_core::quant::{quant_method, ExpertTensor, QuantFormat};
 use moe_core::weights::ExpertWeights;
 use moe_core::{DType, MoeConfig, MoeError, Result};
 
-use crate::device::{CudaDevice, Workspace};
+use crate::device::{CudaDevice, Dep, Workspace};
 use crate::error::CudaError;
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::{
@@ -557,9 +557,10 @@ impl QuantExperts {
         let grid_up = (i.div_ceil(4 * WARPS) as u32, pairs as u32, 1);
         dev.launch(KernelId::QDecodeGateUp(kind, self.elem), grid_up, 256, smem(ru, h), &q)?;
         let grid_down = (h.div_ceil(8 * WARPS) as u32, pairs as u32, 1);
-        dev.launch(KernelId::QDecodeDown(kind, self.elem), grid_down, 256, smem(rd, i), &q)?;
+        dev.launch_dep(KernelId::QDecodeDown(kind, self.elem), grid_down, 256, smem(rd, i), &q, Dep::Programmatic)?;
         let n = p.tokens as usize * h;
-        dev.launch(KernelId::QDecodeSum(kind, self.elem), (n.div_ceil(256) as u32, 1, 1), 256, 0, &q)?;
+        let grid_sum = (n.div_ceil(256) as u32, 1, 1);
+        dev.launch_dep(KernelId::QDecodeSum(kind, self.elem), grid_sum, 256, 0, &q, Dep::Programmatic)?;
         Ok(())
     }
 
