@@ -168,8 +168,8 @@ pub fn run<F: Family>(
         });
         return;
     }
-    // Split schedule: enough block chunks per expert to give every thread about three tasks.
-    let chunks = (3 * threads).div_ceil(groups.len().max(1));
+    // Split schedule: enough block chunks per expert to give every thread a few tasks.
+    let chunks = (crate::tuning::split_tasks_per_thread() * threads).div_ceil(groups.len().max(1));
     if ws.inter.len() < rows_total * kpi {
         ws.inter.resize(rows_total * kpi, F::A::default());
     }

@@ -41,10 +41,10 @@ pub fn gemm_rate(dtype: DType, isa: Isa, seconds: f64) -> Result<GemmRate> {
 }
 
 /// Memory bandwidth in GB/s on the current rayon pool: `(copy, read)`, each the best of a few
-/// passes over 256 MiB buffers. Copy counts bytes read plus bytes written (the STREAM
+/// passes over buffers of [`probe_bytes`]. Copy counts bytes read plus bytes written (the STREAM
 /// convention); read streams one buffer with the widest loads available.
 pub fn bandwidth() -> (f64, f64) {
-    let n = 32usize << 20; // u64 words: 256 MiB
+    let n = probe_bytes(last_level_cache_bytes()) / 8; // u64 words
     let src: Vec<u64> = (0..n).into_par_iter().map(|i| i as u64 ^ 0x9E37_79B9).collect();
     let mut dst = vec![0u64; n];
     let chunk = n.div_ceil(rayon::current_num_threads() * 8);
@@ -60,6 +60,32 @@ pub fn bandwidth() -> (f64, f64) {
     }
     std::hint::black_box(&dst);
     (copy, read)
+}
+
+/// Bytes of each bandwidth-probe buffer: 256 MiB, or four times the last-level cache where that
+/// is larger (a 300 MiB L3 would otherwise hold most of a 256 MiB buffer, and the probe would
+/// time the cache, not memory), at most 2 GiB.
+pub fn probe_bytes(llc: Option<usize>) -> usize {
+    (4 * llc.unwrap_or(0)).clamp(256 << 20, 2 << 30)
+}
+
+/// The largest data cache Linux reports for CPU 0 (`/sys/devices/system/cpu/cpu0/cache`), in bytes.
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("size")).ok())
+        .filter_map(|s| parse_cache_size(s.trim()))
+        .max()
+}
+
+/// `"32768K"`, `"300M"`, `"1G"` or plain bytes.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1usize << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<usize>().ok().map(|v| v * mult)
 }
 
 fn rate<F: Family>(fam: &F, m: usize, n: usize, k: usize, seconds: f64) -> f64 {
@@ -91,4 +117,22 @@ fn rate<F: Family>(fam: &F, m: usize, n: usize, k: usize, seconds: f64) -> f64 {
         best = best.max(flops / t.elapsed().as_secs_f64() / 1e9);
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_buffers_outgrow_the_last_level_cache() {
+        assert_eq!(parse_cache_size("32768K"), Some(32 << 20));
+        assert_eq!(parse_cache_size("300M"), Some(300 << 20));
+        assert_eq!(parse_cache_size("1G"), Some(1 << 30));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("x"), None);
+        assert_eq!(probe_bytes(None), 256 << 20);
+        assert_eq!(probe_bytes(Some(32 << 20)), 256 << 20);
+        assert_eq!(probe_bytes(Some(300 << 20)), 1200 << 20, "4x a 300 MiB L3");
+        assert_eq!(probe_bytes(Some(4 << 30)), 2 << 30);
+    }
 }

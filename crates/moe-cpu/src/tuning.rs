@@ -1,13 +1,16 @@
 //! Process-wide switches of the streaming paths, for measurements: whether packed weights ask
-//! for transparent huge pages, and how far ahead the bf16 matrix-vector kernel prefetches.
-//! Defaults come from `MOE_CPU_THP` / `MOE_CPU_GEMV_PREFETCH`; `examples/cpu_ab.rs` flips them
-//! between interleaved timing slices so both variants see the same host noise.
+//! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, and how
+//! many tasks a thread gets in the split (few experts) schedule. Defaults come from
+//! `MOE_CPU_THP` / `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS`; moe-runtime's
+//! `examples/cpu_ab.rs` flips them between interleaved timing slices so both variants see the
+//! same host noise.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const UNSET: usize = usize::MAX;
 static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
+static SPLIT_TASKS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -33,14 +36,29 @@ pub fn set_huge_pages(on: bool) {
     HUGE_PAGES.store(on as usize, Ordering::Relaxed);
 }
 
-/// Steps (of two 64-byte lines) the bf16 matrix-vector kernel prefetches ahead; 0: none (default).
+/// Steps (of two 64-byte lines) the bf16 matrix-vector kernel prefetches ahead (default 16, 2 KiB;
+/// 0: none). With 16 threads a core streams too few lines at once for the memory latency without
+/// it (interleaved A/B, qwen3 T = 1: 0.85x the time); on 2 cores it measured neutral.
 pub fn gemv_prefetch() -> usize {
-    get(&GEMV_PREFETCH, "MOE_CPU_GEMV_PREFETCH", 0)
+    get(&GEMV_PREFETCH, "MOE_CPU_GEMV_PREFETCH", 16)
 }
 
 /// Overrides [`gemv_prefetch`].
 pub fn set_gemv_prefetch(steps: usize) {
     GEMV_PREFETCH.store(steps, Ordering::Relaxed);
+}
+
+/// Tasks per thread in the engine's split schedule (default 12): more give work stealing room
+/// to even out a thread that the host preempts. Interleaved A/B (docs/perf/cpu.md, session 4):
+/// 12 against 3 on a 16-core VM with ~20% steal time, qwen3 T = 1: 0.825x the time; on 2 cores
+/// the same within noise.
+pub fn split_tasks_per_thread() -> usize {
+    get(&SPLIT_TASKS, "MOE_CPU_SPLIT_TASKS", 12).max(1)
+}
+
+/// Overrides [`split_tasks_per_thread`].
+pub fn set_split_tasks_per_thread(tasks: usize) {
+    SPLIT_TASKS.store(tasks, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation

@@ -6,6 +6,8 @@
 //!
 //!     cargo run --release -p moe-runtime --example cpu_ab -- --tokens 1 --a-thp 0 --a-pf 0 \
 //!         --b-thp 1 --b-pf 16 --slices 20 --slice-s 0.5 --threads 2
+//!
+//! `--{a,b}-split N`: tasks per thread of the engine's split schedule (default 12).
 
 use std::time::Instant;
 
@@ -35,8 +37,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let slices: usize = opt("--slices", "20").parse()?;
     let slice_s: f64 = opt("--slice-s", "0.5").parse()?;
     let threads: usize = opt("--threads", "2").parse()?;
-    let variant = |p: &str| -> Result<(bool, usize), Box<dyn std::error::Error>> {
-        Ok((opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0, opt(&format!("--{p}-pf"), "0").parse()?))
+    let variant = |p: &str| -> Result<(bool, usize, usize), Box<dyn std::error::Error>> {
+        Ok((
+            opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0,
+            opt(&format!("--{p}-pf"), "16").parse()?,
+            opt(&format!("--{p}-split"), "12").parse()?,
+        ))
     };
     let variants = [variant("a")?, variant("b")?];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
@@ -48,7 +54,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let weights = MoeWeights::random(&cfg, 7)?;
         let (registry, hw) = (default_registry(), probe_hardware());
         let mut moes = Vec::new();
-        for &(thp, _) in &variants {
+        for &(thp, _, _) in &variants {
             moe_cpu::tuning::set_huge_pages(thp);
             let opts = BuildOptions { backend: "cpu".into(), ..Default::default() };
             let mut m = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts)?;
@@ -64,6 +70,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             // Alternate which variant goes first so a drift inside a slice pair cancels.
             for v in if s % 2 == 0 { [0, 1] } else { [1, 0] } {
                 moe_cpu::tuning::set_gemv_prefetch(variants[v].1);
+                moe_cpu::tuning::set_split_tasks_per_thread(variants[v].2);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
                 let start = Instant::now();
@@ -78,10 +85,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, (thp, pf)) in variants.iter().enumerate() {
+        for (v, (thp, pf, split)) in variants.iter().enumerate() {
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()

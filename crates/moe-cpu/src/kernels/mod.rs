@@ -366,12 +366,15 @@ mod tests {
                 run(&d, k, 1e-4);
             }
             // The measurement switches of `tuning` change speed only: same checks with the GEMV
-            // prefetching ahead (past the end of the block included).
-            crate::tuning::set_gemv_prefetch(8);
-            for k in [7, 64, 300] {
-                run(&d, k, 1e-4);
+            // prefetch off and at another distance (past the end of the block included).
+            let default = crate::tuning::gemv_prefetch();
+            for pf in [0, 8] {
+                crate::tuning::set_gemv_prefetch(pf);
+                for k in [7, 64, 300] {
+                    run(&d, k, 1e-4);
+                }
             }
-            crate::tuning::set_gemv_prefetch(0);
+            crate::tuning::set_gemv_prefetch(default);
         }
     }
 }
