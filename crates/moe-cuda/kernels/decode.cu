@@ -10,8 +10,8 @@
 //            token's local choices, in order, of w * (act[pair] . w_down[col] + b) (f32).
 //
 // On sm_90 the down kernel is launched programmatically after gate_up (src/device.rs): its blocks
-// start as gate_up's retire, load their weights (which depend only on the routing) and only then
-// wait for gate_up's activations, so the down weights stream while gate_up finishes.
+// start as gate_up's retire and wait for gate_up's activations with `griddepcontrol.wait`; the
+// short-row variant first loads its weights (which depend only on the routing) into registers.
 
 // DecodeParams: common.cuh (the packed-weight decode kernels of quant_gemm.cu embed it).
 
@@ -78,20 +78,21 @@ __device__ void decode_gate_up(const DecodeParams& p) {
     }
 }
 
-// Down weights held in registers from before the wait: the first DOWN_PRE_CHUNKS 16-byte chunks
-// of each lane, for the first DOWN_PRE_PAIRS choices (all of qwen3-30b-a3b's: I = 768, k = 8);
-// longer rows get the rest prefetched into L2.
+// The short-row down kernel holds its weights in registers from before the wait: 3 16-byte
+// chunks a lane (whole rows up to I = 768, qwen3-30b-a3b) for the first 8 choices. Longer rows
+// take the streaming kernel: 128 registers would halve its occupancy, and mixtral-8x7b /
+// deepseek-v3 T = 1 measured 13-15% slower that way.
 #define DOWN_PRE_PAIRS 8
 #define DOWN_PRE_CHUNKS 3
 
 // act[pair] . w over I8 chunks, lane-strided (chunk lane, lane + 32, ...: the order of the sum is
 // the same with or without preloaded chunks), then summed over the warp.
-template <class Tag>
+template <class Tag, bool PRE>
 __device__ __forceinline__ float down_dot(const uint4* a, const uint4* w, int I8, int lane,
-                                          const uint4 (&pre)[DOWN_PRE_CHUNKS], bool use_pre) {
+                                          const uint4 (&pre)[DOWN_PRE_CHUNKS]) {
     float d = 0.f;
     int c = lane;
-    if (use_pre) {
+    if (PRE) {
 #pragma unroll
         for (int q = 0; q < DOWN_PRE_CHUNKS; ++q, c += 32)
             if (c < I8) d += dot8<Tag>(pre[q], a[c]);
@@ -101,7 +102,7 @@ __device__ __forceinline__ float down_dot(const uint4* a, const uint4* w, int I8
     return warp_sum(d);
 }
 
-template <class Tag>
+template <class Tag, bool SHORT>
 __device__ void decode_down(const DecodeParams& p) {
     const int t = blockIdx.y, I8 = p.inter / 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -112,37 +113,38 @@ __device__ void decode_down(const DecodeParams& p) {
         return (l < 0 || l >= p.n_local) ? -1 : l;  // another rank's expert, or a bad id (flagged)
     };
     auto wrow = [&](int l) { return (const uint4*)p.w2 + ((size_t)l * p.hidden + col) * I8; };
+    auto term = [&](int j, int l, float d) {
+        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
+        return (p.scale_input ? 1.f : ((const float*)p.weights)[t * p.k + j]) * d;
+    };
+    auto act = [&](int j) { return (const uint4*)p.act + (size_t)(t * p.k + j) * I8; };
     uint4 pre[DOWN_PRE_PAIRS][DOWN_PRE_CHUNKS];
+    if (SHORT) {
 #pragma unroll
-    for (int j = 0; j < DOWN_PRE_PAIRS; ++j) {
-        const int l = j < p.k ? local(j) : -1;
+        for (int j = 0; j < DOWN_PRE_PAIRS; ++j) {
+            const int l = j < p.k ? local(j) : -1;
 #pragma unroll
-        for (int q = 0; q < DOWN_PRE_CHUNKS; ++q) {
-            const int c = lane + 32 * q;
-            pre[j][q] = (l >= 0 && c < I8) ? __ldg(wrow(l) + c) : make_uint4(0, 0, 0, 0);
+            for (int q = 0; q < DOWN_PRE_CHUNKS; ++q) {
+                const int c = lane + 32 * q;
+                pre[j][q] = (l >= 0 && c < I8) ? __ldg(wrow(l) + c) : make_uint4(0, 0, 0, 0);
+            }
         }
-        const int rest = I8 - 32 * DOWN_PRE_CHUNKS;
-        if (l >= 0 && rest > 0 && lane == 0) prefetch_l2(wrow(l) + 32 * DOWN_PRE_CHUNKS, (u32)rest * 16);
     }
     pdl_wait();  // gate_up's activations are complete and visible from here
     float acc = 0.f;
+    int j0 = 0;
+    if (SHORT) {
 #pragma unroll
-    for (int j = 0; j < DOWN_PRE_PAIRS; ++j) {
-        if (j >= p.k) break;
-        const int l = local(j);
-        if (l < 0) continue;
-        const int pair = t * p.k + j;
-        float d = down_dot<Tag>((const uint4*)p.act + (size_t)pair * I8, wrow(l), I8, lane, pre[j], true);
-        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
-        acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
+        for (int j = 0; j < DOWN_PRE_PAIRS; ++j) {
+            if (j >= p.k) break;
+            const int l = local(j);
+            if (l >= 0) acc += term(j, l, down_dot<Tag, true>(act(j), wrow(l), I8, lane, pre[j]));
+        }
+        j0 = DOWN_PRE_PAIRS;
     }
-    for (int j = DOWN_PRE_PAIRS; j < p.k; ++j) {
+    for (int j = j0; j < p.k; ++j) {
         const int l = local(j);
-        if (l < 0) continue;
-        const int pair = t * p.k + j;
-        float d = down_dot<Tag>((const uint4*)p.act + (size_t)pair * I8, wrow(l), I8, lane, pre[0], false);
-        if (p.b2) d += ((const float*)p.b2)[(size_t)l * p.hidden + col];
-        acc += (p.scale_input ? 1.f : ((const float*)p.weights)[pair]) * d;
+        if (l >= 0) acc += term(j, l, down_dot<Tag, false>(act(j), wrow(l), I8, lane, pre[0]));
     }
     if (lane == 0) ((float*)p.out)[(size_t)t * p.hidden + col] = acc;
 }
@@ -156,8 +158,14 @@ extern "C" __global__ void __launch_bounds__(256, 6) moe_decode_gate_up_f16(Deco
     decode_gate_up<F16Tag>(p);
 }
 extern "C" __global__ void moe_decode_down_bf16(DecodeParams p) {
-    decode_down<Bf16Tag>(p);
+    decode_down<Bf16Tag, false>(p);
 }
 extern "C" __global__ void moe_decode_down_f16(DecodeParams p) {
-    decode_down<F16Tag>(p);
+    decode_down<F16Tag, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) moe_decode_down_short_bf16(DecodeParams p) {
+    decode_down<Bf16Tag, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) moe_decode_down_short_f16(DecodeParams p) {
+    decode_down<F16Tag, true>(p);
 }

@@ -817,7 +817,12 @@ impl ExpertBackend for CudaBackend {
                 let grid_up = (inter.div_ceil(WARPS) as u32, pairs as u32, 1);
                 dev.launch(KernelId::DecodeGateUp(self.elem), grid_up, 256, (h * 2) as u32, &dp)?;
                 let grid_down = (h.div_ceil(WARPS) as u32, t as u32, 1);
-                dev.launch_dep(KernelId::DecodeDown(self.elem), grid_down, 256, 0, &dp, Dep::Programmatic)?;
+                let down = if inter <= crate::kernels::DECODE_SHORT_MAX_INTER {
+                    KernelId::DecodeDownShort(self.elem)
+                } else {
+                    KernelId::DecodeDown(self.elem)
+                };
+                dev.launch_dep(down, grid_down, 256, 0, &dp, Dep::Programmatic)?;
             }
             if let Some(rec) = rec {
                 self.graphs.launch(&dev, rec.finish())?;

@@ -262,7 +262,13 @@ pub enum KernelId {
     DecodeGateUp(Elem),
     /// `moe_decode_down_{dt}`.
     DecodeDown(Elem),
+    /// `moe_decode_down_short_{dt}`: rows up to `DECODE_SHORT_MAX_INTER` held in registers.
+    DecodeDownShort(Elem),
 }
+
+/// Largest intermediate size the short-row decode down kernel holds in registers (decode.cu:
+/// `DOWN_PRE_CHUNKS` x 32 lanes x 8 elements).
+pub const DECODE_SHORT_MAX_INTER: usize = 768;
 
 impl KernelId {
     /// The module that defines this kernel.
@@ -286,7 +292,7 @@ impl KernelId {
             | KernelId::QDecodeGateUp(q, d)
             | KernelId::QDecodeDown(q, d)
             | KernelId::QDecodeSum(q, d) => Module::QuantGemm(q, d),
-            KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) => Module::Decode,
+            KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) | KernelId::DecodeDownShort(_) => Module::Decode,
         }
     }
 
@@ -316,6 +322,7 @@ impl KernelId {
             KernelId::QDecodeSum(_, d) => format!("qdecode_sum_{}", d.suffix()),
             KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
             KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
+            KernelId::DecodeDownShort(d) => format!("moe_decode_down_short_{}", d.suffix()),
         }
     }
 
@@ -339,6 +346,7 @@ impl KernelId {
                 KernelId::FillRandom(d),
                 KernelId::DecodeGateUp(d),
                 KernelId::DecodeDown(d),
+                KernelId::DecodeDownShort(d),
             ]);
             for t in GemmTile::ALL {
                 v.extend([KernelId::GemmGateUp(d, t), KernelId::GemmDown(d, t)]);
@@ -1019,6 +1027,7 @@ mod tests {
             let src = id.module().source();
             let name = id.name();
             let found = src.contains(&format!("void {name}("))
+                || src.contains(&format!(") {name}(")) // after __launch_bounds__(...)
                 || src.contains(&format!("void {name}_")) // never: guards against prefixes
                 || match id {
                     KernelId::GemmGateUp(d, t) | KernelId::GemmDown(d, t) => {
