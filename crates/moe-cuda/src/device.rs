@@ -241,7 +241,8 @@ impl CudaDevice {
         let mut arg = p as *const P as *mut std::ffi::c_void;
         // SAFETY: as in `launch_dep`: `arg` points at the by-value parameter struct, which
         // mirrors the kernel's single parameter and outlives the call (the driver copies it);
-        // `attr` and `cfg` live across the call; the context, which owns the stream, is current on this thread.
+        // `attr` and `cfg` live across the call; the context, which owns the stream, is current
+        // on this thread.
         let r = unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), &mut arg, std::ptr::null_mut()) };
         if r == sys::CUresult::CUDA_SUCCESS {
             Ok(())
