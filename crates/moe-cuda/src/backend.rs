@@ -901,7 +901,9 @@ impl ExpertBackend for CudaBackend {
             scale_input: routing.weights_on_input() as i32,
             token_of_row,
         };
-        dev.launch(KernelId::Permute(self.elem), (pairs as u32, 1, 1), 128, 0, &pp)?;
+        // Gather mode records token ids only: a thread a pair instead of a block a pair.
+        let (grid, block) = if token_of_row != 0 { (pairs.div_ceil(256), 256) } else { (pairs, 128) };
+        dev.launch(KernelId::Permute(self.elem), (grid as u32, 1, 1), block, 0, &pp)?;
         let (act_kind, alpha, limit) = self.act_params();
         let w = self.w()?;
         let base = GemmParams {
