@@ -150,8 +150,11 @@ __device__ __forceinline__ float4 load_y4(const UnpermuteParams& p, size_t i4) {
     return make_float4(to_f32(e[0], F16Tag()), to_f32(e[1], F16Tag()), to_f32(e[2], F16Tag()), to_f32(e[3], F16Tag()));
 }
 
-// out[t] = sum over local choices of w * y[row] (w = 1 when the weight scaled the input).
-extern "C" __global__ void moe_unpermute(UnpermuteParams p) {
+// out[t] = sum over local choices of w * y[row] (w = 1 when the weight scaled the input), the
+// choices taken in groups of G: all loads of a group are in flight before its first add, and the
+// sum keeps the order j = 0, 1, .. for every G (results are bitwise the same).
+template <int G>
+__device__ __forceinline__ void unpermute(const UnpermuteParams& p) {
     const int t = blockIdx.x;
     const int* row_of = (const int*)p.row_of + (size_t)t * p.k;
     const float* w = (const float*)p.weights + (size_t)t * p.k;
@@ -160,52 +163,16 @@ extern "C" __global__ void moe_unpermute(UnpermuteParams p) {
     const int h4 = p.hidden / 4;
     for (int c = threadIdx.x; c < h4; c += blockDim.x) {
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int j = 0; j < p.k; ++j) {
-            int r = row_of[j];
-            if (r < 0) continue;
-            float s = p.unweighted ? 1.f : w[j];
-            float4 v = load_y4(p, (size_t)r * h4 + c);
-            for (int z = 1; z < p.splits; ++z) {
-                float4 u = y[(size_t)z * (p.split_stride / 4) + (size_t)r * h4 + c];
-                v.x += u.x;
-                v.y += u.y;
-                v.z += u.z;
-                v.w += u.w;
-            }
-            acc.x += s * v.x;
-            acc.y += s * v.y;
-            acc.z += s * v.z;
-            acc.w += s * v.w;
-        }
-        out[c] = acc;
-    }
-}
-
-// moe_unpermute for many choices a token (the host takes it from k = 8): all loads of a group
-// of 8 choices are in flight before the first add, where moe_unpermute waits for each load in
-// turn. 66 registers against 44 (fewer resident blocks), so it lost at k = 4 (gpt-oss-20b
-// T = 4096: 1.72 -> 1.78 ms a forward) and won at k = 8 (qwen3-30b-a3b T = 16384: 2.85 -> 2.75 ms).
-extern "C" __global__ void moe_unpermute_wide(UnpermuteParams p) {
-    const int t = blockIdx.x;
-    const int* row_of = (const int*)p.row_of + (size_t)t * p.k;
-    const float* w = (const float*)p.weights + (size_t)t * p.k;
-    const float4* y = (const float4*)p.y;
-    float4* out = (float4*)((float*)p.out + (size_t)t * p.hidden);
-    const int h4 = p.hidden / 4;
-    for (int c = threadIdx.x; c < h4; c += blockDim.x) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        // Choices in groups of 8: all loads of a group are in flight before the first add (one
-        // dependent load at a time left the kernel latency-bound); the sum keeps the order j = 0, 1, ..
-        for (int j0 = 0; j0 < p.k; j0 += 8) {
-            int r[8];
-            float4 v[8];
+        for (int j0 = 0; j0 < p.k; j0 += G) {
+            int r[G];
+            float4 v[G];
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
+            for (int u = 0; u < G; ++u) {
                 r[u] = j0 + u < p.k ? row_of[j0 + u] : -1;
                 v[u] = r[u] >= 0 ? load_y4(p, (size_t)r[u] * h4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
+            for (int u = 0; u < G; ++u) {
                 if (r[u] < 0) continue;
                 float4 vu = v[u];
                 for (int z = 1; z < p.splits; ++z) {
@@ -225,6 +192,15 @@ extern "C" __global__ void moe_unpermute_wide(UnpermuteParams p) {
         out[c] = acc;
     }
 }
+
+// One choice at a time: 44 registers, more resident blocks; the host takes it below k = 8.
+extern "C" __global__ void moe_unpermute(UnpermuteParams p) { unpermute<1>(p); }
+
+// Groups of 8 (the host takes it from k = 8): one dependent load at a time left the kernel
+// latency-bound there. 66 registers against 44 (fewer resident blocks), so it lost at k = 4
+// (gpt-oss-20b T = 4096: 1.72 -> 1.78 ms a forward) and won at k = 8 (qwen3-30b-a3b T = 16384:
+// 2.85 -> 2.75 ms).
+extern "C" __global__ void moe_unpermute_wide(UnpermuteParams p) { unpermute<8>(p); }
 
 struct SharedGateParams {
     u64 x;     // [T, H]
