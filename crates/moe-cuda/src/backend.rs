@@ -513,9 +513,8 @@ impl CudaBackend {
                 flags: self.t256_flags,
                 pad: 0,
             };
-            let grid = blocks.min(self.dev.sm_count() as usize) as u32;
             let smem = crate::kernels::t256_smem_bytes(tp.flags);
-            self.dev.launch(id, (grid, 1, 1), tile.threads(), smem, &tp)?;
+            self.dev.launch(id, (self.dev.persistent_grid(blocks), 1, 1), tile.threads(), smem, &tp)?;
             let y_elem = match self.elem {
                 Elem::Bf16 => 1,
                 Elem::F16 => 2,

@@ -110,6 +110,12 @@ impl CudaDevice {
         self.sm_count
     }
 
+    /// Grid of a persistent kernel over `blocks` work items: one block an SM, never more blocks
+    /// than items (the T256 and f8t128 tiles walk the rest through their tile scheduler).
+    pub fn persistent_grid(&self, blocks: usize) -> u32 {
+        blocks.min(self.sm_count as usize) as u32
+    }
+
     fn module(&self, m: Module) -> CudaResult<Arc<CudaModule>> {
         if let Some(md) = self.modules.read().ok().and_then(|g| g.get(&m).cloned()) {
             return Ok(md);

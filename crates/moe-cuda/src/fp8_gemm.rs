@@ -97,8 +97,7 @@ pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaRe
         pad: 0,
     };
     let id = if g.gate_up { KernelId::GemmGateUp(elem, tile) } else { KernelId::GemmDown(elem, tile) };
-    let grid = blocks.min(dev.sm_count() as usize) as u32;
-    dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &fp)
+    dev.launch(id, (dev.persistent_grid(blocks), 1, 1), tile.threads(), tile.smem_bytes(), &fp)
 }
 
 #[cfg(test)]
