@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const UNSET: usize = usize::MAX;
 static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
+static QUANT_TILE_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -41,6 +42,21 @@ pub fn gemv_prefetch() -> usize {
 /// Overrides [`gemv_prefetch`].
 pub fn set_gemv_prefetch(steps: usize) {
     GEMV_PREFETCH.store(steps, Ordering::Relaxed);
+}
+
+/// Rows an expert from which quantized experts run the dense bf16 tile on dequantized panels
+/// (`MOE_CPU_QUANT_TILE_ROWS`; AVX-512 BF16 with bf16 activations only); `default` (the
+/// format's measured switch point) unless set.
+pub fn quant_tile_rows(default: usize) -> usize {
+    match get(&QUANT_TILE_ROWS, "MOE_CPU_QUANT_TILE_ROWS", 0) {
+        0 => default,
+        v => v,
+    }
+}
+
+/// Overrides [`quant_tile_rows`] (0: back to the formats' defaults).
+pub fn set_quant_tile_rows(rows: usize) {
+    QUANT_TILE_ROWS.store(rows, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation
