@@ -1,7 +1,8 @@
 //! Process-wide switches of the streaming paths, for measurements: whether packed weights ask
-//! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, and how
-//! many tasks a thread gets in the split (few experts) schedule. Defaults come from
-//! `MOE_CPU_THP` / `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS`; moe-runtime's
+//! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, how many
+//! tasks a thread gets in the split (few experts) schedule, and from how many rows an expert the
+//! quantized experts run on dequantized bf16 panels. Defaults come from `MOE_CPU_THP` /
+//! `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` / `MOE_CPU_QUANT_TILE_ROWS`; moe-runtime's
 //! `examples/cpu_ab.rs` flips them between interleaved timing slices so both variants see the
 //! same host noise.
 
@@ -11,6 +12,7 @@ const UNSET: usize = usize::MAX;
 static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
 static SPLIT_TASKS: AtomicUsize = AtomicUsize::new(UNSET);
+static QUANT_TILE_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -59,6 +61,21 @@ pub fn split_tasks_per_thread() -> usize {
 /// Overrides [`split_tasks_per_thread`].
 pub fn set_split_tasks_per_thread(tasks: usize) {
     SPLIT_TASKS.store(tasks, Ordering::Relaxed);
+}
+
+/// Rows an expert from which quantized experts run the dense bf16 tile on dequantized panels
+/// (`MOE_CPU_QUANT_TILE_ROWS`; AVX-512 BF16 with bf16 activations only); `default` (the
+/// format's measured switch point) unless set.
+pub fn quant_tile_rows(default: usize) -> usize {
+    match get(&QUANT_TILE_ROWS, "MOE_CPU_QUANT_TILE_ROWS", 0) {
+        0 => default,
+        v => v,
+    }
+}
+
+/// Overrides [`quant_tile_rows`] (0: back to the formats' defaults).
+pub fn set_quant_tile_rows(rows: usize) {
+    QUANT_TILE_ROWS.store(rows, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation

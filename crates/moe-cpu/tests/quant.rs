@@ -211,3 +211,39 @@ fn poisoned_workspaces_expert_parallel_slots_and_slot_replacement() {
     assert!(b.kernel_name().contains("quantized"));
     assert!(b.packed_bytes() < 8 * 3 * 256 * 128, "int4 experts take well under a byte per weight");
 }
+
+#[test]
+fn dequantized_bf16_tiles_on_both_sides_of_the_switch() {
+    // bf16 activations, 4 experts: T = 3 leaves experts empty or with 1-3 rows (register paths),
+    // T = 17 puts experts on both sides of int4's switch (9 rows), T = 45
+    // gives every expert 20+ rows (tile path: several 8-row tiles and a partial one).
+    // FP8 / int8 with intermediate 200 and 131: ragged and odd K chunks of the down projection,
+    // gate_up's 400 / 262 output rows end in a partial 32-row block.
+    let cases: Vec<(Box<dyn QuantMethod>, &str, usize)> = vec![
+        (Box::new(Int4Group::with_zero_points()), "int4 zero points", 128),
+        (Box::new(Int4Group::symmetric()), "int4", 256),
+        (quant_method(QuantFormat::Mxfp4, DType::BF16).unwrap(), "mxfp4", 128),
+        (quant_method(QuantFormat::Nvfp4, DType::BF16).unwrap(), "nvfp4", 144),
+        (quant_method(QuantFormat::Int8Channel, DType::BF16).unwrap(), "int8", 131),
+        (quant_method(QuantFormat::Fp8Block, DType::BF16).unwrap(), "fp8-block", 200),
+        (quant_method(QuantFormat::Fp8Tensor, DType::BF16).unwrap(), "fp8-tensor", 131),
+    ];
+    for (m, label, inter) in cases {
+        let mut cfg = MoeConfig::new(4, 2, 384, inter);
+        cfg.weight_dtype = DType::BF16;
+        cfg.act_dtype = DType::BF16;
+        let (c, w) = quantized(&cfg, m.as_ref(), 6);
+        for tokens in [3, 17, 45] {
+            let err = compare(&c, &w, Isa::best(), tokens, 7 + tokens as u64);
+            assert!(err < 1e-2, "{label} T={tokens}: rel L2 {err:e}");
+        }
+        if label == "nvfp4" {
+            // Unfolded E2M1 (16-input panels, scaled per group) only runs when forced; the
+            // switch changes speed only, so other tests running meanwhile stay correct.
+            moe_cpu::tuning::set_quant_tile_rows(2);
+            let err = compare(&c, &w, Isa::best(), 45, 3);
+            moe_cpu::tuning::set_quant_tile_rows(0);
+            assert!(err < 1e-2, "{label} forced tiles: rel L2 {err:e}");
+        }
+    }
+}

@@ -18,10 +18,12 @@ const CHUNK: usize = 32;
 
 #[derive(Debug, Clone)]
 enum Data {
-    /// `codes [E, n, k/2]`, `scale`/`zs` (zero * scale) `[E, n, k/128]`: `w = q * s - zs`.
-    Int4 { codes: Vec<u8>, scale: Vec<f32>, zs: Vec<f32> },
+    /// `codes [E, n, k/2]`, `scale`/`zs` (zero * scale)/`zp` (zero) `[E, n, k/128]`:
+    /// `w = q * s - zs`.
+    Int4 { codes: Vec<u8>, scale: Vec<f32>, zs: Vec<f32>, zp: Vec<u8> },
     /// E2M1 `codes [E, n, k/2]`, `scale [E, n, k/group]` (MXFP4: E8M0; NVFP4: e4m3 * global).
-    E2m1 { codes: Vec<u8>, scale: Vec<f32>, group: usize },
+    /// `fold`: every `code * scale` is exact in bf16 (see [`QMat::panel`]).
+    E2m1 { codes: Vec<u8>, scale: Vec<f32>, group: usize, fold: bool },
     /// i8 `q [E, n, k]`, `scale [E, n]`.
     Int8 { q: Vec<u8>, scale: Vec<f32> },
     /// e4m3 `q [E, n, k]`, `scale [E, n, ceil(k/128)]` (per-tensor scales repeated).
@@ -72,21 +74,23 @@ impl QMat {
                     perm = Some(p);
                 }
                 let zs = scale.iter().zip(&zeros).map(|(s, &z)| s * z as f32).collect();
-                Data::Int4 { codes, scale, zs }
+                Data::Int4 { codes, scale, zs, zp: zeros }
             }
             QuantFormat::Mxfp4 => {
-                let scale = u8_part(t, "scales")?.into_iter().map(e8m0_to_f32).collect();
-                Data::E2m1 { codes: u8_part(t, "blocks")?, scale, group: 32 }
+                let scale: Vec<f32> = u8_part(t, "scales")?.into_iter().map(e8m0_to_f32).collect();
+                let fold = scale.iter().all(|&s| folds_exactly(s));
+                Data::E2m1 { codes: u8_part(t, "blocks")?, scale, group: 32, fold }
             }
             QuantFormat::Nvfp4 => {
                 let g = f32_part(t, "weight_scale_2")?;
                 let per = n * k / 16;
-                let scale = u8_part(t, "weight_scale")?
+                let scale: Vec<f32> = u8_part(t, "weight_scale")?
                     .iter()
                     .enumerate()
                     .map(|(i, &b)| E4M3_LUT[b as usize] * g[i / per])
                     .collect();
-                Data::E2m1 { codes: u8_part(t, "weight")?, scale, group: 16 }
+                let fold = scale.iter().all(|&s| folds_exactly(s));
+                Data::E2m1 { codes: u8_part(t, "weight")?, scale, group: 16, fold }
             }
             QuantFormat::Int8Channel => Data::Int8 { q: u8_part(t, "weight")?, scale: f32_part(t, "weight_scale")? },
             QuantFormat::Fp8Block => {
@@ -113,7 +117,7 @@ impl QMat {
         let f = std::mem::size_of::<f32>();
         let p = self.perm.as_ref().map_or(0, |p| p.len() * 4);
         p + match &self.data {
-            Data::Int4 { codes, scale, zs } => codes.len() + (scale.len() + zs.len()) * f,
+            Data::Int4 { codes, scale, zs, zp } => codes.len() + zp.len() + (scale.len() + zs.len()) * f,
             Data::E2m1 { codes, scale, .. } => codes.len() + scale.len() * f,
             Data::Int8 { q, scale } | Data::Fp8 { q, scale } => q.len() + scale.len() * f,
         }
@@ -141,13 +145,15 @@ impl QMat {
             put(d, s, slot, src, k);
         }
         match (&mut self.data, &other.data) {
-            (Data::Int4 { codes, scale, zs }, Data::Int4 { codes: c2, scale: s2, zs: z2 }) => {
+            (Data::Int4 { codes, scale, zs, zp }, Data::Int4 { codes: c2, scale: s2, zs: z2, zp: p2 }) => {
                 put(codes, c2, slot, src, n * k / 2);
                 put(scale, s2, slot, src, n * k / 128);
                 put(zs, z2, slot, src, n * k / 128);
+                put(zp, p2, slot, src, n * k / 128);
             }
-            (Data::E2m1 { codes, scale, group }, Data::E2m1 { codes: c2, scale: s2, .. }) => {
+            (Data::E2m1 { codes, scale, group, fold }, Data::E2m1 { codes: c2, scale: s2, fold: f2, .. }) => {
                 let g = *group;
+                *fold &= *f2;
                 put(codes, c2, slot, src, n * k / 2);
                 put(scale, s2, slot, src, n * k / g);
             }
@@ -195,7 +201,7 @@ impl QMat {
     #[inline(always)]
     pub fn int4_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32], &[f32])> {
         match &self.data {
-            Data::Int4 { codes, scale, zs } => {
+            Data::Int4 { codes, scale, zs, .. } => {
                 let (row, k, g) = (m * self.n + r, self.k, self.k / 128);
                 Some((
                     &codes[row * k / 2..(row + 1) * k / 2],
@@ -236,13 +242,175 @@ impl QMat {
     /// scales and the group size; `None` for other formats or with a GPTQ-style permutation.
     pub fn e2m1_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32], usize)> {
         match &self.data {
-            Data::E2m1 { codes, scale, group } if self.perm.is_none() => {
+            Data::E2m1 { codes, scale, group, .. } if self.perm.is_none() => {
                 let (row, k) = (m * self.n + r, self.k);
                 let per = k / group;
                 Some((&codes[row * k / 2..(row + 1) * k / 2], &scale[row * per..(row + 1) * per], *group))
             }
             _ => None,
         }
+    }
+
+    /// Rows an expert from which the dense tile on dequantized panels beats this format's
+    /// register paths (measured on qwen3-30b-a3b, docs/perf/quant.md "Session 4"): int4 from 9
+    /// (its register dot runs up to 8 rows), FP8, int8 and folded E2M1 from 5. E2M1 whose
+    /// scales do not fold (NVFP4 with an arbitrary global scale) never: 16-input panels with a
+    /// scalar decode measured 3.4x slower than the row path.
+    pub fn tile_rows(&self) -> usize {
+        match self.data {
+            Data::Int4 { .. } => 9,
+            Data::E2m1 { fold: false, .. } => usize::MAX,
+            _ => 5,
+        }
+    }
+
+    /// Inputs per panel of [`QMat::panel`] (even): the span over which each output row's scale
+    /// is one number (int4 and FP8: 128; E2M1 without folding: the group), else 256.
+    pub fn panel_k(&self) -> usize {
+        match &self.data {
+            Data::Int4 { .. } | Data::Fp8 { .. } => 128,
+            Data::E2m1 { group, fold: false, .. } => *group,
+            Data::E2m1 { fold: true, .. } | Data::Int8 { .. } => 256,
+        }
+    }
+
+    /// Writes rows `r0 .. r0 + lanes` (`lanes <= 32`) of matrix `m`, inputs `k0 .. k0 + len`
+    /// (`k0` a multiple of [`QMat::panel_k`], `len` up to it), into the pair-packed bf16 block
+    /// layout of the dense kernels (`out[p * 32 + l]` = inputs `k0 + 2p`, `k0 + 2p + 1` of lane
+    /// `l`, the even one in the low half; an odd tail pairs with 0), in packed-position order
+    /// (not the pair order of [`QMat::order_input`]: see [`QMat::natural_bf16`]). `scale[l]` gets
+    /// the factor that lane's dot over the panel is multiplied by.
+    ///
+    /// The bf16 values are exact, so the panel dot differs from the reference's dequantized dot
+    /// only by f32 summation order: int4 stores `q - z` (|q - z| <= 15) and scales by `s` per
+    /// 128-input group; FP8 stores the e4m3 value (3 mantissa bits) and scales per 128-block;
+    /// int8 stores `q` and scales per row; E2M1 stores `code * scale` when every group scale
+    /// makes that exact (at most 6 significant bits, normal range: MXFP4's powers of two, NVFP4
+    /// with such scales), else the code, scaled per group.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // lane `l` indexes the rows, the panel and `scale`
+    pub fn panel(
+        &self,
+        m: usize,
+        r0: usize,
+        lanes: usize,
+        (k0, len): (usize, usize),
+        out: &mut [u32],
+        scale: &mut [f32; 32],
+    ) {
+        let (n, k) = (self.n, self.k);
+        let pairs = len.div_ceil(2);
+        let out = &mut out[..pairs * 32];
+        match &self.data {
+            Data::Int4 { codes, scale: s, zp, .. } => {
+                let lut = int4_pairs();
+                let (g, gi) = (k / 128, k0 / 128);
+                let mut simd_lanes = 0;
+                #[cfg(target_arch = "x86_64")]
+                if pairs == 64 && std::arch::is_x86_feature_detected!("avx512bw") {
+                    for l0 in (0..lanes / 16 * 16).step_by(16) {
+                        let row0 = m * n + r0 + l0;
+                        let z: [u8; 16] = std::array::from_fn(|l| zp[(row0 + l) * g + gi]);
+                        // SAFETY: AVX-512F/BW are available (checked above and by the caller's
+                        // `DotBf16`); lanes `l0 .. l0 + 16` are rows of this matrix, each with the
+                        // panel's 64 bytes at stride k / 2; `out` holds 64 pairs x 32 lanes.
+                        unsafe {
+                            let c = codes.as_ptr().add(row0 * k / 2 + k0 / 2);
+                            super::simd::int4_panel16(c, k / 2, (int4_tables(), &z), 4, out.as_mut_ptr().add(l0))
+                        }
+                    }
+                    simd_lanes = lanes / 16 * 16;
+                }
+                for l in 0..simd_lanes {
+                    scale[l] = s[(m * n + r0 + l) * g + gi];
+                }
+                for l in simd_lanes..lanes {
+                    let row = m * n + r0 + l;
+                    let t = &lut[(zp[row * g + gi] & 15) as usize];
+                    let b = &codes[row * k / 2 + k0 / 2..row * k / 2 + k0 / 2 + pairs];
+                    for (p, &b) in b.iter().enumerate() {
+                        out[p * 32 + l] = t[b as usize];
+                    }
+                    scale[l] = s[row * g + gi];
+                }
+            }
+            Data::Fp8 { q, scale: s } => {
+                let lut = e4m3_bf16();
+                let cb = k.div_ceil(128);
+                let done = byte_panel::<false>(q, (m * n + r0, k), lanes, (k0, len), out);
+                for l in 0..lanes {
+                    let row = m * n + r0 + l;
+                    let b = &q[row * k + k0 + done..row * k + k0 + len];
+                    pairs_of_bytes(b, |v| lut[v as usize], &mut out[done / 2 * 32..], l);
+                    scale[l] = s[row * cb + k0 / 128];
+                }
+            }
+            Data::Int8 { q, scale: s } => {
+                let done = byte_panel::<true>(q, (m * n + r0, k), lanes, (k0, len), out);
+                for l in 0..lanes {
+                    let row = m * n + r0 + l;
+                    let b = &q[row * k + k0 + done..row * k + k0 + len];
+                    let f = |v: u8| half::bf16::from_f32(v as i8 as f32).to_bits();
+                    pairs_of_bytes(b, f, &mut out[done / 2 * 32..], l);
+                    scale[l] = s[row];
+                }
+            }
+            Data::E2m1 { codes, scale: s, group, fold } => {
+                let per = k / group;
+                #[cfg(target_arch = "x86_64")]
+                if *fold && lanes == 32 && len.is_multiple_of(32) && matches!(group, 16 | 32) {
+                    for l0 in [0, 16] {
+                        let row0 = m * n + r0 + l0;
+                        // SAFETY: AVX-512F is available (the caller's `DotBf16`); lanes `l0 ..
+                        // l0 + 16` are rows with the panel's `len / 2` bytes at stride k / 2 and
+                        // its `len / group` scales at stride k / group; `out` holds `len / 2`
+                        // pairs x 32 lanes.
+                        unsafe {
+                            let c = codes.as_ptr().add(row0 * k / 2 + k0 / 2);
+                            let sc = (s.as_ptr().add(row0 * per + k0 / group), per, *group);
+                            super::simd::e2m1_panel16(c, k / 2, sc, len / 32, out.as_mut_ptr().add(l0))
+                        }
+                    }
+                    scale.fill(1.0);
+                    return;
+                }
+                for l in 0..lanes {
+                    let row = m * n + r0 + l;
+                    let b = &codes[row * k / 2 + k0 / 2..row * k / 2 + k0 / 2 + pairs];
+                    for (gi, b) in b.chunks(group / 2).enumerate() {
+                        let sg = s[row * per + k0 / group + gi];
+                        let f = if *fold { sg } else { 1.0 };
+                        let t: [u16; 16] = std::array::from_fn(|c| half::bf16::from_f32(E2M1_LUT[c] * f).to_bits());
+                        let p0 = gi * group / 2;
+                        for (p, &b) in b.iter().enumerate() {
+                            out[(p0 + p) * 32 + l] = t[(b & 15) as usize] as u32 | (t[(b >> 4) as usize] as u32) << 16;
+                        }
+                    }
+                    scale[l] = if *fold { 1.0 } else { s[row * per + k0 / group] };
+                }
+            }
+        }
+    }
+
+    /// Activation row `x` in [`QMat::order_input`]'s order as bf16 bits in packed-position order
+    /// (the order of [`QMat::panel`]), padded with zeros to `out.len()`.
+    pub fn natural_bf16(&self, x: &[f32], out: &mut [u16]) {
+        let k = self.k;
+        let b = |v: f32| half::bf16::from_f32(v).to_bits();
+        if self.pairs() {
+            for c0 in (0..k).step_by(CHUNK) {
+                let half = CHUNK.min(k - c0) / 2;
+                for l in 0..half {
+                    out[c0 + 2 * l] = b(x[c0 + l]);
+                    out[c0 + 2 * l + 1] = b(x[c0 + half + l]);
+                }
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(&x[..k]) {
+                *o = b(v);
+            }
+        }
+        out[k..].iter_mut().for_each(|v| *v = 0);
     }
 
     /// [`QMat::decode_row`] with the SIMD decoders of `isa` (4-bit formats and FP8).
@@ -256,7 +424,7 @@ impl QMat {
             let row = m * n + r;
             let wide = matches!(isa, Isa::Avx512Bf16 | Isa::Avx512);
             match &self.data {
-                Data::Int4 { codes, scale, zs } if isa != Isa::Portable => {
+                Data::Int4 { codes, scale, zs, .. } if isa != Isa::Portable => {
                     let g = k / 128;
                     let bytes = &codes[row * k / 2..(row + 1) * k / 2];
                     for gi in 0..g {
@@ -272,7 +440,7 @@ impl QMat {
                     }
                     return;
                 }
-                Data::E2m1 { codes, scale, group } if isa != Isa::Portable && k.is_multiple_of(CHUNK) => {
+                Data::E2m1 { codes, scale, group, .. } if isa != Isa::Portable && k.is_multiple_of(CHUNK) => {
                     let per = k / group;
                     let bytes = &codes[row * k / 2..(row + 1) * k / 2];
                     let sc = &scale[row * per..(row + 1) * per];
@@ -320,7 +488,7 @@ impl QMat {
         let row = m * n + r;
         let out = &mut out[..k];
         match &self.data {
-            Data::Int4 { codes, scale, zs } => {
+            Data::Int4 { codes, scale, zs, .. } => {
                 let g = k / 128;
                 let bytes = &codes[row * k / 2..(row + 1) * k / 2];
                 for gi in 0..g {
@@ -338,7 +506,7 @@ impl QMat {
                     }
                 }
             }
-            Data::E2m1 { codes, scale, group } => {
+            Data::E2m1 { codes, scale, group, .. } => {
                 let per = k / group;
                 let bytes = &codes[row * k / 2..(row + 1) * k / 2];
                 let sc = &scale[row * per..(row + 1) * per];
@@ -371,6 +539,83 @@ impl QMat {
             }
         }
     }
+}
+
+/// Whether `code * s` is exact in bf16 for every E2M1 code: `s` has at most 6 significant bits
+/// (E2M1 magnitudes have at most 2) and the products stay normal.
+fn folds_exactly(s: f32) -> bool {
+    s == 0.0 || (s.is_normal() && s.to_bits() & 0x3_FFFF == 0 && (2f32.powi(-120)..2f32.powi(120)).contains(&s.abs()))
+}
+
+/// `pairs_of_bytes`: lane `l` of a panel from one byte per input (FP8, int8).
+#[inline(always)]
+fn pairs_of_bytes(b: &[u8], f: impl Fn(u8) -> u16, out: &mut [u32], l: usize) {
+    let mut it = b.chunks_exact(2);
+    for (p, c) in it.by_ref().enumerate() {
+        out[p * 32 + l] = f(c[0]) as u32 | (f(c[1]) as u32) << 16;
+    }
+    if let [last] = it.remainder() {
+        out[b.len() / 2 * 32 + l] = f(*last) as u32;
+    }
+}
+
+/// The SIMD part of a one-byte-per-input panel (rows from `row0`, `k` bytes a row): whole
+/// 32-input steps of whole 16-lane groups, when AVX-512BW is there. Returns the inputs done for
+/// every lane (0: the caller decodes everything, or only the ragged tail).
+#[inline(always)]
+fn byte_panel<const INT8: bool>(
+    q: &[u8],
+    (row0, k): (usize, usize),
+    lanes: usize,
+    (k0, len): (usize, usize),
+    out: &mut [u32],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if lanes == 32 && len >= 32 && std::arch::is_x86_feature_detected!("avx512bw") {
+        let steps = len / 32;
+        let table = e4m3_magnitudes();
+        for l0 in [0, 16] {
+            // SAFETY: AVX-512F/BW are available (checked above; AVX-512F by the caller's
+            // `DotBf16`); lanes `l0 .. l0 + 16` are rows with `k0 + 32 * steps <= k` bytes each;
+            // `out` holds `len / 2` pairs x 32 lanes.
+            unsafe {
+                let b = q.as_ptr().add((row0 + l0) * k + k0);
+                super::simd::byte_panel16::<INT8>(b, k, table, steps, out.as_mut_ptr().add(l0))
+            }
+        }
+        return steps * 32;
+    }
+    let _ = (q, row0, k, lanes, k0, len, out);
+    0
+}
+
+/// e4m3 magnitude code (0..128) -> bf16 bits.
+fn e4m3_magnitudes() -> &'static [u16; 128] {
+    static T: std::sync::OnceLock<[u16; 128]> = std::sync::OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|b| half::bf16::from_f32(E4M3_LUT[b]).to_bits()))
+}
+
+/// Per zero point, per byte: the bf16 pair `(lo - z, hi - z)`.
+fn int4_pairs() -> &'static [[u32; 256]; 16] {
+    static T: std::sync::OnceLock<Box<[[u32; 256]; 16]>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let v = |q: u8, z: usize| half::bf16::from_f32(q as f32 - z as f32).to_bits() as u32;
+        Box::new(std::array::from_fn(|z| std::array::from_fn(|b| v(b as u8 & 15, z) | v(b as u8 >> 4, z) << 16)))
+    })
+}
+
+/// Per zero point `z`: the bf16 bits of `q - z` for `q < 16` (then 16 unused entries).
+fn int4_tables() -> &'static [[u16; 32]; 16] {
+    static T: std::sync::OnceLock<[[u16; 32]; 16]> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        std::array::from_fn(|z| std::array::from_fn(|q| half::bf16::from_f32(q as f32 - z as f32).to_bits()))
+    })
+}
+
+/// e4m3 byte -> bf16 bits (exact; NaN codes stay NaN).
+fn e4m3_bf16() -> &'static [u16; 256] {
+    static T: std::sync::OnceLock<[u16; 256]> = std::sync::OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|b| half::bf16::from_f32(E4M3_LUT[b]).to_bits()))
 }
 
 /// GPTQ act-order: reorders each matrix's input columns so every group of 128 is contiguous
@@ -463,6 +708,68 @@ mod tests {
                             "{f} expert {ex} row {r}: {got} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panels_dot_like_decoded_rows_for_every_format() {
+        // 40 rows: a full 32-lane block (SIMD panels where available) and a partial one (scalar).
+        // k: int4 256 (two groups), E2M1 160 (partial 256-panel / 16-input groups), FP8 200 and
+        // int8 131 (ragged and odd last panels).
+        let n = 40;
+        let methods: Vec<(Box<dyn QuantMethod>, usize)> = vec![
+            (Box::new(Int4Group::symmetric()), 256),
+            (Box::new(Int4Group::with_zero_points()), 256),
+            (quant_method(QuantFormat::Mxfp4, DType::F32).unwrap(), 160),
+            (quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(), 160),
+            (quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(), 131),
+            (quant_method(QuantFormat::Fp8Block, DType::F32).unwrap(), 200),
+            (quant_method(QuantFormat::Fp8Tensor, DType::F32).unwrap(), 131),
+        ];
+        for (m, k) in methods {
+            let w: Vec<f32> = (0..2 * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
+            let x: Vec<f32> =
+                (0..k).map(|i| half::bf16::from_f32(((i * 31 % 17) as f32 - 8.0) * 0.1).to_f32()).collect();
+            let t = m.quantize(&w, 2, n, k).unwrap();
+            let q = QMat::from_tensor(&t).unwrap();
+            let (mut xo, mut row) = (vec![0.0; k], vec![0.0; k]);
+            q.order_input(1, &x, &mut xo);
+            let kp = k.div_ceil(2) * 2;
+            let mut xb = vec![0x7FC0u16; kp];
+            q.natural_bf16(&xo, &mut xb);
+            let kc = q.panel_k();
+            let mut panel = vec![u32::MAX; kc.div_ceil(2) * 32];
+            let mut sc = [f32::NAN; 32];
+            for b0 in [0, 32] {
+                let lanes = (n - b0).min(32);
+                let mut got = [0.0f64; 32];
+                for k0 in (0..k).step_by(kc) {
+                    let len = kc.min(k - k0);
+                    q.panel(1, b0, lanes, (k0, len), &mut panel, &mut sc);
+                    for (l, g) in got.iter_mut().enumerate().take(lanes) {
+                        let mut part = 0.0f64;
+                        for p in 0..len.div_ceil(2) {
+                            let v = panel[p * 32 + l];
+                            for (h, bits) in [(0, v as u16), (1, (v >> 16) as u16)] {
+                                let xv = half::bf16::from_bits(xb[k0 + 2 * p + h]).to_f32();
+                                part += half::bf16::from_bits(bits).to_f32() as f64 * xv as f64;
+                            }
+                        }
+                        *g += part * sc[l] as f64;
+                    }
+                }
+                for (l, g) in got.iter().enumerate().take(lanes) {
+                    q.decode_row(1, b0 + l, &mut row);
+                    let want = dot(&row, &xo) as f64;
+                    let norm: f64 = row.iter().zip(&xo).map(|(a, b)| (a * b).abs() as f64).sum();
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (norm + 1e-6),
+                        "{} k={k} row {}: {g} vs {want}",
+                        m.format(),
+                        b0 + l
+                    );
                 }
             }
         }

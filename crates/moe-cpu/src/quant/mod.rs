@@ -8,10 +8,16 @@
 //! once per forward. At one token the work is a GEMV and the tasks split each expert's rows
 //! across all threads, which is what a memory-bound decode needs.
 //!
+//! From [`QMat::tile_rows`] rows an expert (AVX-512 BF16, bf16 activations), a
+//! task instead dequantizes 32-row x 128..256-input panels into the dense kernels' pair-packed
+//! bf16 layout in a reused per-thread buffer and runs the dense `vdpbf16ps` tile on them
+//! ([`tiles`]): one decode serves every token of the expert.
+//!
 //! The shared expert is not quantized: it runs on the dense kernels ([`crate::experts`]).
 
 pub mod mats;
 mod simd;
+mod tiles;
 
 use half::{bf16, f16};
 use moe_core::quant::codec::E4M3_LUT;
@@ -58,6 +64,8 @@ pub struct QuantExperts {
     gu: Vec<f32>,
     /// Activated intermediate `[rows, I]` in w2's input order.
     mid: Vec<f32>,
+    /// bf16 activations of the projection being run, in packed-position order (tile path).
+    xb: Vec<u16>,
     /// down outputs, per group transposed `[H][rows]`, then `[rows, H]`.
     yt: Vec<f32>,
     y: Vec<f32>,
@@ -133,6 +141,7 @@ impl QuantExperts {
             ao: Vec::new(),
             gu: Vec::new(),
             mid: Vec::new(),
+            xb: Vec::new(),
             yt: Vec::new(),
             y: Vec::new(),
         })
@@ -160,6 +169,7 @@ impl QuantExperts {
         for b in [&mut self.a, &mut self.ao, &mut self.gu, &mut self.mid, &mut self.yt, &mut self.y] {
             b.iter_mut().for_each(|v| *v = f32::NAN);
         }
+        self.xb.iter_mut().for_each(|v| *v = 0x7FC0);
         match &mut self.shared {
             Some(Shared::F32(x)) => x.poison(),
             Some(Shared::Bf16(x)) => x.poison(),
@@ -225,14 +235,8 @@ impl QuantExperts {
         // Activations in each expert's w13 input order.
         let (w13, a) = (&self.w13, &self.a);
         each_row(&mut self.ao, h, rows, |r, o| w13.order_input(of_row[r].expert, &a[r * h..(r + 1) * h], o));
-        project(
-            Mode { isa: self.isa, bf16_dot: self.bf16_dot },
-            &self.w13,
-            &spans,
-            &self.ao,
-            &mut self.gu,
-            self.b13.as_deref(),
-        );
+        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
+        project(mode, &self.w13, &spans, &self.ao, (&mut self.gu, &mut self.xb), self.b13.as_deref());
         // Activation, then the intermediate in w2's input order.
         let (act, w2, gu) = (self.act, &self.w2, &self.gu);
         each_row(&mut self.mid, i, rows, |r, o| {
@@ -244,14 +248,8 @@ impl QuantExperts {
             act.apply(&gate, &up, &mut v);
             w2.order_input(sp.expert, &v, o);
         });
-        project(
-            Mode { isa: self.isa, bf16_dot: self.bf16_dot },
-            &self.w2,
-            &spans,
-            &self.mid,
-            &mut self.yt,
-            self.b2.as_deref(),
-        );
+        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
+        project(mode, &self.w2, &spans, &self.mid, (&mut self.yt, &mut self.xb), self.b2.as_deref());
         // [H][rows] per span -> [rows, H].
         let yt = &self.yt;
         each_row(&mut self.y, h, rows, |r, o| {
@@ -288,14 +286,17 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 
 /// Which kernels a projection uses.
 #[derive(Debug, Clone, Copy)]
-struct Mode {
+struct Mode<'a> {
     isa: Isa,
     bf16_dot: bool,
+    /// The activations as bf16 in packed-position order and their row stride, when the tile
+    /// path runs (empty otherwise).
+    xb: (&'a [u16], usize),
 }
 
 /// The rows of one expert.
 #[derive(Debug, Clone, Copy)]
-struct Span {
+pub(crate) struct Span {
     expert: usize,
     row0: usize,
     rows: usize,
@@ -303,20 +304,45 @@ struct Span {
 
 /// One task: output rows `c0..c1` of `span`'s expert for all of the span's tokens.
 #[derive(Debug, Clone, Copy)]
-struct Task {
+pub(crate) struct Task {
     span: Span,
     c0: usize,
     c1: usize,
 }
 
 /// `out` (per span transposed: `out[span.row0 * n + c * span.rows + r]`) = `W_e a_r (+ bias)` for
-/// every span; `a` is `[rows, k]` in the matrix's input order.
-fn project(mode: Mode, w: &QMat, spans: &[Span], a: &[f32], out: &mut [f32], bias: Option<&[f32]>) {
+/// every span; `a` is `[rows, k]` in the matrix's input order. `xb` is the reused buffer of the
+/// tile path's bf16 activations.
+fn project<'a>(
+    mut mode: Mode<'a>,
+    w: &QMat,
+    spans: &[Span],
+    a: &[f32],
+    (out, xb): (&mut [f32], &'a mut Vec<u16>),
+    bias: Option<&[f32]>,
+) {
     let (n, k) = (w.n, w.k);
+    let tile_rows = crate::tuning::quant_tile_rows(w.tile_rows());
+    if mode.bf16_dot && spans.iter().any(|s| s.rows >= tile_rows) {
+        // Every row once, as bf16 in packed-position order (rows padded to an even length).
+        let (kp, rows) = (k.div_ceil(2) * 2, spans.iter().map(|s| s.row0 + s.rows).max().unwrap_or(0));
+        if xb.len() < rows * kp {
+            xb.resize(rows * kp, 0);
+        }
+        let fill = |(r, o): (usize, &mut [u16])| w.natural_bf16(&a[r * k..(r + 1) * k], o);
+        if rows < 16 {
+            xb[..rows * kp].chunks_mut(kp).enumerate().for_each(fill);
+        } else {
+            xb[..rows * kp].par_chunks_mut(kp).enumerate().for_each(fill);
+        }
+        mode.xb = (&xb[..rows * kp], kp);
+    }
     let threads = rayon::current_num_threads().max(1);
     let total: usize = spans.len() * n;
     // About four tasks per thread, at least 8 rows each.
     let per = (total / (4 * threads)).clamp(8, n.max(8));
+    // The tile path decodes whole 32-row panels: keep task boundaries on them.
+    let per = if mode.xb.0.is_empty() { per } else { per.next_multiple_of(crate::pack::NB) };
     let mut tasks = Vec::new();
     for &s in spans {
         for c0 in (0..n).step_by(per) {
@@ -349,7 +375,7 @@ fn project(mode: Mode, w: &QMat, spans: &[Span], a: &[f32], out: &mut [f32], bia
                 // SAFETY: `Isa::Avx2` is only selected when AVX2, FMA and F16C were detected.
                 unsafe { task_avx2(mode, w, t, a, o, bias, row) }
             }
-            _ => task(Mode { isa: Isa::Portable, bf16_dot: false }, w, t, a, o, bias, row),
+            _ => task(Mode { isa: Isa::Portable, bf16_dot: false, ..mode }, w, t, a, o, bias, row),
         },
     );
 }
@@ -367,6 +393,10 @@ fn each_output(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut y: 
     }
 }
 
+/// The most rows an expert the int4 register path takes (it beats the tile path up to 8 rows:
+/// docs/perf/quant.md, "Session 4").
+const INT4_REG_ROWS: usize = 8;
+
 /// The span's activation rows as bf16 bits, in input order (exact for bf16 activations).
 fn bf16_rows(a: &[f32], s: Span, k: usize) -> Vec<u16> {
     a[s.row0 * k..(s.row0 + s.rows) * k].iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
@@ -377,11 +407,17 @@ fn bf16_rows(a: &[f32], s: Span, k: usize) -> Vec<u16> {
 fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
     let isa = mode.isa;
     let (n, k, s) = (w.n, w.k, t.span);
+    if s.rows >= crate::tuning::quant_tile_rows(w.tile_rows()) && !mode.xb.0.is_empty() {
+        if let Some(fam) = crate::kernels::DotBf16::new() {
+            // Enough tokens to reuse a decoded panel: the dense bf16 tile on dequantized panels.
+            return tiles::run(&fam, w, t, mode.xb, out, bias);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && s.rows <= 4 && w.int4_row(s.expert, 0).is_some() {
-        // Few tokens (decode): int4 rows are decoded in registers and never stored.
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && s.rows <= INT4_REG_ROWS && w.int4_row(s.expert, 0).is_some() {
+        // Few tokens: int4 rows are decoded in registers and never stored.
         let g = k / 128;
-        let mut xsum = [0.0f32; 4 * 64];
+        let mut xsum = [0.0f32; INT4_REG_ROWS * 64];
         let xs = &mut xsum[..s.rows * g.min(64)];
         if g <= 64 {
             for r in 0..s.rows {
@@ -517,6 +553,6 @@ fn task_avx512(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn task_avx2(_mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
-    task(Mode { isa: Isa::Avx2, bf16_dot: false }, w, t, a, out, bias, row)
+fn task_avx2(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
+    task(Mode { isa: Isa::Avx2, bf16_dot: false, ..mode }, w, t, a, out, bias, row)
 }

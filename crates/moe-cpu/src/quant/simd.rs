@@ -177,7 +177,8 @@ pub unsafe fn int4_dot_bf16(bytes: &[u8], s: &[f32], zs: &[f32], xb: &[u16], xsu
         let mut tot = _mm512_setzero_ps();
         let mut zterm = 0.0f32;
         for gi in 0..g {
-            let mut acc = _mm512_setzero_ps();
+            // Four independent sums per group: one `vdpbf16ps` chain would wait on its latency.
+            let mut accs = [_mm512_setzero_ps(); 4];
             for c in 0..2 {
                 // 32 bytes = 64 weights: lane j of `lo` is input 2j, of `hi` input 2j + 1.
                 let v =
@@ -187,17 +188,18 @@ pub unsafe fn int4_dot_bf16(bytes: &[u8], s: &[f32], zs: &[f32], xb: &[u16], xsu
                 let xp = xb.as_ptr().add(128 * gi + 64 * c);
                 let xe = _mm512_loadu_si512(xp as *const _);
                 let xo = _mm512_loadu_si512(xp.add(32) as *const _);
-                acc = _mm512_dpbf16_ps(
-                    acc,
+                accs[2 * c] = _mm512_dpbf16_ps(
+                    accs[2 * c],
                     std::mem::transmute::<__m512i, __m512bh>(lo),
                     std::mem::transmute::<__m512i, __m512bh>(xe),
                 );
-                acc = _mm512_dpbf16_ps(
-                    acc,
+                accs[2 * c + 1] = _mm512_dpbf16_ps(
+                    accs[2 * c + 1],
                     std::mem::transmute::<__m512i, __m512bh>(hi),
                     std::mem::transmute::<__m512i, __m512bh>(xo),
                 );
             }
+            let acc = _mm512_add_ps(_mm512_add_ps(accs[0], accs[1]), _mm512_add_ps(accs[2], accs[3]));
             tot = _mm512_fmadd_ps(acc, _mm512_set1_ps(s[gi]), tot);
             zterm += zs[gi] * xsum[gi];
         }
@@ -402,5 +404,157 @@ pub unsafe fn int8_dot_bf16(bytes: &[u8], xb: &[u16]) -> (f32, usize) {
             acc = _mm512_dpbf16_ps(acc, w, std::mem::transmute::<__m512i, __m512bh>(x));
         }
         (_mm512_reduce_add_ps(acc), whole)
+    }
+}
+
+/// Transposes 16 vectors of 16 words (`r[i]` = lane `i`'s words `0..16`) and stores word `p` of
+/// every lane as 16 consecutive words at `out + p * 32` (the pair-packed panel layout).
+///
+/// # Safety
+/// AVX-512F must be available; `out + p * 32 .. + 16` must be writable for `p < 16`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_store16(r: &[__m512i; 16], out: *mut u32) {
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4i + j], 128-bit lane L: word 4L + j of lanes 4i .. 4i + 4.
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for j in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0x88>(b[j], b[4 + j]);
+        let c1 = _mm512_shuffle_i32x4::<0xdd>(b[j], b[4 + j]);
+        let c2 = _mm512_shuffle_i32x4::<0x88>(b[8 + j], b[12 + j]);
+        let c3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + j], b[12 + j]);
+        let st = |p: usize, v: __m512i| _mm512_storeu_si512(out.add(p * 32) as *mut _, v);
+        st(j, _mm512_shuffle_i32x4::<0x88>(c0, c2));
+        st(8 + j, _mm512_shuffle_i32x4::<0xdd>(c0, c2));
+        st(4 + j, _mm512_shuffle_i32x4::<0x88>(c1, c3));
+        st(12 + j, _mm512_shuffle_i32x4::<0xdd>(c1, c3));
+    }
+}
+
+/// int4 panel for 16 lanes: lane `l`'s `16 * steps` bytes at `codes + l * stride` become the
+/// bf16 pairs `(lo - z, hi - z)` (exact: small integers) through `tables[z[l]]` (entry `q`: the
+/// bf16 bits of `q - z`), stored at `out + p * 32 + l`.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; every lane's bytes must be readable and
+/// `out + p * 32 .. + 16` writable for `p < 16 * steps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn int4_panel16(
+    codes: *const u8,
+    stride: usize,
+    (tables, z): (&[[u16; 32]; 16], &[u8; 16]),
+    steps: usize,
+    out: *mut u32,
+) {
+    let nib = _mm512_set1_epi32(0x000F_000F);
+    for st in 0..steps {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (l, v) in r.iter_mut().enumerate() {
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(l * stride + 16 * st) as *const _));
+            // u16 indices: the low nibble in the even (low) half of each pair, the high one odd.
+            // (b << 12) moves bits 4..8 to 16..20; the mask drops everything but the two nibbles.
+            let idx = _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32::<12>(b)), nib);
+            let t = _mm512_loadu_si512(tables[(z[l] & 15) as usize].as_ptr() as *const _);
+            *v = _mm512_permutexvar_epi16(idx, t);
+        }
+        transpose_store16(&r, out.add(16 * st * 32));
+    }
+}
+
+/// One-byte-per-input panel for 16 lanes (FP8 with `INT8 = false`, int8 with `true`): lane `l`'s
+/// `32 * steps` bytes at `bytes + l * stride` become bf16 pairs (exact: e4m3 through `table`,
+/// int8 as integers), stored at `out + p * 32 + l`.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; every lane's bytes must be readable and
+/// `out + p * 32 .. + 16` writable for `p < 16 * steps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn byte_panel16<const INT8: bool>(
+    bytes: *const u8,
+    stride: usize,
+    table: &[u16; 128],
+    steps: usize,
+    out: *mut u32,
+) {
+    let t: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(table.as_ptr().add(32 * i) as *const _));
+    let (bit6, sign) = (_mm512_set1_epi16(0x40), _mm512_set1_epi16(0x80));
+    let hi_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for st in 0..steps {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (l, v) in r.iter_mut().enumerate() {
+            let src = _mm256_loadu_si256(bytes.add(l * stride + 32 * st) as *const __m256i);
+            *v = if INT8 {
+                let w = _mm512_cvtepi8_epi16(src);
+                let even = _mm512_cvtepi32_ps(_mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(w)));
+                let odd = _mm512_cvtepi32_ps(_mm512_srai_epi32::<16>(w));
+                _mm512_or_si512(
+                    _mm512_srli_epi32::<16>(_mm512_castps_si512(even)),
+                    _mm512_and_si512(_mm512_castps_si512(odd), hi_half),
+                )
+            } else {
+                let w = _mm512_cvtepu8_epi16(src);
+                let lo = _mm512_permutex2var_epi16(t[0], w, t[1]);
+                let hi = _mm512_permutex2var_epi16(t[2], w, t[3]);
+                let mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(w, bit6), lo, hi);
+                _mm512_or_si512(mag, _mm512_slli_epi16::<8>(_mm512_and_si512(w, sign)))
+            };
+        }
+        transpose_store16(&r, out.add(16 * st * 32));
+    }
+}
+
+/// E2M1 panel for 16 lanes with the group scales folded in (the caller checked that every
+/// `code * scale` is exact in bf16): lane `l`'s `16 * steps` bytes at `codes + l * stride`
+/// become the bf16 pairs `(E2M1(lo) * s, E2M1(hi) * s)`, `s` read at `scale + l * sstride`
+/// (one per `group` = 16 or 32 inputs), stored at `out + p * 32 + l`.
+///
+/// # Safety
+/// AVX-512F must be available; every lane's bytes and `16 * steps * 2 / group` scales must be
+/// readable and `out + p * 32 .. + 16` writable for `p < 16 * steps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn e2m1_panel16(
+    codes: *const u8,
+    stride: usize,
+    (scale, sstride, group): (*const f32, usize, usize),
+    steps: usize,
+    out: *mut u32,
+) {
+    let lut = _mm512_loadu_ps(moe_core::quant::codec::E2M1_LUT.as_ptr());
+    let lo16 = _mm512_set1_epi32(15);
+    let hi_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for st in 0..steps {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (l, v) in r.iter_mut().enumerate() {
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(l * stride + 16 * st) as *const _));
+            let sc = scale.add(l * sstride);
+            // 16 bytes = 32 inputs: one group of 32, or two of 16 (bytes 0..8, 8..16).
+            let s = if group == 32 {
+                _mm512_set1_ps(*sc.add(st))
+            } else {
+                _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(*sc.add(2 * st)), _mm512_set1_ps(*sc.add(2 * st + 1)))
+            };
+            let lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, lo16), lut), s);
+            let hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), lut), s);
+            // Exact products: the upper half is the bf16 value.
+            *v = _mm512_or_si512(
+                _mm512_srli_epi32::<16>(_mm512_castps_si512(lo)),
+                _mm512_and_si512(_mm512_castps_si512(hi), hi_half),
+            );
+        }
+        transpose_store16(&r, out.add(16 * st * 32));
     }
 }
