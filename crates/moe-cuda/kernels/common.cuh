@@ -83,6 +83,71 @@ __device__ __forceinline__ float apply_act(int act, float g, float u, float alph
     return gelu_tanh_f(g) * u;
 }
 
+// ---- grouped GEMM parameters and the tile walk (grouped_gemm.cu, and quant_gemm.cu's QGemmParams) ----
+// Must match `GemmParams` in src/kernels.rs.
+struct GemmParams {
+    u64 a;            // [rows, K]
+    u64 w;            // [experts, n_total, K]
+    u64 bias;         // [experts, n_total] f32 or 0
+    u64 out;          // gate_up: [rows, N] act dtype; down: [rows, N] f32
+    u64 tile_expert;  // contiguous mode
+    u64 tile_end;     // contiguous mode
+    u64 counts;       // masked mode
+    int K, N, mode, max_m;
+    int m_total, tiles_per_expert, act, num_n;  // num_n: column blocks (the grid is num_m * num_n)
+    float alpha, limit;
+    long long split_stride;  // down with split K: elements between the partial outputs (grid z)
+};
+
+// Expert and row range of row tile `tile`; false when the tile holds no rows.
+__device__ __forceinline__ bool tile_rows(const GemmParams& p, int tile, int bm, int& e, int& row0, int& row_end) {
+    if (p.mode == MOE_MODE_CONTIGUOUS) {
+        e = ((const int*)p.tile_expert)[tile];
+        if (e < 0) return false;
+        row0 = tile * bm;
+        row_end = ((const int*)p.tile_end)[tile];
+    } else if (p.mode == MOE_MODE_MASKED) {
+        e = tile / p.tiles_per_expert;
+        row0 = e * p.max_m + (tile % p.tiles_per_expert) * bm;
+        row_end = e * p.max_m + ((const int*)p.counts)[e];
+    } else {
+        e = 0;
+        row0 = tile * bm;
+        row_end = p.m_total;
+    }
+    return row0 < row_end;
+}
+
+// Block order: the grid is one dimension over (row tile, column block), grouped by GEMM_GROUP_M
+// row tiles: blocks that run together share a group's weight tiles (read once from DRAM, then
+// from L2) and its activation rows. Column-block-major order would re-read every expert's
+// weights once per row tile.
+#define GEMM_GROUP_M 8
+__device__ __forceinline__ void block_coords_of(int b, int num_m, int num_n, int& tile, int& nb) {
+    const int group = b / (GEMM_GROUP_M * num_n), first = group * GEMM_GROUP_M;
+    const int gm = min(num_m - first, GEMM_GROUP_M);
+    const int r = b - group * GEMM_GROUP_M * num_n;
+    tile = first + r % gm;
+    nb = r / gm;
+}
+__device__ __forceinline__ void block_coords(const GemmParams& p, int& tile, int& nb) {
+    block_coords_of(blockIdx.x, gridDim.x / p.num_n, p.num_n, tile, nb);
+}
+
+// Weight row of local B row n (gate/up interleaved by 8 for the fused epilogue).
+template <bool GATE_UP>
+__device__ __forceinline__ int b_row(int n, int n0, int N, bool& ok) {
+    if (GATE_UP) {
+        int col = n0 + (n >> 4) * 8 + (n & 7);
+        ok = col < N;
+        return (n & 8) ? N + col : col;
+    } else {
+        int col = n0 + n;
+        ok = col < N;
+        return col;
+    }
+}
+
 // ---- programmatic dependent launch (sm_90+; no-ops below, and when launched without it) ----
 // A kernel launched with a programmatic edge (src/device.rs `Dep::Programmatic`) may start while
 // its predecessor still runs: it does work that reads only older data (routing, weights) and

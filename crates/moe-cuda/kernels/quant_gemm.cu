@@ -54,65 +54,11 @@
 #endif
 
 struct QGemmParams {
-    u64 a;            // [rows, K] act dtype
-    u64 w;            // packed [experts, n_total, K * BITS / 8]
+    GemmParams base;  // w: packed [experts, n_total, K * BITS / 8]; the rest as for the 16-bit GEMMs
     u64 scales;       // scale words [experts, K / KSPAN, n_total] of SW bytes, or 0
     u64 col_scale;    // [experts, n_total] f32 or 0
     u64 exp_scale;    // [experts] f32 or 0
-    u64 bias;         // [experts, n_total] f32 or 0
-    u64 out;          // gate_up: [rows, N] act dtype; down: [rows, N] f32
-    u64 tile_expert;  // contiguous mode
-    u64 tile_end;     // contiguous mode
-    u64 counts;       // masked mode
-    int K, N, mode, max_m;
-    int m_total, tiles_per_expert, act, num_n;
-    float alpha, limit;
-    long long split_stride;
 };
-
-__device__ __forceinline__ bool qg_tile_rows(const QGemmParams& p, int tile, int bm, int& e, int& row0,
-                                             int& row_end) {
-    if (p.mode == MOE_MODE_CONTIGUOUS) {
-        e = ((const int*)p.tile_expert)[tile];
-        if (e < 0) return false;
-        row0 = tile * bm;
-        row_end = ((const int*)p.tile_end)[tile];
-    } else if (p.mode == MOE_MODE_MASKED) {
-        e = tile / p.tiles_per_expert;
-        row0 = e * p.max_m + (tile % p.tiles_per_expert) * bm;
-        row_end = e * p.max_m + ((const int*)p.counts)[e];
-    } else {
-        e = 0;
-        row0 = tile * bm;
-        row_end = p.m_total;
-    }
-    return row0 < row_end;
-}
-
-// Same grouped block order as grouped_gemm.cu: 8 row tiles share a column block's weights.
-__device__ __forceinline__ void qg_block_coords(const QGemmParams& p, int& tile, int& nb) {
-    const int b = blockIdx.x, num_n = p.num_n;
-    const int num_m = gridDim.x / num_n;
-    const int group = b / (8 * num_n), first = group * 8;
-    const int gm = min(num_m - first, 8);
-    const int r = b - group * 8 * num_n;
-    tile = first + r % gm;
-    nb = r / gm;
-}
-
-// Weight row of local B row n: gate_up interleaves 8 gate rows with the 8 matching up rows.
-template <bool GATE_UP>
-__device__ __forceinline__ int qg_b_row(int n, int n0, int N, bool& ok) {
-    if (GATE_UP) {
-        int col = n0 + (n >> 4) * 8 + (n & 7);
-        ok = col < N;
-        return (n & 8) ? N + col : col;
-    } else {
-        int col = n0 + n;
-        ok = col < N;
-        return col;
-    }
-}
 
 // ---- 16-bit pair arithmetic (sm_80+) ----
 __device__ __forceinline__ u32 pack2(float lo, float hi, Bf16Tag) {
@@ -270,8 +216,8 @@ template <int MI, int NI, bool GATE_UP, class Tag>
 __device__ __forceinline__ void qg_store(const QGemmParams& p, float (&acc)[MI][NI][4], int e, int row_base,
                                          int row_end, int col_base, int n0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int N = p.N, n_total = GATE_UP ? 2 * N : N;
-    const float* bias = (p.bias && blockIdx.z == 0) ? (const float*)p.bias + (size_t)e * n_total : nullptr;
+    const int N = p.base.N, n_total = GATE_UP ? 2 * N : N;
+    const float* bias = (p.base.bias && blockIdx.z == 0) ? (const float*)p.base.bias + (size_t)e * n_total : nullptr;
     const float* cs = p.col_scale ? (const float*)p.col_scale + (size_t)e * n_total : nullptr;
     const float es = p.exp_scale ? ((const float*)p.exp_scale)[e] : 1.0f;
 #pragma unroll
@@ -280,9 +226,9 @@ __device__ __forceinline__ void qg_store(const QGemmParams& p, float (&acc)[MI][
         for (int h = 0; h < 2; ++h) {
             const int row = row_base + i * 16 + g + h * 8;
             if (row >= row_end) continue;
-            if (GATE_UP && p.split_stride > 0) {
+            if (GATE_UP && p.base.split_stride > 0) {
                 // Split K: raw f32 partial sums [split, row, 2N]; qg_act adds bias + activation.
-                float* out = (float*)p.out + blockIdx.z * p.split_stride + (size_t)row * 2 * N;
+                float* out = (float*)p.base.out + blockIdx.z * p.base.split_stride + (size_t)row * 2 * N;
 #pragma unroll
                 for (int j = 0; j < NI / 2; ++j) {
                     const int col = n0 + ((col_base + j * 16) >> 4) * 8 + t4 * 2;
@@ -294,7 +240,7 @@ __device__ __forceinline__ void qg_store(const QGemmParams& p, float (&acc)[MI][
                     }
                 }
             } else if (GATE_UP) {
-                u16* out = (u16*)p.out + (size_t)row * N;
+                u16* out = (u16*)p.base.out + (size_t)row * N;
 #pragma unroll
                 for (int j = 0; j < NI / 2; ++j) {
                     const int col = n0 + ((col_base + j * 16) >> 4) * 8 + t4 * 2;
@@ -312,7 +258,7 @@ __device__ __forceinline__ void qg_store(const QGemmParams& p, float (&acc)[MI][
                                 up += bias[N + col + c];
                             }
                         }
-                        v[c] = apply_act(p.act, gt, up, p.alpha, p.limit);
+                        v[c] = apply_act(p.base.act, gt, up, p.base.alpha, p.base.limit);
                     }
                     if (col + 1 < N) {
                         u32 packed = (u32)from_f32(v[0], Tag()) | ((u32)from_f32(v[1], Tag()) << 16);
@@ -322,7 +268,7 @@ __device__ __forceinline__ void qg_store(const QGemmParams& p, float (&acc)[MI][
                     }
                 }
             } else {
-                float* out = (float*)p.out + blockIdx.z * p.split_stride + (size_t)row * N;
+                float* out = (float*)p.base.out + blockIdx.z * p.base.split_stride + (size_t)row * N;
 #pragma unroll
                 for (int j = 0; j < NI; ++j) {
                     const int col = n0 + col_base + j * 8 + t4 * 2;
@@ -368,14 +314,14 @@ __device__ __forceinline__ void quant_gemm(const QGemmParams& p) {
     u16* Bs = (u16*)(Ss + STAGES * S_BYTES);
 
     int e, row0, row_end, tile, nb;
-    qg_block_coords(p, tile, nb);
-    if (!qg_tile_rows(p, tile, BM, e, row0, row_end)) return;
-    const int K = p.K, N = p.N;
+    block_coords(p.base, tile, nb);
+    if (!tile_rows(p.base, tile, BM, e, row0, row_end)) return;
+    const int K = p.base.K, N = p.base.N;
     const int n_total = GATE_UP ? 2 * N : N;
     const int n0 = nb * (GATE_UP ? BN / 2 : BN);
     const size_t row_bytes = (size_t)K * QG_BITS / 8;
-    const u16* A = (const u16*)p.a;
-    const unsigned char* W = (const unsigned char*)p.w + (size_t)e * n_total * row_bytes;
+    const u16* A = (const u16*)p.base.a;
+    const unsigned char* W = (const unsigned char*)p.base.w + (size_t)e * n_total * row_bytes;
 #if QG_SW > 0
     const int KS = (K + QG_KSPAN - 1) / QG_KSPAN;
     const unsigned char* S = (const unsigned char*)p.scales + (size_t)e * KS * n_total * QG_SW;
@@ -397,7 +343,7 @@ __device__ __forceinline__ void quant_gemm(const QGemmParams& p) {
         for (int c = tid; c < BN * WCH; c += THREADS) {
             int n = c / WCH, ch = c % WCH;
             bool ok;
-            int wr = qg_b_row<GATE_UP>(n, n0, N, ok);
+            int wr = b_row<GATE_UP>(n, n0, N, ok);
             const unsigned char* src = ok ? W + (size_t)wr * row_bytes + (size_t)k0 * QG_BITS / 8 + ch * 16 : W;
             cp_async16(ws + n * RB + ch * 16, src, ok ? 16 : 0);
         }
@@ -408,7 +354,7 @@ __device__ __forceinline__ void quant_gemm(const QGemmParams& p) {
             const unsigned char* sbase = S + (size_t)(k0 / QG_KSPAN) * n_total * QG_SW;
             for (int c = tid; c < BN / R; c += THREADS) {
                 bool ok;
-                int wr = qg_b_row<GATE_UP>(c * R, n0, N, ok);
+                int wr = b_row<GATE_UP>(c * R, n0, N, ok);
                 const unsigned char* src = ok ? sbase + (size_t)wr * QG_SW : sbase;
                 cp_async16(ss + c * 16, src, ok ? 16 : 0);
             }
@@ -605,13 +551,13 @@ __device__ __forceinline__ void fp8_gemm(const QGemmParams& p, u64 a_scales, int
     float* SBs = SAs + STAGES * BM;                // [STAGES][BN]
 
     int e, row0, row_end, tile, nb;
-    qg_block_coords(p, tile, nb);
-    if (!qg_tile_rows(p, tile, BM, e, row0, row_end)) return;
-    const int K = p.K, N = p.N;
+    block_coords(p.base, tile, nb);
+    if (!tile_rows(p.base, tile, BM, e, row0, row_end)) return;
+    const int K = p.base.K, N = p.base.N;
     const int n_total = GATE_UP ? 2 * N : N;
     const int n0 = nb * (GATE_UP ? BN / 2 : BN);
-    const unsigned char* A = (const unsigned char*)p.a;
-    const unsigned char* W = (const unsigned char*)p.w + (size_t)e * n_total * K;
+    const unsigned char* A = (const unsigned char*)p.base.a;
+    const unsigned char* W = (const unsigned char*)p.base.w + (size_t)e * n_total * K;
     const int KB = K / BK;
     const float* SA = (const float*)a_scales;
 #if QFMT == QFMT_FP8_BLOCK
@@ -634,7 +580,7 @@ __device__ __forceinline__ void fp8_gemm(const QGemmParams& p, u64 a_scales, int
         for (int c = tid; c < BN * (BK / 16); c += THREADS) {
             int n = c / (BK / 16), kc = (c % (BK / 16)) * 16;
             bool ok;
-            int wr = qg_b_row<GATE_UP>(n, n0, N, ok);
+            int wr = b_row<GATE_UP>(n, n0, N, ok);
             cp_async16(bs + n * LDB + kc, ok ? W + (size_t)wr * K + k0 + kc : W, ok ? 16 : 0);
         }
         if (tid < BM / 4) {
@@ -646,7 +592,7 @@ __device__ __forceinline__ void fp8_gemm(const QGemmParams& p, u64 a_scales, int
         else if (tid < BM / 4 + BN / 4) {
             const int c = tid - BM / 4;
             bool ok;
-            int wr = qg_b_row<GATE_UP>(c * 4, n0, N, ok);
+            int wr = b_row<GATE_UP>(c * 4, n0, N, ok);
             const unsigned char* sb = S + (size_t)kb * n_total * 4;
             cp_async16(SBs + stage * BN + c * 4, ok ? sb + (size_t)wr * 4 : sb, ok ? 16 : 0);
         }

@@ -812,31 +812,15 @@ unsafe impl DeviceRepr for QuantRowsParams {}
 // SAFETY: see above.
 unsafe impl DeviceRepr for Fp8GemmParams {}
 
-/// Quantized grouped GEMM launch parameters (`QGemmParams` in quant_gemm.cu).
+/// Quantized grouped GEMM launch parameters (`QGemmParams` in quant_gemm.cu): the 16-bit GEMM's
+/// (with `w` pointing at the packed weights) plus the formats' scale parts.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QGemmParams {
-    pub a: u64,
-    pub w: u64,
+    pub base: GemmParams,
     pub scales: u64,
     pub col_scale: u64,
     pub exp_scale: u64,
-    pub bias: u64,
-    pub out: u64,
-    pub tile_expert: u64,
-    pub tile_end: u64,
-    pub counts: u64,
-    pub k: i32,
-    pub n: i32,
-    pub mode: i32,
-    pub max_m: i32,
-    pub m_total: i32,
-    pub tiles_per_expert: i32,
-    pub act: i32,
-    pub num_n: i32,
-    pub alpha: f32,
-    pub limit: f32,
-    pub split_stride: i64,
 }
 
 // SAFETY: `#[repr(C)]` plain data matching `QGemmParams` in quant_gemm.cu field for field.

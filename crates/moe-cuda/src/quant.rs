@@ -310,23 +310,7 @@ pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize, fp8_mma:
 
 /// The quantized launch parameters sharing everything but the weights with a bf16 launch.
 pub fn params(g: &crate::kernels::GemmParams) -> QGemmParams {
-    QGemmParams {
-        a: g.a,
-        bias: g.bias,
-        out: g.out,
-        tile_expert: g.tile_expert,
-        tile_end: g.tile_end,
-        counts: g.counts,
-        mode: g.mode,
-        max_m: g.max_m,
-        m_total: g.m_total,
-        tiles_per_expert: g.tiles_per_expert,
-        act: g.act,
-        alpha: g.alpha,
-        limit: g.limit,
-        split_stride: g.split_stride,
-        ..Default::default()
-    }
+    QGemmParams { base: GemmParams { w: 0, n: 0, k: 0, num_n: 0, ..*g }, ..Default::default() }
 }
 
 /// One projection of every local slot on the device.
@@ -625,15 +609,16 @@ impl QuantExperts {
             } else {
                 self.skip_padding(f)
             };
-            self.quant_rows(dev, QuantRowsParams { x: f.g1.a, q: qa, scales: sa, k: h as i32, ..src }, rows)?;
-            let g1 = QGemmParams { a: qa, ..f.g1 };
+            self.quant_rows(dev, QuantRowsParams { x: f.g1.base.a, q: qa, scales: sa, k: h as i32, ..src }, rows)?;
+            let g1 = QGemmParams { base: GemmParams { a: qa, ..f.g1.base }, ..f.g1 };
             self.fp8_gemm(dev, Proj::GateUp, f.plan.tiles, g1, sa, rows, inter, h, false)?;
             let qact = self.ws.get(dev, "f8_act", rows * inter)?;
             let sact = self.ws.get(dev, "f8_sact", rows * (inter / 128) * 4)?;
-            let act = QuantRowsParams { x: f.g1.out, q: qact, scales: sact, k: inter as i32, ..self.skip_padding(f) };
+            let act =
+                QuantRowsParams { x: f.g1.base.out, q: qact, scales: sact, k: inter as i32, ..self.skip_padding(f) };
             self.quant_rows(dev, act, rows)?;
-            let g2 = QGemmParams { a: qact, ..f.g2 };
-            let y16 = f.y16 && f.down_splits == 1 && f.g2.mode != GemmMode::Dense as i32;
+            let g2 = QGemmParams { base: GemmParams { a: qact, ..f.g2.base }, ..f.g2 };
+            let y16 = f.y16 && f.down_splits == 1 && f.g2.base.mode != GemmMode::Dense as i32;
             let wrote16 = self.fp8_gemm(dev, Proj::Down, f.plan.tiles, g2, sact, rows, h, inter, y16)?;
             return Ok(match (wrote16, self.elem) {
                 (false, _) => 0,
@@ -652,24 +637,25 @@ impl QuantExperts {
         if splits > 1 {
             let stride = rows * 2 * inter;
             let partial = self.ws.get(dev, "gu_partial", splits * stride * 4)?;
-            let g1 = QGemmParams { out: partial, split_stride: stride as i64, ..f.g1 };
+            let g1 =
+                QGemmParams { base: GemmParams { out: partial, split_stride: stride as i64, ..f.g1.base }, ..f.g1 };
             self.gemm(dev, Proj::GateUp, f.plan.tile, f.plan.tiles, g1, inter, h, splits)?;
             let ap = QActParams {
                 partial,
-                bias: f.g1.bias,
-                out: f.g1.out,
-                tile_expert: f.g1.tile_expert,
-                tile_end: f.g1.tile_end,
-                counts: f.g1.counts,
+                bias: f.g1.base.bias,
+                out: f.g1.base.out,
+                tile_expert: f.g1.base.tile_expert,
+                tile_end: f.g1.base.tile_end,
+                counts: f.g1.base.counts,
                 split_stride: stride as i64,
                 n: inter as i32,
                 splits: splits as i32,
-                mode: f.g1.mode,
-                max_m: f.g1.max_m,
+                mode: f.g1.base.mode,
+                max_m: f.g1.base.max_m,
                 bm: f.plan.tile.block_m() as i32,
-                act: f.g1.act,
-                alpha: f.g1.alpha,
-                limit: f.g1.limit,
+                act: f.g1.base.act,
+                alpha: f.g1.base.alpha,
+                limit: f.g1.base.limit,
             };
             dev.launch(
                 KernelId::QAct(self.packer.kind(), self.elem),
@@ -689,7 +675,7 @@ impl QuantExperts {
     /// streaming weights (same reasoning as the bf16 down projection), so partial sums go to a
     /// scratch buffer and `qg_act` adds them with the bias and activation.
     fn gate_up_splits(&self, dev: &CudaDevice, f: &Forward) -> usize {
-        if f.plan.tile != GemmTile::M16 || f.plan.rows > 65535 || f.g1.mode == GemmMode::Dense as i32 {
+        if f.plan.tile != GemmTile::M16 || f.plan.rows > 65535 || f.g1.base.mode == GemmMode::Dense as i32 {
             return 1;
         }
         let active = f.pairs.min(f.n_local).max(1);
@@ -700,10 +686,10 @@ impl QuantExperts {
 
     /// Row quantization over every layout row, skipping the padding rows of contiguous tiles.
     fn skip_padding(&self, f: &Forward) -> QuantRowsParams {
-        let contiguous = f.g1.mode == GemmMode::Contiguous as i32;
+        let contiguous = f.g1.base.mode == GemmMode::Contiguous as i32;
         QuantRowsParams {
-            tile_expert: if contiguous { f.g1.tile_expert } else { 0 },
-            tile_end: f.g1.tile_end,
+            tile_expert: if contiguous { f.g1.base.tile_expert } else { 0 },
+            tile_end: f.g1.base.tile_end,
             src_rows: f.plan.rows as i32,
             tile_m: f.plan.tile.block_m() as i32,
             ..Default::default()
@@ -748,15 +734,15 @@ impl QuantExperts {
     ) -> Result<bool> {
         let counter = self.ws.get(dev, "f8_counter", 4)?;
         let d = self.proj(proj, n, k)?;
-        g.w = dev.ptr(&d.w);
+        g.base.w = dev.ptr(&d.w);
         g.scales = d.scales.as_ref().map_or(0, |s| dev.ptr(s));
         g.col_scale = d.col.as_ref().map_or(0, |s| dev.ptr(s));
         g.exp_scale = d.exp.as_ref().map_or(0, |s| dev.ptr(s));
-        g.n = n as i32;
-        g.k = k as i32;
+        g.base.n = n as i32;
+        g.base.k = k as i32;
         let cols = if proj == Proj::GateUp { QuantTile::BN / 2 } else { QuantTile::BN };
         let num_n = n.div_ceil(cols);
-        g.num_n = num_n as i32;
+        g.base.num_n = num_n as i32;
         let blocks = num_n * tiles;
         if blocks > i32::MAX as usize {
             return Err(MoeError::shape("cuda.fp8_gemm", "fewer than 2^31 blocks", blocks.to_string()));
@@ -770,23 +756,8 @@ impl QuantExperts {
             if let Some(scales) = d.scales.as_ref() {
                 let f8 = crate::fp8_gemm::Fp8Gemm {
                     gate_up,
-                    params: GemmParams {
-                        a: g.a,
-                        w: g.w,
-                        bias: g.bias,
-                        out: g.out,
-                        tile_expert: g.tile_expert,
-                        tile_end: g.tile_end,
-                        counts: g.counts,
-                        mode: g.mode,
-                        max_m: g.max_m,
-                        m_total: g.m_total,
-                        tiles_per_expert: g.tiles_per_expert,
-                        act: g.act,
-                        alpha: g.alpha,
-                        limit: g.limit,
-                        ..Default::default()
-                    },
+                    // n, k and num_n are set by the launch; no split partials on this tile.
+                    params: GemmParams { split_stride: 0, ..g.base },
                     tiles,
                     n,
                     k,
@@ -842,18 +813,18 @@ impl QuantExperts {
             64 => QuantTile::M64,
             m => return Err(MoeError::shape("cuda.quant_gemm", "row tiles of 16 or 64", m.to_string())),
         };
-        p.w = dev.ptr(&d.w);
+        p.base.w = dev.ptr(&d.w);
         p.scales = d.scales.as_ref().map_or(0, |s| dev.ptr(s));
         p.col_scale = d.col.as_ref().map_or(0, |s| dev.ptr(s));
         p.exp_scale = d.exp.as_ref().map_or(0, |s| dev.ptr(s));
-        p.n = n as i32;
-        p.k = k as i32;
+        p.base.n = n as i32;
+        p.base.k = k as i32;
         let cols = match proj {
             Proj::GateUp => QuantTile::BN / 2,
             Proj::Down => QuantTile::BN,
         };
         let num_n = n.div_ceil(cols);
-        p.num_n = num_n as i32;
+        p.base.num_n = num_n as i32;
         let blocks = num_n * tiles;
         if blocks > i32::MAX as usize {
             return Err(MoeError::shape("cuda.quant_gemm", "fewer than 2^31 blocks", blocks.to_string()));
