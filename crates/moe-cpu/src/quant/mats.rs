@@ -802,6 +802,22 @@ mod tests {
         }
     }
 
+    /// `k` activations exactly representable in bf16, as f32 and as bf16 bits.
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_activations(k: usize) -> (Vec<f32>, Vec<u16>) {
+        let x: Vec<f32> = (0..k).map(|i| half::bf16::from_f32(((i * 29 % 23) as f32 - 11.0) * 0.37).to_f32()).collect();
+        let xb = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        (x, xb)
+    }
+
+    /// `got` equals the f64 sum of `term(0..k)` within 1e-6 of the sum of magnitudes.
+    #[cfg(target_arch = "x86_64")]
+    fn assert_exact_dot(got: f32, k: usize, term: impl Fn(usize) -> f64) {
+        let want: f64 = (0..k).map(&term).sum();
+        let norm: f64 = (0..k).map(|i| term(i).abs()).sum();
+        assert!((got as f64 - want).abs() <= 1e-6 * norm, "k={k}: {got} vs {want}");
+    }
+
     #[test]
     fn fp8_bf16_dot_matches_the_exact_dot() {
         #[cfg(target_arch = "x86_64")]
@@ -815,18 +831,13 @@ mod tests {
                 let q: Vec<u8> =
                     (0..k).map(|i| (i * 53 % 256) as u8).map(|b| if b & 0x7F == 0x7F { 1 } else { b }).collect();
                 let sc: Vec<f32> = (0..k.div_ceil(128)).map(|b| 0.013 * (b + 1) as f32).collect();
-                let x: Vec<f32> =
-                    (0..k).map(|i| half::bf16::from_f32(((i * 29 % 23) as f32 - 11.0) * 0.37).to_f32()).collect();
-                let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let (x, xb) = bf16_activations(k);
                 // SAFETY: AVX-512 BF16 was detected above; the slices are one row of k inputs.
                 let (mut got, done) = unsafe { super::super::simd::e4m3_dot_bf16(&q, &sc, &xb, &table) };
                 for i in done..k {
                     got += E4M3_LUT[q[i] as usize] * sc[i / 128] * x[i];
                 }
-                let want: f64 = (0..k).map(|i| E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64).sum();
-                let norm: f64 =
-                    (0..k).map(|i| (E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64).abs()).sum();
-                assert!((got as f64 - want).abs() <= 1e-6 * norm, "k={k}: {got} vs {want}");
+                assert_exact_dot(got, k, |i| E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64);
             }
         }
     }
@@ -840,17 +851,13 @@ mod tests {
             }
             for k in [256usize, 200, 31] {
                 let q: Vec<u8> = (0..k).map(|i| (i * 53 % 256) as u8).collect();
-                let x: Vec<f32> =
-                    (0..k).map(|i| half::bf16::from_f32(((i * 29 % 23) as f32 - 11.0) * 0.37).to_f32()).collect();
-                let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let (x, xb) = bf16_activations(k);
                 // SAFETY: AVX-512 BF16 was detected above; the slices are one row of k inputs.
                 let (mut got, done) = unsafe { super::super::simd::int8_dot_bf16(&q, &xb) };
                 for i in done..k {
                     got += (q[i] as i8) as f32 * x[i];
                 }
-                let want: f64 = (0..k).map(|i| (q[i] as i8) as f64 * x[i] as f64).sum();
-                let norm: f64 = (0..k).map(|i| ((q[i] as i8) as f64 * x[i] as f64).abs()).sum();
-                assert!((got as f64 - want).abs() <= 1e-6 * norm, "k={k}: {got} vs {want}");
+                assert_exact_dot(got, k, |i| (q[i] as i8) as f64 * x[i] as f64);
             }
         }
     }

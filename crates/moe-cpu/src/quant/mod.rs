@@ -266,7 +266,7 @@ impl QuantExperts {
 
 /// `f(r, row r of buf)` for `rows` rows of `width`: on the pool when there are enough rows to pay
 /// for it, inline otherwise (a decode step has a handful of rows; pool hops would dominate).
-fn each_row(buf: &mut [f32], width: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+fn each_row<T: Send>(buf: &mut [T], width: usize, rows: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let buf = &mut buf[..rows * width];
     if width == 0 {
         return;
@@ -278,9 +278,10 @@ fn each_row(buf: &mut [f32], width: usize, rows: usize, f: impl Fn(usize, &mut [
     }
 }
 
-fn grow(v: &mut Vec<f32>, n: usize) {
+/// Grows a reused buffer to at least `n` elements (never shrinks it).
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
-        v.resize(n, 0.0);
+        v.resize(n, T::default());
     }
 }
 
@@ -326,15 +327,8 @@ fn project<'a>(
     if mode.bf16_dot && spans.iter().any(|s| s.rows >= tile_rows) {
         // Every row once, as bf16 in packed-position order (rows padded to an even length).
         let (kp, rows) = (k.div_ceil(2) * 2, spans.iter().map(|s| s.row0 + s.rows).max().unwrap_or(0));
-        if xb.len() < rows * kp {
-            xb.resize(rows * kp, 0);
-        }
-        let fill = |(r, o): (usize, &mut [u16])| w.natural_bf16(&a[r * k..(r + 1) * k], o);
-        if rows < 16 {
-            xb[..rows * kp].chunks_mut(kp).enumerate().for_each(fill);
-        } else {
-            xb[..rows * kp].par_chunks_mut(kp).enumerate().for_each(fill);
-        }
+        grow(xb, rows * kp);
+        each_row(xb, kp, rows, |r, o| w.natural_bf16(&a[r * k..(r + 1) * k], o));
         mode.xb = (&xb[..rows * kp], kp);
     }
     let threads = rayon::current_num_threads().max(1);

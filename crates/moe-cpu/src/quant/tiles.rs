@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use half::bf16;
 
 use super::mats::QMat;
-use super::Task;
+use super::{grow, Task};
 use crate::kernels::{DotBf16, Family, Tile, MR_MAX};
 use crate::pack::NB;
 
@@ -69,10 +69,4 @@ pub(super) fn run(fam: &DotBf16, w: &QMat, t: Task, (xb, kp): (&[u16], usize), o
             }
         }
     });
-}
-
-fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
-    if v.len() < n {
-        v.resize(n, T::default());
-    }
 }
