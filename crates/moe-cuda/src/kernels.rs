@@ -1003,6 +1003,8 @@ mod tests {
         assert_eq!(define(&route, "ROUTE_GPT_OSS"), RouteMethod::GptOss as i32);
         assert_eq!(define(&route, "ROUTE_LLAMA4"), RouteMethod::Llama4 as i32);
         assert_eq!(define(&Module::GroupedGemm(Elem::Bf16).source(), "GEMM_BK"), GemmTile::BK as i32);
+        // 16-byte chunks a lane x 32 lanes x 8 elements: the rows the short down kernel holds.
+        assert_eq!(define(&Module::Decode.source(), "DOWN_PRE_CHUNKS") as usize * 32 * 8, DECODE_SHORT_MAX_INTER);
     }
 
     #[test]
