@@ -91,10 +91,16 @@ impl MachineLimits {
     /// Measures the host CPU on the current rayon pool.
     pub fn measure_cpu(dtypes: &[DType]) -> Result<Self> {
         let isa = moe_cpu::Isa::detect()?;
+        let amx = match moe_cpu::kernels::amx_status() {
+            _ if isa != moe_cpu::Isa::Avx512Bf16 => String::new(),
+            Ok(()) if moe_cpu::tuning::amx_rows() > 0 => " + AMX-BF16".into(),
+            Ok(()) => ", AMX off (MOE_CPU_AMX_ROWS=0)".into(),
+            Err(why) => format!("; no AMX: {why}"),
+        };
         let (copy_gbps, read_gbps) = moe_cpu::peak::bandwidth();
         let gemm = dtypes.iter().map(|&d| moe_cpu::peak::gemm_rate(d, isa, 1.0)).collect::<Result<Vec<_>>>()?;
         Ok(MachineLimits {
-            device: format!("host CPU ({} kernels)", isa.name()),
+            device: format!("host CPU ({} kernels{amx})", isa.name()),
             threads: rayon::current_num_threads(),
             copy_gbps,
             read_gbps,

@@ -24,6 +24,10 @@ pub fn run(args: InfoArgs) -> moe_core::Result<ExitCode> {
     println!("machine");
     println!("  cpu threads : {}", hw.cpu_threads);
     println!("  cpu features: {}", if hw.cpu_features.is_empty() { "-".into() } else { hw.cpu_features.join(" ") });
+    match moe_cpu::kernels::amx_status() {
+        Ok(()) => println!("  cpu amx     : AMX-BF16 tiles for row tiles of {}+ rows", moe_cpu::tuning::amx_rows()),
+        Err(why) => println!("  cpu amx     : not used ({why})"),
+    }
     if hw.gpus.is_empty() {
         println!("  gpus        : none ({})", hw.gpu_unavailable.as_deref().unwrap_or("no reason recorded"));
     }

@@ -37,6 +37,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Linux grants AMX tile state per process and refuses once threads with small signal
+    // stacks exist (CUDA's, say): ask before anything starts a thread.
+    let _ = moe_cpu::kernels::amx_available();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("MOE_LOG"))
         .with_writer(std::io::stderr)

@@ -112,7 +112,18 @@ impl<T> Out<T> {
     }
 }
 
-/// Runs `groups` of rows: `a` is `[rows, w13.kp]` (padding columns zero), `y` is `[rows, hidden]`.
+/// The row stride, in elements of `T`, of activation buffers whose rows hold `kp` inputs: whole
+/// cache lines, an odd number of them. Tiles load up to 32 rows at this stride, and at a multiple
+/// of 4 KiB (hidden 2048 in bf16) every row would map to the same L1 set: 16-row AMX loads then
+/// evicted each other on every k step.
+pub fn row_stride<T>(kp: usize) -> usize {
+    let per_line = (64 / std::mem::size_of::<T>()).max(1);
+    let lines = kp.div_ceil(per_line);
+    (lines | 1) * per_line
+}
+
+/// Runs `groups` of rows: `a` is `[rows, row_stride(w13.kp)]` (padding columns zero), `y` is
+/// `[rows, hidden]`.
 ///
 /// # Panics
 /// If a buffer is shorter than the groups say (an internal bug; the backend sizes them).
@@ -124,9 +135,10 @@ pub fn run<F: Family>(
     y: &mut [f32],
     ws: &mut Workspace<F::A>,
 ) {
-    let (h, kph, kpi) = (set.hidden, set.w13.kp, set.w2.kp);
+    let (h, kph) = (set.hidden, set.w13.kp);
+    let (lda, ldi) = (row_stride::<F::A>(kph), row_stride::<F::A>(set.w2.kp));
     let rows_total = groups.iter().map(|g| g.row0 + g.rows).max().unwrap_or(0);
-    assert!(a.len() >= rows_total * kph && y.len() >= rows_total * h, "engine buffers too short");
+    assert!(a.len() >= rows_total * lda && y.len() >= rows_total * h, "engine buffers too short");
     if rows_total == 0 {
         return;
     }
@@ -150,8 +162,8 @@ pub fn run<F: Family>(
         }
         for s in ws.scratch.iter_mut() {
             let s = s.get_mut().unwrap_or_else(|p| p.into_inner());
-            if s.len() < mtile * kpi {
-                s.resize(mtile * kpi, F::A::default());
+            if s.len() < mtile * ldi {
+                s.resize(mtile * ldi, F::A::default());
             }
         }
         let scratch = &ws.scratch;
@@ -160,32 +172,32 @@ pub fn run<F: Family>(
             let mut buf = scratch[slot].lock().unwrap_or_else(|p| p.into_inner());
             let g = groups[t.group];
             let row = g.row0 + t.r0;
-            let a_t = &a[row * kph..(row + t.m) * kph];
-            let inter = &mut buf[..t.m * kpi];
+            let a_t = &a[row * lda..(row + t.m) * lda];
+            let inter = &mut buf[..t.m * ldi];
             let io = Out::new(inter);
             gate_up(fam, set, g.expert, a_t, t.m, 0..set.w13.blocks, io, 0);
-            down(fam, set, g.expert, &buf[..t.m * kpi], t.m, 0..set.w2.blocks, yo, row);
+            down(fam, set, g.expert, &buf[..t.m * ldi], t.m, 0..set.w2.blocks, yo, row);
         });
         return;
     }
     // Split schedule: enough block chunks per expert to give every thread a few tasks.
     let chunks = (crate::tuning::split_tasks_per_thread() * threads).div_ceil(groups.len().max(1));
-    if ws.inter.len() < rows_total * kpi {
-        ws.inter.resize(rows_total * kpi, F::A::default());
+    if ws.inter.len() < rows_total * ldi {
+        ws.inter.resize(rows_total * ldi, F::A::default());
     }
     let io = Out::new(&mut ws.inter);
     push_split_tasks(&mut ws.tasks, groups, mtile, set.w13.blocks, chunks);
     ws.tasks.par_iter().for_each(|t| {
         let g = groups[t.group];
         let row = g.row0 + t.r0;
-        gate_up(fam, set, g.expert, &a[row * kph..(row + t.m) * kph], t.m, t.blocks.0..t.blocks.1, io, row);
+        gate_up(fam, set, g.expert, &a[row * lda..(row + t.m) * lda], t.m, t.blocks.0..t.blocks.1, io, row);
     });
     push_split_tasks(&mut ws.tasks, groups, mtile, set.w2.blocks, chunks);
     let inter = &ws.inter;
     ws.tasks.par_iter().for_each(|t| {
         let g = groups[t.group];
         let row = g.row0 + t.r0;
-        down(fam, set, g.expert, &inter[row * kpi..(row + t.m) * kpi], t.m, t.blocks.0..t.blocks.1, yo, row);
+        down(fam, set, g.expert, &inter[row * ldi..(row + t.m) * ldi], t.m, t.blocks.0..t.blocks.1, yo, row);
     });
 }
 
@@ -208,8 +220,8 @@ const KC: usize = 1024;
 /// Rows per task at most (the per-task accumulator lives on the stack).
 const MT: usize = 128;
 
-/// `acc[r] = a[r] . blk` for `r < m`, k-chunked; the first row tile of each chunk prefetches the
-/// same chunk of `next`.
+/// `acc[r] = a[r] . blk` for `r < m`, k-chunked. The same chunk of `next` is prefetched meanwhile:
+/// by the first row tile, or, for families that [`Family::spreads_prefetch`], a share by each.
 #[allow(clippy::too_many_arguments)]
 fn block_product<F: Family>(
     fam: &F,
@@ -223,11 +235,19 @@ fn block_product<F: Family>(
 ) {
     let mr = fam.mr();
     let mut c: Tile = [[0.0; NB]; MR_MAX];
+    let tiles = m.div_ceil(mr);
     for k0 in (0..kp).step_by(KC) {
         let kl = KC.min(kp - k0);
         for rb in (0..m).step_by(mr) {
             let mm = mr.min(m - rb);
-            let pf = if rb == 0 { next.map(|n| &n[k0 * NB..]) } else { None };
+            let pf = match next {
+                Some(n) if fam.spreads_prefetch() => {
+                    let (chunk, i) = (&n[k0 * NB..(k0 + kl) * NB], rb / mr);
+                    Some(&chunk[i * chunk.len() / tiles..(i + 1) * chunk.len() / tiles])
+                }
+                Some(n) if rb == 0 => Some(&n[k0 * NB..]),
+                _ => None,
+            };
             fam.tile(&a[rb * lda + k0..], lda, mm, &blk[k0 * NB..], kl, &mut c, pf);
             for (acc, c) in acc[rb..rb + mm].iter_mut().zip(&c) {
                 if k0 == 0 {
@@ -240,8 +260,9 @@ fn block_product<F: Family>(
     }
 }
 
-/// gate_up + bias + activation for `m` rows of `a` over `blocks`, into rows `row0..` of `out`
-/// (stride `w2.kp`; columns past `inter` in the written blocks are set to zero).
+/// gate_up + bias + activation for `m` rows of `a` (stride [`row_stride`] of `w13.kp`) over
+/// `blocks`, into rows `row0..` of `out` (stride [`row_stride`] of `w2.kp`; columns past `inter`
+/// in the written blocks are set to zero).
 #[allow(clippy::too_many_arguments)]
 fn gate_up<F: Family>(
     fam: &F,
@@ -254,13 +275,14 @@ fn gate_up<F: Family>(
     row0: usize,
 ) {
     let (kph, kpi, inter) = (set.w13.kp, set.w2.kp, set.inter);
+    let (lda, ldo) = (row_stride::<F::A>(kph), row_stride::<F::A>(kpi));
     let mut acc = [[0.0f32; NB]; MT];
     let (mut g, mut u, mut v) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
     let bias = set.b13.map(|b| &b[e * 2 * inter..(e + 1) * 2 * inter]);
     let end = blocks.end;
     for b in blocks {
         let next = (b + 1 < end).then(|| set.w13.block(e, b + 1));
-        block_product(fam, a, kph, m, set.w13.block(e, b), kph, next, &mut acc);
+        block_product(fam, a, lda, m, set.w13.block(e, b), kph, next, &mut acc);
         let j0 = 16 * b;
         let width = kpi.min(j0 + 16) - j0;
         for (r, c) in acc.iter().enumerate().take(m) {
@@ -274,7 +296,7 @@ fn gate_up<F: Family>(
             }
             apply16(set.act, &g, &u, &mut v);
             // SAFETY: this task alone writes columns [j0, j0 + width) of row row0 + r.
-            let dst = unsafe { out.slice((row0 + r) * kpi + j0, width) };
+            let dst = unsafe { out.slice((row0 + r) * ldo + j0, width) };
             for (l, d) in dst.iter_mut().enumerate() {
                 *d = if j0 + l < inter { F::A::from_f32(v[l]) } else { F::A::default() };
             }
@@ -282,8 +304,8 @@ fn gate_up<F: Family>(
     }
 }
 
-/// down + bias for `m` rows of the intermediate `a` (stride `w2.kp`) over `blocks`, into rows
-/// `row0..` of `y` (stride `hidden`).
+/// down + bias for `m` rows of the intermediate `a` (stride [`row_stride`] of `w2.kp`) over
+/// `blocks`, into rows `row0..` of `y` (stride `hidden`).
 #[allow(clippy::too_many_arguments)]
 fn down<F: Family>(
     fam: &F,
@@ -296,12 +318,13 @@ fn down<F: Family>(
     row0: usize,
 ) {
     let (kpi, h) = (set.w2.kp, set.hidden);
+    let lda = row_stride::<F::A>(kpi);
     let mut acc = [[0.0f32; NB]; MT];
     let bias = set.b2.map(|b| &b[e * h..(e + 1) * h]);
     let end = blocks.end;
     for b in blocks {
         let next = (b + 1 < end).then(|| set.w2.block(e, b + 1));
-        block_product(fam, a, kpi, m, set.w2.block(e, b), kpi, next, &mut acc);
+        block_product(fam, a, lda, m, set.w2.block(e, b), kpi, next, &mut acc);
         let j0 = NB * b;
         let width = NB.min(h - j0);
         for (r, c) in acc.iter().enumerate().take(m) {

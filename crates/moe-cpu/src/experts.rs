@@ -158,7 +158,8 @@ impl<F: Family> Experts<F> {
         weights_on_input: bool,
         out: &mut [f32],
     ) -> Result<()> {
-        let (h, kp, rows) = (self.hidden, self.w13.kp, layout.rows());
+        let (h, rows) = (self.hidden, layout.rows());
+        let kp = engine::row_stride::<F::A>(self.w13.kp);
         self.grow(rows, kp);
         let src = &layout.src;
         let row_token = |r: usize| src[r] as usize / k;
@@ -188,7 +189,7 @@ impl<F: Family> Experts<F> {
         out: &mut [f32],
     ) -> Result<bool> {
         let Some((w13, w2, si)) = &self.shared else { return Ok(false) };
-        let (h, kp) = (self.hidden, w13.kp);
+        let (h, kp) = (self.hidden, engine::row_stride::<F::A>(w13.kp));
         if tokens == 0 {
             return Ok(true);
         }

@@ -115,7 +115,7 @@ pub fn gather_rows<A: AElem>(
         scale: Option<&(dyn Fn(usize) -> f32 + Sync)>,
         dst: &mut [A],
     ) {
-        dst.par_chunks_mut(kp).enumerate().for_each(|(r, d)| {
+        let row = |(r, d): (usize, &mut [A])| {
             let t = row_token(r);
             let s = &x[t * h..(t + 1) * h];
             match scale {
@@ -132,7 +132,13 @@ pub fn gather_rows<A: AElem>(
                 }
             }
             d[h..].fill(A::default());
-        });
+        };
+        // A few KiB: waking the pool would cost more than the copy.
+        if std::mem::size_of_val(dst) < 16 << 10 {
+            dst.chunks_mut(kp).enumerate().for_each(row);
+        } else {
+            dst.par_chunks_mut(kp).enumerate().for_each(row);
+        }
     }
     if kp == 0 {
         return Ok(());

@@ -1,7 +1,9 @@
 //! The `cpu` expert backend: the fastest way this runtime knows to run a MoE block on a CPU.
 //!
 //! - Weights are repacked at `post_load` into 32-column blocks ([`pack`]) that the kernels stream
-//!   front to back; bf16 weights are pair-packed for `vdpbf16ps` where the CPU has AVX-512 BF16.
+//!   front to back; bf16 weights are pair-packed for `vdpbf16ps` where the CPU has AVX-512 BF16,
+//!   which is also the B-tile layout of AMX-BF16 (used for row tiles of 2 rows and more where the
+//!   CPU and OS allow it).
 //! - Kernels ([`kernels`]) are picked at run time: AVX-512 BF16, AVX-512F, AVX2+FMA+F16C, or a
 //!   portable path ([`Isa`]); f16 and bf16 weights are otherwise widened to f32 in registers.
 //! - The engine ([`engine`]) runs gate_up + activation + down per (expert, row tile) on rayon's
@@ -46,7 +48,7 @@ impl BackendProvider for CpuProvider {
     }
 
     fn description(&self) -> &'static str {
-        "host CPU: repacked weights, AVX-512 BF16 / AVX-512 / AVX2 / portable kernels, multithreaded"
+        "host CPU: repacked weights, AMX-BF16 / AVX-512 BF16 / AVX-512 / AVX2 / portable kernels, multithreaded"
     }
 
     fn can_implement(&self, cfg: &MoeConfig, _hw: &Hardware) -> std::result::Result<(), String> {

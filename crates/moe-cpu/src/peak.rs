@@ -30,6 +30,7 @@ pub fn gemm_rate(dtype: DType, isa: Isa, seconds: f64) -> Result<GemmRate> {
     let (m, n, k) = (256, 2048, 2048);
     let (kernel, gflops) = match dtype {
         DType::BF16 => match DotBf16::new().filter(|_| isa == Isa::Avx512Bf16) {
+            Some(d) if d.uses_amx() && crate::tuning::amx_rows() > 0 => ("bf16 AMX tiles", rate(&d, m, n, k, seconds)),
             Some(d) => ("bf16 vdpbf16ps", rate(&d, m, n, k, seconds)),
             None => ("bf16 widened, f32 FMA", rate(&Widen::<bf16>::new(isa), m, n, k, seconds)),
         },
@@ -92,8 +93,8 @@ fn rate<F: Family>(fam: &F, m: usize, n: usize, k: usize, seconds: f64) -> f64 {
     let w: Vec<F::W> = (0..n * k).map(|i| F::W::from_f32(((i * 7) % 17) as f32 / 17.0 - 0.5)).collect();
     let mut p = PackedMats::new(1, n, k, ColumnMap::Plain, F::PAIRS);
     p.pack_one(0, &w);
-    let kp = p.kp;
-    let a: Vec<F::A> = (0..m * kp).map(|i| F::A::from_f32(((i * 5) % 13) as f32 / 13.0 - 0.5)).collect();
+    let (kp, lda) = (p.kp, crate::engine::row_stride::<F::A>(p.kp));
+    let a: Vec<F::A> = (0..m * lda).map(|i| F::A::from_f32(((i * 5) % 13) as f32 / 13.0 - 0.5)).collect();
     let mr = fam.mr();
     let once = || {
         // Each task owns a range of column blocks and sweeps every row tile over them.
@@ -101,7 +102,7 @@ fn rate<F: Family>(fam: &F, m: usize, n: usize, k: usize, seconds: f64) -> f64 {
             let mut c: Tile = [[0.0; NB]; MR_MAX];
             let blk = p.block(0, b);
             for rb in (0..m).step_by(mr) {
-                fam.tile(&a[rb * kp..], kp, mr.min(m - rb), blk, kp, &mut c, None);
+                fam.tile(&a[rb * lda..], lda, mr.min(m - rb), blk, kp, &mut c, None);
                 // keep every tile's result live, or the compiler may drop all but the last
                 std::hint::black_box(&mut c);
             }

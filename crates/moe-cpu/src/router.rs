@@ -10,7 +10,7 @@ use moe_core::{MoeError, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::isa::Isa;
-use crate::kernels::{tile_exact_f32, Tile, MR_MAX};
+use crate::kernels::{tile_exact_f32, Tile, MR_MAX, MR_REG};
 use crate::pack::{ColumnMap, PackedMats, WElem, NB};
 
 /// The packed router and its biases.
@@ -68,9 +68,9 @@ impl Router {
         if e == 0 || h == 0 {
             return;
         }
-        out.par_chunks_mut(MR_MAX * e).enumerate().for_each(|(tile, o)| {
+        out.par_chunks_mut(MR_REG * e).enumerate().for_each(|(tile, o)| {
             let m = o.len() / e;
-            let t0 = tile * MR_MAX;
+            let t0 = tile * MR_REG;
             let xr: Vec<f32> = x[t0 * h..(t0 + m) * h].iter().map(|v| v.to_f32()).collect();
             let mut c: Tile = [[0.0; NB]; MR_MAX];
             for b in 0..self.w.blocks {

@@ -1,8 +1,9 @@
 //! Process-wide switches of the streaming paths, for measurements: whether packed weights ask
 //! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, how many
-//! tasks a thread gets in the split (few experts) schedule, and from how many rows an expert the
-//! quantized experts run on dequantized bf16 panels. Defaults come from `MOE_CPU_THP` /
-//! `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` / `MOE_CPU_QUANT_TILE_ROWS`; moe-runtime's
+//! tasks a thread gets in the split (few experts) schedule, from how many rows an expert the
+//! quantized experts run on dequantized bf16 panels, and from how many rows a bf16 tile runs on
+//! AMX. Defaults come from `MOE_CPU_THP` / `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` /
+//! `MOE_CPU_QUANT_TILE_ROWS` / `MOE_CPU_AMX_ROWS`; moe-runtime's
 //! `examples/cpu_ab.rs` flips them between interleaved timing slices so both variants see the
 //! same host noise.
 
@@ -13,6 +14,7 @@ static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
 static SPLIT_TASKS: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_TILE_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
+static AMX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -76,6 +78,20 @@ pub fn quant_tile_rows(default: usize) -> usize {
 /// Overrides [`quant_tile_rows`] (0: back to the formats' defaults).
 pub fn set_quant_tile_rows(rows: usize) {
     QUANT_TILE_ROWS.store(rows, Ordering::Relaxed);
+}
+
+/// Rows from which a bf16 row tile runs on AMX tiles where the CPU has them (default 2; 0: never,
+/// every tile runs on `vdpbf16ps`). Interleaved A/B on a 16-core Xeon (docs/perf/cpu.md, session
+/// 5): AMX from 1 row against none, T = 16: 0.945x the time; from 1 against 4 rows, T = 128:
+/// 0.989x; but from 1 against 2, T = 1 (one-row tiles only): 1.035x, so single rows stay on the
+/// `vdpbf16ps` matrix-vector kernel.
+pub fn amx_rows() -> usize {
+    get(&AMX_ROWS, "MOE_CPU_AMX_ROWS", 2)
+}
+
+/// Overrides [`amx_rows`].
+pub fn set_amx_rows(rows: usize) {
+    AMX_ROWS.store(rows, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation

@@ -8,12 +8,15 @@
 //!         --b-thp 1 --b-pf 16 --slices 20 --slice-s 0.5 --threads 2
 //!
 //! `--{a,b}-split N`: tasks per thread of the engine's split schedule (default 12).
+//! `--{a,b}-amx N`: rows from which bf16 tiles run on AMX where the CPU has it (default 2; 0 off).
+//! `--{a,b}-quant F`: quantize that variant's experts at load (`int4-group`, ...; default none),
+//! e.g. to time a format against bf16 under the same noise.
 
 use std::time::Instant;
 
 use moe_core::config::RoutingConfig;
 use moe_core::weights::random_hidden;
-use moe_core::{BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, Tensor};
+use moe_core::{BuildOptions, ConfigurableMoe, DType, MoeConfig, MoeWeights, QuantFormat, Tensor};
 use moe_runtime::{default_registry, probe_hardware};
 
 fn main() {
@@ -37,11 +40,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let slices: usize = opt("--slices", "20").parse()?;
     let slice_s: f64 = opt("--slice-s", "0.5").parse()?;
     let threads: usize = opt("--threads", "2").parse()?;
-    let variant = |p: &str| -> Result<(bool, usize, usize), Box<dyn std::error::Error>> {
+    type Variant = (bool, usize, usize, usize, QuantFormat);
+    let variant = |p: &str| -> Result<Variant, Box<dyn std::error::Error>> {
         Ok((
             opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0,
             opt(&format!("--{p}-pf"), "16").parse()?,
             opt(&format!("--{p}-split"), "12").parse()?,
+            opt(&format!("--{p}-amx"), "2").parse()?,
+            QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
         ))
     };
     let variants = [variant("a")?, variant("b")?];
@@ -54,11 +60,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let weights = MoeWeights::random(&cfg, 7)?;
         let (registry, hw) = (default_registry(), probe_hardware());
         let mut moes = Vec::new();
-        for &(thp, _, _) in &variants {
+        for &(thp, _, _, _, quant) in &variants {
             moe_cpu::tuning::set_huge_pages(thp);
             let opts = BuildOptions { backend: "cpu".into(), ..Default::default() };
-            let mut m = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts)?;
-            m.load_weights(&weights)?;
+            let (c, w) = match quant {
+                QuantFormat::None => (cfg.clone(), weights.clone()),
+                f => {
+                    let (c, w, _) = moe_core::quant::quantize_block(&cfg, &weights, f)?;
+                    (c, w)
+                }
+            };
+            let mut m = ConfigurableMoe::build(c, &registry, &hw, opts)?;
+            m.load_weights(&w)?;
             moes.push(m);
         }
         let inputs: Vec<Tensor> =
@@ -71,6 +84,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             for v in if s % 2 == 0 { [0, 1] } else { [1, 0] } {
                 moe_cpu::tuning::set_gemv_prefetch(variants[v].1);
                 moe_cpu::tuning::set_split_tasks_per_thread(variants[v].2);
+                moe_cpu::tuning::set_amx_rows(variants[v].3);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
                 let start = Instant::now();
@@ -85,10 +99,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, (thp, pf, split)) in variants.iter().enumerate() {
+        for (v, (thp, pf, split, amx, quant)) in variants.iter().enumerate() {
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()

@@ -3,7 +3,9 @@
 //! only the [`Family`] trait.
 //!
 //! Families:
-//! - [`DotBf16`]: bf16 activations x bf16 pair-packed weights with `vdpbf16ps` (AVX-512 BF16).
+//! - [`DotBf16`]: bf16 activations x bf16 pair-packed weights with `vdpbf16ps` (AVX-512 BF16),
+//!   and AMX-BF16 tiles for row tiles of [`crate::tuning::amx_rows`] rows or more where the CPU
+//!   has them.
 //! - [`Widen`]: f32 activations x weights of any [`WidenElem`] (f32, bf16, f16) widened to f32 in
 //!   registers, then FMA. A dequantize-on-the-fly format is one more `WidenElem` (its loader turns
 //!   a panel row into 32 f32 lanes) and reuses the whole engine.
@@ -17,6 +19,8 @@ use crate::isa::Isa;
 use crate::pack::{WElem, NB};
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -24,8 +28,11 @@ mod avx512;
 mod avx512_bf16;
 mod portable;
 
-/// The most rows any kernel computes at once.
-pub const MR_MAX: usize = 8;
+/// The most rows any kernel computes at once (AMX: two 16-row tiles).
+pub const MR_MAX: usize = 32;
+
+/// The most rows a register-file kernel (AVX-512, AVX2, portable) computes at once.
+pub const MR_REG: usize = 8;
 
 /// A tile of results: `MR_MAX` rows of one block's 32 columns.
 pub type Tile = [[f32; NB]; MR_MAX];
@@ -72,8 +79,16 @@ pub trait Family: Send + Sync + fmt::Debug {
     fn mr(&self) -> usize;
     /// The instruction set.
     fn isa(&self) -> Isa;
-    /// `c[r][l] = sum_{kk < kp} a[r * lda + kk] * b[kk][l]` for `r < m`. `next`, the block the
-    /// caller reads after this one, may be prefetched meanwhile (a hint; kernels may ignore it).
+    /// Whether the engine should hand every row tile a share of the next block to prefetch
+    /// (`next` of [`Family::tile`] is then that share, spread over the tile's k steps), instead of
+    /// the whole block to the first row tile: for kernels fast enough that one tile cannot
+    /// absorb a whole block's prefetches.
+    fn spreads_prefetch(&self) -> bool {
+        false
+    }
+    /// `c[r][l] = sum_{kk < kp} a[r * lda + kk] * b[kk][l]` for `r < m`. `next`, (a share of) the
+    /// block the caller reads after this one, may be prefetched meanwhile (a hint; kernels may
+    /// ignore it).
     ///
     /// # Panics
     /// When `m` is 0 or above [`Family::mr`] or a slice is shorter than the shapes say (an internal
@@ -97,17 +112,45 @@ fn check(m: usize, mr: usize, a_len: usize, lda: usize, b_len: usize, kp: usize)
     assert!(a_len >= (m - 1) * lda + kp && b_len >= kp * NB, "kernel operands shorter than their shapes");
 }
 
-/// `vdpbf16ps` kernels (requires [`Isa::Avx512Bf16`]).
+/// `vdpbf16ps` kernels (requires [`Isa::Avx512Bf16`]), with AMX-BF16 tiles where the CPU has
+/// them.
 #[derive(Debug, Clone, Copy)]
 pub struct DotBf16 {
-    _private: (),
+    amx: bool,
 }
 
 impl DotBf16 {
-    /// The family, if this CPU has AVX-512 BF16.
+    /// The family, if this CPU has AVX-512 BF16; it uses AMX when [`amx_available`].
     pub fn new() -> Option<Self> {
-        Isa::Avx512Bf16.available().then_some(DotBf16 { _private: () })
+        Isa::Avx512Bf16.available().then(|| DotBf16 { amx: amx_available() })
     }
+
+    /// The family without AMX (to compare or test the two), if this CPU has AVX-512 BF16.
+    pub fn without_amx() -> Option<Self> {
+        Isa::Avx512Bf16.available().then_some(DotBf16 { amx: false })
+    }
+
+    /// Whether row tiles of [`crate::tuning::amx_rows`] or more run on AMX tiles.
+    pub fn uses_amx(&self) -> bool {
+        self.amx
+    }
+}
+
+/// Whether this CPU has AMX-TILE and AMX-BF16 and the OS granted this process the tile state.
+/// The first call asks Linux for it; call this early (before threads with small alternate signal
+/// stacks exist, which make Linux refuse).
+pub fn amx_available() -> bool {
+    amx_status().is_ok()
+}
+
+/// `Ok` when AMX-BF16 tiles run here, else the reason (for reports).
+pub fn amx_status() -> Result<(), &'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::status()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Err("AMX is an x86-64 extension")
 }
 
 impl Family for DotBf16 {
@@ -116,23 +159,48 @@ impl Family for DotBf16 {
     const PAIRS: bool = true;
 
     fn mr(&self) -> usize {
-        Isa::Avx512Bf16.mr()
+        if self.amx {
+            MR_MAX
+        } else {
+            MR_REG
+        }
     }
 
     fn isa(&self) -> Isa {
         Isa::Avx512Bf16
     }
 
+    fn spreads_prefetch(&self) -> bool {
+        self.amx && crate::tuning::amx_rows() > 0
+    }
+
     fn tile(&self, a: &[bf16], lda: usize, m: usize, b: &[bf16], kp: usize, c: &mut Tile, next: Option<&[bf16]>) {
         check(m, self.mr(), a.len(), lda, b.len(), kp);
         assert!(kp.is_multiple_of(2), "pair kernels need an even k");
-        let pf = next.filter(|n| n.len() >= kp * NB).map_or(std::ptr::null(), |n| n.as_ptr());
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `DotBf16` exists only when AVX-512F and AVX-512 BF16 were detected at run time
-        // (`DotBf16::new`); `check` verified that every row of `a` holds `kp` elements at stride
-        // `lda`, that `b` holds a whole block and that `c` has room for `m <= 8` rows.
-        unsafe {
-            avx512_bf16::tile(a.as_ptr(), lda, m, b.as_ptr(), kp / 2, c.as_mut_ptr(), pf)
+        {
+            let amx_rows = crate::tuning::amx_rows();
+            if self.amx && amx_rows > 0 && m >= amx_rows {
+                let pf = next.map_or((std::ptr::null(), 0), |n| (n.as_ptr(), n.len() * 2 / 64));
+                // SAFETY: `amx` is set only when `amx::available()` (CPU support and the OS's
+                // permission, checked at run time); `check` verified `m <= 32` rows of `kp`
+                // elements at stride `lda` in `a`, a whole block in `b` and `m` rows in `c`.
+                unsafe { amx::tile(a.as_ptr(), lda, m, b.as_ptr(), kp / 2, c, pf) };
+                return;
+            }
+            // (a share of the next block when `spreads_prefetch`: the row kernels want it whole)
+            let pf = next.filter(|n| n.len() >= kp * NB).map_or(std::ptr::null(), |n| n.as_ptr());
+            for r0 in (0..m).step_by(MR_REG) {
+                let mm = MR_REG.min(m - r0);
+                let pf = if r0 == 0 { pf } else { std::ptr::null() };
+                // SAFETY: `DotBf16` exists only when AVX-512F and AVX-512 BF16 were detected at
+                // run time (`DotBf16::new`); `check` verified that rows `r0 .. r0 + mm` of `a`
+                // hold `kp` elements at stride `lda`, that `b` holds a whole block and that `c`
+                // has room for them.
+                unsafe {
+                    avx512_bf16::tile(a.as_ptr().add(r0 * lda), lda, mm, b.as_ptr(), kp / 2, c.as_mut_ptr().add(r0), pf)
+                }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("DotBf16 is only constructed on x86-64 with AVX-512 BF16")
@@ -225,7 +293,7 @@ impl<W: WidenElem + fmt::Debug> Family for Widen<W> {
 /// # Panics
 /// As [`Family::tile`].
 pub fn tile_exact_f32(isa: Isa, a: &[f32], lda: usize, m: usize, b: &[f32], k: usize, c: &mut Tile) {
-    check(m, MR_MAX, a.len(), lda, b.len(), k);
+    check(m, MR_REG, a.len(), lda, b.len(), k);
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx512Bf16 | Isa::Avx512) && isa.available() {
         // SAFETY: AVX-512F was detected at run time (`isa.available()`); `check` verified the
@@ -361,7 +429,7 @@ mod tests {
                 run(&Widen::<f16>::new(isa), k, 1e-5);
             }
         }
-        if let Some(d) = DotBf16::new() {
+        if let Some(d) = DotBf16::without_amx() {
             for k in [1, 2, 7, 64] {
                 run(&d, k, 1e-4);
             }
@@ -376,5 +444,24 @@ mod tests {
             }
             crate::tuning::set_gemv_prefetch(default);
         }
+    }
+
+    #[test]
+    fn amx_tiles_match_naive_where_the_cpu_has_them() {
+        let Some(d) = DotBf16::new().filter(|d| d.uses_amx()) else {
+            eprintln!("skipped: this CPU or OS offers no AMX-BF16 (DotBf16 runs vdpbf16ps only)");
+            return;
+        };
+        assert_eq!(d.mr(), MR_MAX);
+        // Row tiles of 1..=32 rows on AMX (16-row tiles, partial second tile) and on the
+        // 8-row `vdpbf16ps` fallback; k below 32, a multiple of 32 and with a 32-deep remainder.
+        let default = crate::tuning::amx_rows();
+        for rows in [1, 8] {
+            crate::tuning::set_amx_rows(rows);
+            for k in [7, 64, 300] {
+                run(&d, k, 1e-4);
+            }
+        }
+        crate::tuning::set_amx_rows(default);
     }
 }

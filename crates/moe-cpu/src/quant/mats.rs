@@ -178,6 +178,7 @@ impl QMat {
     /// Writes activation row `x` (`k` values) for matrix `m` in the order decoded rows use.
     #[inline(always)]
     pub fn order_input(&self, m: usize, x: &[f32], out: &mut [f32]) {
+        debug_assert!(out.len() >= self.k);
         let k = self.k;
         let perm = self.perm.as_ref().map(|p| &p[m * k..(m + 1) * k]);
         let at = |j: usize| perm.map_or(x[j], |p| x[p[j] as usize]);
@@ -195,6 +196,11 @@ impl QMat {
                 out[c0 + half + l] = at(c0 + 2 * l + 1);
             }
         }
+    }
+
+    /// Whether [`QMat::order_input`] is the identity (no act-order permutation, no pair order).
+    pub fn natural_input(&self) -> bool {
+        self.perm.is_none() && !self.pairs()
     }
 
     /// Row `r` of matrix `m` of an int4 stack: codes, scales and zero * scale per group.
@@ -839,6 +845,35 @@ mod tests {
                 }
                 assert_exact_dot(got, k, |i| E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64);
             }
+        }
+    }
+
+    #[test]
+    fn int4_bf16_dot_matches_the_exact_dot() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !Isa::Avx512Bf16.available() {
+                return;
+            }
+            let (g, k) = (3usize, 384usize);
+            // Byte j of a 32-byte chunk: low nibble input 2j, high nibble input 2j + 1 of its 64.
+            let bytes: Vec<u8> = (0..k / 2).map(|i| (i * 37 % 256) as u8).collect();
+            let q = |i: usize| (bytes[i / 2] >> (4 * (i % 2))) & 15;
+            let (sc, zero) = ([0.021f32, 0.5, 3.0e-3], [8.0f32, 0.0, 3.0]);
+            let zs: Vec<f32> = (0..g).map(|gi| sc[gi] * zero[gi]).collect();
+            let (x, _) = bf16_activations(k);
+            // The kernel's order: per 64 inputs, the 32 even then the 32 odd ones.
+            let xb: Vec<u16> = (0..k)
+                .map(|i| {
+                    let (base, l) = (i / 64 * 64, i % 64);
+                    let src = if l < 32 { base + 2 * l } else { base + 2 * (l - 32) + 1 };
+                    half::bf16::from_f32(x[src]).to_bits()
+                })
+                .collect();
+            let xsum: Vec<f32> = (0..g).map(|gi| x[gi * 128..(gi + 1) * 128].iter().sum()).collect();
+            // SAFETY: AVX-512 BF16 was detected above; the slices are one row of `g` groups.
+            let got = unsafe { super::super::simd::int4_dot_bf16(&bytes, &sc, &zs, &xb, &xsum) };
+            assert_exact_dot(got, k, |i| sc[i / 128] as f64 * (q(i) as f64 - zero[i / 128] as f64) * x[i] as f64);
         }
     }
 

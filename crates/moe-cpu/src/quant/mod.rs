@@ -232,20 +232,32 @@ impl QuantExperts {
         let spans: Vec<Span> = groups.iter().map(|g| Span { expert: g.expert, row0: g.row0, rows: g.rows }).collect();
         // The span of every row (rows are sorted by expert).
         let of_row: Vec<Span> = spans.iter().flat_map(|s| std::iter::repeat_n(*s, s.rows)).collect();
-        // Activations in each expert's w13 input order.
+        // Activations in each expert's w13 input order (a copy only where that order differs).
         let (w13, a) = (&self.w13, &self.a);
-        each_row(&mut self.ao, h, rows, |r, o| w13.order_input(of_row[r].expert, &a[r * h..(r + 1) * h], o));
+        let x13 = if w13.natural_input() {
+            &self.a
+        } else {
+            each_row(&mut self.ao, h, rows, |r, o| w13.order_input(of_row[r].expert, &a[r * h..(r + 1) * h], o));
+            &self.ao
+        };
         let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
-        project(mode, &self.w13, &spans, &self.ao, (&mut self.gu, &mut self.xb), self.b13.as_deref());
+        project(mode, &self.w13, &spans, x13, (&mut self.gu, &mut self.xb), self.b13.as_deref());
         // Activation, then the intermediate in w2's input order.
         let (act, w2, gu) = (self.act, &self.w2, &self.gu);
         each_row(&mut self.mid, i, rows, |r, o| {
             let sp = of_row[r];
             let (n, base, rr) = (sp.rows, sp.row0 * 2 * i, r - sp.row0);
-            let gate: Vec<f32> = (0..i).map(|j| gu[base + j * n + rr]).collect();
-            let up: Vec<f32> = (0..i).map(|j| gu[base + (i + j) * n + rr]).collect();
             let mut v = vec![0.0f32; i];
-            act.apply(&gate, &up, &mut v);
+            let (mut g, mut u, mut y) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
+            for j0 in (0..i).step_by(16) {
+                let l = 16.min(i - j0);
+                for jj in 0..l {
+                    g[jj] = gu[base + (j0 + jj) * n + rr];
+                    u[jj] = gu[base + (i + j0 + jj) * n + rr];
+                }
+                crate::act::apply16(act, &g, &u, &mut y);
+                v[j0..j0 + l].copy_from_slice(&y[..l]);
+            }
             w2.order_input(sp.expert, &v, o);
         });
         let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
@@ -264,14 +276,15 @@ impl QuantExperts {
     }
 }
 
-/// `f(r, row r of buf)` for `rows` rows of `width`: on the pool when there are enough rows to pay
-/// for it, inline otherwise (a decode step has a handful of rows; pool hops would dominate).
+/// `f(r, row r of buf)` for `rows` rows of `width`: on the pool from 16 KiB of output, inline
+/// below. The rows' inputs were mostly written by other cores (the projections' tasks), and the
+/// pool fetches them in parallel.
 fn each_row<T: Send>(buf: &mut [T], width: usize, rows: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let buf = &mut buf[..rows * width];
     if width == 0 {
         return;
     }
-    if rows < 16 {
+    if std::mem::size_of_val(buf) < 16 << 10 {
         buf.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
     } else {
         buf.par_chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
@@ -325,15 +338,18 @@ fn project<'a>(
     let (n, k) = (w.n, w.k);
     let tile_rows = crate::tuning::quant_tile_rows(w.tile_rows());
     if mode.bf16_dot && spans.iter().any(|s| s.rows >= tile_rows) {
-        // Every row once, as bf16 in packed-position order (rows padded to an even length).
-        let (kp, rows) = (k.div_ceil(2) * 2, spans.iter().map(|s| s.row0 + s.rows).max().unwrap_or(0));
+        // Every row once, as bf16 in packed-position order (rows padded to whole cache lines, an
+        // odd number of them: the tiles load many rows at this stride).
+        let rows = spans.iter().map(|s| s.row0 + s.rows).max().unwrap_or(0);
+        let kp = crate::engine::row_stride::<u16>(k.div_ceil(2) * 2);
         grow(xb, rows * kp);
         each_row(xb, kp, rows, |r, o| w.natural_bf16(&a[r * k..(r + 1) * k], o));
         mode.xb = (&xb[..rows * kp], kp);
     }
     let threads = rayon::current_num_threads().max(1);
     let total: usize = spans.len() * n;
-    // About four tasks per thread, at least 8 rows each.
+    // About four tasks per thread, at least 8 rows each (12 a thread, as the bf16 split schedule
+    // uses, measured 1.27x the time at T = 1 on 16 cores: every task converts its activations).
     let per = (total / (4 * threads)).clamp(8, n.max(8));
     // The tile path decodes whole 32-row panels: keep task boundaries on them.
     let per = if mode.xb.0.is_empty() { per } else { per.next_multiple_of(crate::pack::NB) };
@@ -391,9 +407,50 @@ fn each_output(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut y: 
 /// docs/perf/quant.md, "Session 4").
 const INT4_REG_ROWS: usize = 8;
 
+/// Prefetches the `len` bytes at `p` into L1 (rows of a stack are contiguous, so a pointer
+/// `gemv_prefetch` steps past the current row is a later row of the same stream). One core keeps
+/// too few lines in flight on its own to stream at its share of the machine's bandwidth: the
+/// same reason as the bf16 matrix-vector kernel's prefetch (`tuning::gemv_prefetch`).
+#[inline(always)]
+fn prefetch_l1(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..len).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off) as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
+/// The sum of `v` in 16 interleaved partial sums (vectorizable: a single chain would wait on
+/// the add latency for every element).
+#[inline(always)]
+fn lane_sum(v: impl Iterator<Item = f32>) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for (i, x) in v.enumerate() {
+        acc[i % 16] += x;
+    }
+    acc.iter().sum()
+}
+
 /// The span's activation rows as bf16 bits, in input order (exact for bf16 activations).
 fn bf16_rows(a: &[f32], s: Span, k: usize) -> Vec<u16> {
-    a[s.row0 * k..(s.row0 + s.rows) * k].iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+    a[s.row0 * k..(s.row0 + s.rows) * k].iter().map(|&v| bf16_bits(v)).collect()
+}
+
+/// `half::bf16::from_f32(v).to_bits()` (round to nearest even, NaN stays NaN) without branches
+/// on the value, so row conversions vectorize: every task of a decode step converts its rows.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if v.is_nan() {
+        (b >> 16) as u16 | 0x40
+    } else {
+        rounded
+    }
 }
 
 /// Decodes each row of the task once and dots it with every token of the span.
@@ -414,12 +471,6 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         let mut xsum = [0.0f32; INT4_REG_ROWS * 64];
         let xs = &mut xsum[..s.rows * g.min(64)];
         if g <= 64 {
-            for r in 0..s.rows {
-                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
-                for (gi, v) in xs[r * g..(r + 1) * g].iter_mut().enumerate() {
-                    *v = x[gi * 128..(gi + 1) * 128].iter().sum();
-                }
-            }
             if mode.bf16_dot {
                 // Activations as bf16, 32 even then 32 odd inputs per 64 (from the 32-pair order).
                 let mut xb = vec![0u16; s.rows * k];
@@ -430,17 +481,19 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                         let src = [(0, 0), (16, 32), (32, 16), (48, 48)];
                         for (from, to) in src {
                             for l in 0..16 {
-                                xr[64 * m + to + l] = half::bf16::from_f32(x[64 * m + from + l]).to_bits();
+                                xr[64 * m + to + l] = bf16_bits(x[64 * m + from + l]);
                             }
                         }
                     }
                     for (gi, v) in xs[r * g..(r + 1) * g].iter_mut().enumerate() {
-                        *v = xr[gi * 128..(gi + 1) * 128].iter().map(|&b| half::bf16::from_bits(b).to_f32()).sum();
+                        *v = lane_sum(xr[gi * 128..(gi + 1) * 128].iter().map(|&b| half::bf16::from_bits(b).to_f32()));
                     }
                 }
+                let ahead = 128 * crate::tuning::gemv_prefetch();
                 for c in t.c0..t.c1 {
                     let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
                     let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+                    prefetch_l1(bytes.as_ptr().wrapping_add(ahead), bytes.len());
                     for r in 0..s.rows {
                         // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, which was
                         // detected at run time; the slices are one full row of `g` groups.
@@ -451,6 +504,12 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                     }
                 }
                 return;
+            }
+            for r in 0..s.rows {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                for (gi, v) in xs[r * g..(r + 1) * g].iter_mut().enumerate() {
+                    *v = lane_sum(x[gi * 128..(gi + 1) * 128].iter().copied());
+                }
             }
             for c in t.c0..t.c1 {
                 let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
@@ -480,13 +539,16 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                     let (chunk, odd) = half;
                     let src = &x[64 * m + 32 * chunk + 16 * odd..64 * m + 32 * chunk + 16 * odd + 16];
                     for (d, &v) in xr[64 * m + 16 * c..64 * m + 16 * c + 16].iter_mut().zip(src) {
-                        *d = half::bf16::from_f32(v).to_bits();
+                        *d = bf16_bits(v);
                     }
                 }
             }
         }
         each_output(t, n, bias, out, |c, r| {
             let (bytes, sc, group) = w.e2m1_row(s.expert, c).expect("e2m1 stack");
+            if r == 0 {
+                prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+            }
             // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time; k is a
             // multiple of 64, so `bytes` is whole 32-byte steps and `xb`'s row and `sc` cover them.
             unsafe { simd::e2m1_dot_bf16(bytes, sc, group, &xb[r * k..(r + 1) * k], &table) }
@@ -499,6 +561,9 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         let xb = bf16_rows(a, s, k);
         each_output(t, n, bias, out, |c, r| {
             let (bytes, sc) = w.int8_row(s.expert, c).expect("int8 stack");
+            if r == 0 {
+                prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+            }
             let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
             // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
             // `bytes` and `xb`'s row are one full row.
@@ -518,6 +583,9 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         let xb = bf16_rows(a, s, k);
         each_output(t, n, bias, out, |c, r| {
             let (bytes, sc) = w.fp8_row(s.expert, c).expect("fp8 stack");
+            if r == 0 {
+                prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+            }
             let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
             // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
             // `bytes`, `xb`'s row and `sc` are one full row.
@@ -549,4 +617,26 @@ fn task_avx512(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn task_avx2(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
     task(Mode { isa: Isa::Avx2, bf16_dot: false, ..mode }, w, t, a, out, bias, row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_free_bf16_rounding_matches_half() {
+        // Every 2^-12 of the f32 bit patterns plus the edges: ties, subnormals, max, inf, NaN.
+        let edges = [0x0000_8000u32, 0x0001_8000, 0x3F80_8000, 0x3F81_8000, 0x7F7F_FFFF, 0x7F80_0000, 0xFF80_0000];
+        let bits = (0..=u32::MAX).step_by(4093).chain(edges).chain([0x7FC0_0001, 0xFFFF_FFFF, 0x0000_0001]);
+        for b in bits {
+            let v = f32::from_bits(b);
+            let want = half::bf16::from_f32(v);
+            let got = half::bf16::from_bits(bf16_bits(v));
+            if v.is_nan() {
+                assert!(got.is_nan(), "{b:#x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{b:#x}");
+            }
+        }
+    }
 }

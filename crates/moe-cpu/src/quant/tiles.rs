@@ -1,6 +1,6 @@
 //! Quantized experts at prefill sizes (AVX-512 BF16, bf16 activations): each task dequantizes
 //! panels of 32 output rows x [`QMat::panel_k`] inputs into the pair-packed bf16 block layout of
-//! the dense kernels and runs the dense `vdpbf16ps` tile on them for up to 8 tokens at a time,
+//! the dense kernels and runs the dense bf16 tile (`vdpbf16ps`, or AMX) on them for a row tile of tokens at a time,
 //! so a decoded panel (at most 16 KiB, L1-resident, reused) serves every token of the expert.
 //! Scales that cannot be folded into exact bf16 values multiply each panel's partial sums in f32.
 
@@ -50,8 +50,8 @@ pub(super) fn run(fam: &DotBf16, w: &QMat, t: Task, (xb, kp): (&[u16], usize), o
                 // SAFETY: two bf16 per u32 word, in memory order (even input in the low half on
                 // this little-endian target); the slice covers exactly `words`.
                 let blk: &[bf16] = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const bf16, kk * NB) };
-                for r0 in (0..s.rows).step_by(MR_MAX) {
-                    let m = (s.rows - r0).min(MR_MAX);
+                for r0 in (0..s.rows).step_by(fam.mr()) {
+                    let m = (s.rows - r0).min(fam.mr());
                     fam.tile(&xb[(s.row0 + r0) * kp + k0..], kp, m, blk, kk, &mut c, None);
                     for (a, c) in acc[r0 * NB..(r0 + m) * NB].chunks_exact_mut(NB).zip(&c) {
                         for l in 0..NB {
