@@ -69,7 +69,7 @@ impl Scheduler {
             let len = chunk.min(t - start);
             let x = if start == 0 && len == t { hidden.clone() } else { hidden.narrow_rows(start, len)? };
             let chunk_logits = match logits {
-                LogitsSource::Router => backend.router_logits(&x)?,
+                LogitsSource::Router => tracing::debug_span!("router_logits").in_scope(|| backend.router_logits(&x))?,
                 LogitsSource::Given(l) => {
                     if start == 0 && len == t {
                         l.clone()
@@ -97,19 +97,26 @@ impl Scheduler {
         x: &Tensor,
         logits: &Tensor,
     ) -> Result<Tensor> {
-        let logical = backend.route(logits)?;
-        eplb.record(&logical)?;
-        let routing = eplb.map_to_slots(logical)?;
-        let plan = comm.prepare_dispatch(&routing)?;
-        let (input, routing) = if comm.supports_post_quant_dispatch() {
-            let q = backend.quantize_input(x)?;
-            comm.dispatch(&plan, q, routing)?
-        } else {
-            let (plain, routing) = comm.dispatch(&plan, crate::backend::BackendInput::plain(x.clone()), routing)?;
-            (backend.quantize_input(&plain.hidden)?, routing)
-        };
-        let partial = backend.run_moe(&input, &routing)?;
-        let routed = comm.combine(&plan, partial)?;
-        backend.finalize(x, routed)
+        // Debug-level spans time each step (`MOE_LOG=debug` on the CLI prints their busy time).
+        use tracing::debug_span as span;
+        let logical = span!("route").in_scope(|| backend.route(logits))?;
+        let routing = span!("eplb").in_scope(|| {
+            eplb.record(&logical)?;
+            eplb.map_to_slots(logical)
+        })?;
+        let (plan, input, routing) = span!("dispatch").in_scope(|| -> Result<_> {
+            let plan = comm.prepare_dispatch(&routing)?;
+            let (input, routing) = if comm.supports_post_quant_dispatch() {
+                let q = backend.quantize_input(x)?;
+                comm.dispatch(&plan, q, routing)?
+            } else {
+                let (plain, routing) = comm.dispatch(&plan, crate::backend::BackendInput::plain(x.clone()), routing)?;
+                (backend.quantize_input(&plain.hidden)?, routing)
+            };
+            Ok((plan, input, routing))
+        })?;
+        let partial = span!("run_moe").in_scope(|| backend.run_moe(&input, &routing))?;
+        let routed = span!("combine").in_scope(|| comm.combine(&plan, partial))?;
+        span!("finalize").in_scope(|| backend.finalize(x, routed))
     }
 }

@@ -165,7 +165,7 @@ impl<F: Family> Experts<F> {
         let row_token = |r: usize| src[r] as usize / k;
         let scale = |r: usize| weights[src[r] as usize];
         let scale: Option<&(dyn Fn(usize) -> f32 + Sync)> = if weights_on_input { Some(&scale) } else { None };
-        gather_rows(x, h, kp, rows, &row_token, scale, &mut self.a)?;
+        tracing::debug_span!("cpu.gather").in_scope(|| gather_rows(x, h, kp, rows, &row_token, scale, &mut self.a))?;
         let set = ExpertSet {
             w13: &self.w13,
             w2: &self.w2,
@@ -175,8 +175,10 @@ impl<F: Family> Experts<F> {
             hidden: h,
             act: self.act,
         };
-        engine::run(&self.fam, &set, &layout.groups, &self.a, &mut self.y, &mut self.ws);
-        layout.combine(&self.y, h, k, (!weights_on_input).then_some(weights), out);
+        tracing::debug_span!("cpu.experts")
+            .in_scope(|| engine::run(&self.fam, &set, &layout.groups, &self.a, &mut self.y, &mut self.ws));
+        tracing::debug_span!("cpu.combine")
+            .in_scope(|| layout.combine(&self.y, h, k, (!weights_on_input).then_some(weights), out));
         Ok(())
     }
 

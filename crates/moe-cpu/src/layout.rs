@@ -115,10 +115,17 @@ pub fn gather_rows<A: AElem>(
         scale: Option<&(dyn Fn(usize) -> f32 + Sync)>,
         dst: &mut [A],
     ) {
+        let same_type = std::any::TypeId::of::<S>() == std::any::TypeId::of::<A>();
         let row = |(r, d): (usize, &mut [A])| {
             let t = row_token(r);
             let s = &x[t * h..(t + 1) * h];
             match scale {
+                None if same_type => {
+                    // SAFETY: `S` and `A` are the same type (equal `TypeId`s), so the slice is
+                    // reinterpreted as itself: same length, layout and alignment.
+                    let s: &[A] = unsafe { std::slice::from_raw_parts(s.as_ptr() as *const A, s.len()) };
+                    d[..h].copy_from_slice(s);
+                }
                 Some(f) => {
                     let w = f(r);
                     for (d, &v) in d.iter_mut().zip(s) {

@@ -157,3 +157,22 @@ fn missing_or_misshaped_correction_bias_is_an_error() {
     let wrong = Tensor::from_f32(vec![1, 3], vec![0.0; 3]).unwrap();
     assert!(route_host(&c, &wrong, Some(&[0.0; 4])).is_err());
 }
+
+#[test]
+fn prefill_sized_routing_matches_row_by_row_routing() {
+    // Above one task's 64 rows, rows are routed in parallel chunks: same ids and weights as
+    // routing each token alone.
+    let mut cfg = MoeConfig::new(128, 8, 16, 8);
+    cfg.routing = RoutingConfig::SoftmaxTopk { renormalize: true };
+    let (t, e) = (1000, 128);
+    let logits: Vec<f32> = (0..t * e).map(|i| ((i * 7919 % 1013) as f32).sin() * 3.0).collect();
+    let all = route_host(&cfg, &Tensor::from_f32(vec![t, e], logits.clone()).unwrap(), None).unwrap();
+    let (ids, w) = (all.ids_host().unwrap(), all.weights_host().unwrap());
+    for row in [0, 63, 64, 65, 500, 999] {
+        let one =
+            route_host(&cfg, &Tensor::from_f32(vec![1, e], logits[row * e..(row + 1) * e].to_vec()).unwrap(), None)
+                .unwrap();
+        assert_eq!(&ids[row * 8..(row + 1) * 8], one.ids_host().unwrap(), "row {row}");
+        assert_eq!(&w[row * 8..(row + 1) * 8], one.weights_host().unwrap(), "row {row}");
+    }
+}
