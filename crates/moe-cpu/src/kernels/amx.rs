@@ -9,7 +9,7 @@
 //! below 32 (k is padded to even only) runs on the AVX-512 BF16 kernel and is added.
 //!
 //! Linux keeps AMX state off until a process asks for it (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
-//! [`available`] asks once and reports AMX only if the CPU has it and the kernel granted it.
+//! [`status`] asks once and reports AMX only if the CPU has it and the kernel granted it.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
