@@ -4,7 +4,7 @@
 //! engine itself (`engine::run`, gate_up + activation + down) on qwen3-30b-a3b's expert shape
 //! with every expert at 64 rows and with the row counts of a random top-8 routing of 1024 tokens.
 //!
-//!     cargo run --release -p moe-cpu --example amx_probe -- [threads] [amx_rows]
+//!     cargo run --release -p moe-cpu --example amx_probe -- [threads] [amx_rows] [grid: 0 = engine only]
 
 use std::time::Instant;
 
@@ -12,6 +12,21 @@ use half::bf16;
 use moe_cpu::kernels::{DotBf16, Family, Tile, MR_MAX};
 use moe_cpu::pack::{ColumnMap, PackedMats, NB};
 use rayon::prelude::*;
+
+/// (experts, rows an expert, k chunk, prefetch) points of the tile-loop grid.
+const GRID: &[(usize, usize, usize, bool)] = &[
+    (16, 256, 2048, false),
+    (16, 64, 1024, true),
+    (16, 64, 2048, true),
+    (128, 64, 1024, true),
+    (128, 64, 1024, false),
+    (128, 64, 2048, true),
+    (128, 64, 512, true),
+    (128, 32, 1024, true),
+    (128, 70, 1024, true),
+    (128, 96, 1024, true),
+    (128, 128, 1024, true),
+];
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -28,19 +43,8 @@ fn main() {
     pool.install(|| {
         let (n, k) = (1536, 2048);
         println!("{:>8} {:>6} {:>6} {:>8} {:>10}", "experts", "rows", "kc", "pf", "GFLOP/s");
-        for &(experts, rows, kc, pf) in &[
-            (16usize, 256usize, 2048usize, false),
-            (16, 64, 1024, true),
-            (16, 64, 2048, true),
-            (128, 64, 1024, true),
-            (128, 64, 1024, false),
-            (128, 64, 2048, true),
-            (128, 64, 512, true),
-            (128, 32, 1024, true),
-            (128, 70, 1024, true),
-            (128, 96, 1024, true),
-            (128, 128, 1024, true),
-        ] {
+        let grid: &[(usize, usize, usize, bool)] = if args.get(2) == Some(&0) { &[] } else { GRID };
+        for &(experts, rows, kc, pf) in grid {
             let g = probe(&fam, experts, rows, n, k, kc, pf);
             println!("{experts:>8} {rows:>6} {kc:>6} {pf:>8} {g:>10.0}");
         }
