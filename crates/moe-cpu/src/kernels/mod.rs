@@ -182,7 +182,7 @@ impl Family for DotBf16 {
             let amx_rows = crate::tuning::amx_rows();
             if self.amx && amx_rows > 0 && m >= amx_rows {
                 let pf = next.map_or((std::ptr::null(), 0), |n| (n.as_ptr(), n.len() * 2 / 64));
-                // SAFETY: `amx` is set only when `amx::available()` (CPU support and the OS's
+                // SAFETY: `amx` is set only when `amx::status()` is `Ok` (CPU support and the OS's
                 // permission, checked at run time); `check` verified `m <= 32` rows of `kp`
                 // elements at stride `lda` in `a`, a whole block in `b` and `m` rows in `c`.
                 unsafe { amx::tile(a.as_ptr(), lda, m, b.as_ptr(), kp / 2, c, pf) };
