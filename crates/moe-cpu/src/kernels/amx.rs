@@ -109,7 +109,7 @@ impl TileConfig {
 /// meanwhile, spread evenly over the k steps.
 ///
 /// # Safety
-/// [`available`] must have returned true; `a` holds `m` rows of `2 * ksteps` bf16 at stride
+/// [`status`] must have returned `Ok`; `a` holds `m` rows of `2 * ksteps` bf16 at stride
 /// `lda`, `b` a pair-packed block of `ksteps * 64` bf16, `c` room for `m` rows. (Prefetches never
 /// fault, so `pf` needs no such guarantee.)
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -146,35 +146,27 @@ pub(super) unsafe fn tile(
                 _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l));
             }
             let ap = a.add(k0);
+            // both B halves and the first row tile, then (tiles persist between blocks) the
+            // second row tile against the same B halves
+            asm!(
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                "tileloadd tmm7, [{b2} + {sb}*1]",
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                b = in(reg) bp,
+                b2 = in(reg) bp.add(16 * 2), // columns 16..32
+                sb = in(reg) sb,
+                a = in(reg) ap,
+                sa = in(reg) sa,
+                options(nostack, readonly),
+            );
             if m1 > 0 {
                 asm!(
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm7, [{b2} + {sb}*1]",
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{a2} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a} + {sa}*1]",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    b = in(reg) bp,
-                    b2 = in(reg) bp.add(16 * 2), // columns 16..32
-                    sb = in(reg) sb,
-                    a = in(reg) ap,
-                    a2 = in(reg) ap.add(TM * lda),
-                    sa = in(reg) sa,
-                    options(nostack, readonly),
-                );
-            } else {
-                asm!(
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm7, [{b2} + {sb}*1]",
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    b = in(reg) bp,
-                    b2 = in(reg) bp.add(16 * 2), // columns 16..32
-                    sb = in(reg) sb,
-                    a = in(reg) ap,
+                    a = in(reg) ap.add(TM * lda),
                     sa = in(reg) sa,
                     options(nostack, readonly),
                 );
