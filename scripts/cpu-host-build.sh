@@ -21,7 +21,8 @@ for line in sys.stdin:
         t = m["target"]
         print(m["executable"], ("unit_" if t["kind"] == ["lib"] else "") + t["name"])
 ' | while read -r exe name; do cp "$exe" "$dest/$name"; done
-cargo build --release -p moe-cli -p moe-runtime --example cpu_ab
+cargo build --release -p moe-cli
+cargo build --release -p moe-runtime --example cpu_ab
 cargo build --release -p moe-cpu --example amx_probe --example pool_probe
 cp "$CARGO_TARGET_DIR/release/moe" "$CARGO_TARGET_DIR/release/examples/cpu_ab" "$CARGO_TARGET_DIR/release/examples/amx_probe" "$CARGO_TARGET_DIR/release/examples/pool_probe" "$dest/"
 cp python/peers/cpu_torch_moe.py python/peers/cpu_torch_gemm_peak.py "$dest/"

@@ -123,8 +123,9 @@ pub trait DeviceStorage: Send + Sync + fmt::Debug {
 /// Where a tensor's elements live.
 #[derive(Debug, Clone)]
 pub enum Storage {
-    /// In host memory.
-    Host(HostData),
+    /// In host memory, shared by clones (cloning a tensor never copies its elements; writing
+    /// through [`Tensor::host_mut`] copies them first if another clone still holds them).
+    Host(Arc<HostData>),
     /// On a device; opaque to the core.
     Device(Arc<dyn DeviceStorage>),
 }
@@ -152,7 +153,7 @@ impl Tensor {
                 format!("{} elements", data.len()),
             ));
         }
-        Ok(Tensor { dtype: data.dtype(), shape, storage: Storage::Host(data) })
+        Ok(Tensor { dtype: data.dtype(), shape, storage: Storage::Host(Arc::new(data)) })
     }
 
     /// Wraps device storage. The caller vouches that `dtype` and `shape` describe it.
@@ -197,7 +198,7 @@ impl Tensor {
             DType::I32 => HostData::I32(vec![0; n]),
             DType::U8 => HostData::U8(vec![0; n]),
         };
-        Tensor { shape, dtype, storage: Storage::Host(data) }
+        Tensor { shape, dtype, storage: Storage::Host(Arc::new(data)) }
     }
 
     /// The shape.
@@ -248,7 +249,7 @@ impl Tensor {
     /// fixed: callers may only overwrite elements.
     pub fn host_mut(&mut self) -> Result<&mut HostData> {
         match &mut self.storage {
-            Storage::Host(h) => Ok(h),
+            Storage::Host(h) => Ok(Arc::make_mut(h)),
             Storage::Device(d) => Err(MoeError::Device(format!(
                 "tensor is on {}; it cannot be written in place from the host",
                 d.location()
@@ -332,8 +333,10 @@ impl Tensor {
         if dtype == self.dtype && self.is_host() {
             return Ok(self.clone());
         }
-        if let Storage::Host(HostData::F32(v)) = &self.storage {
-            return Tensor::from_f32_as(self.shape.clone(), v, dtype);
+        if let Storage::Host(h) = &self.storage {
+            if let HostData::F32(v) = &**h {
+                return Tensor::from_f32_as(self.shape.clone(), v, dtype);
+            }
         }
         Tensor::from_f32_as(self.shape.clone(), &self.to_f32_vec()?, dtype)
     }

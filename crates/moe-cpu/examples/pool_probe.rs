@@ -1,7 +1,7 @@
-//! What a decode step's small host steps cost on this machine: an empty parallel region on the
-//! rayon pool (right after another one, and after the pool idled), and one thread reading 64 KiB
-//! that the other threads have just written (the quantized T = 1 path's serial steps read the
-//! projections' outputs like that).
+//! What a decode step's small host steps cost on this machine: an empty parallel step on the
+//! rayon pool and on the backend's spinning team (`moe_cpu::pool`), right after another one and
+//! after the threads idled, and one thread reading 64 KiB that the other threads have just
+//! written (the quantized T = 1 path's serial steps read the projections' outputs like that).
 //!
 //!     cargo run --release -p moe-cpu --example pool_probe -- [threads]
 
@@ -23,18 +23,29 @@ fn main() {
                 std::hint::black_box(i);
             })
         };
-        for idle_us in [0u64, 50, 200, 1000] {
-            let mut t = Vec::new();
-            for _ in 0..400 {
-                region();
-                if idle_us > 0 {
-                    std::thread::sleep(Duration::from_micros(idle_us));
+        let team_step = || {
+            moe_cpu::pool::for_each(threads, |i, _| {
+                std::hint::black_box(i);
+            })
+        };
+        let steps: [(&str, &dyn Fn()); 2] = [("team", &team_step), ("rayon", &region)];
+        for (name, step) in steps {
+            for idle_us in [0u64, 50, 200, 1000, 5000] {
+                let mut t = Vec::new();
+                for _ in 0..400 {
+                    step();
+                    if idle_us > 0 {
+                        std::thread::sleep(Duration::from_micros(idle_us));
+                    }
+                    let s = Instant::now();
+                    step();
+                    t.push(s.elapsed().as_secs_f64());
                 }
-                let s = Instant::now();
-                region();
-                t.push(s.elapsed().as_secs_f64());
+                println!(
+                    "empty parallel step ({name:>5}) over {threads} items after {idle_us:>4} us idle: {:7.1} us",
+                    median_us(t)
+                );
             }
-            println!("empty parallel region over {threads} items after {idle_us:>4} us idle: {:7.1} us", median_us(t));
         }
         // 64 KiB = 16 Ki f32: written by the pool, then summed by this thread.
         let mut buf = vec![0.0f32; 16 << 10];

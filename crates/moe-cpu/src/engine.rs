@@ -1,5 +1,5 @@
 //! The expert engine: `y[rows] = down(act(gate_up(a[rows])))` for groups of rows that share an
-//! expert, on rayon's current pool.
+//! expert, on the backend's threads ([`crate::pool`]).
 //!
 //! Two schedules, chosen by the amount of work:
 //! - **fused** (enough (expert, row-tile) tasks to keep every thread busy): one task runs gate_up
@@ -16,11 +16,11 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use moe_core::Activation;
-use rayon::prelude::*;
 
 use crate::act::apply16;
 use crate::kernels::{AElem, Family, Tile, MR_MAX};
 use crate::pack::{PackedMats, NB};
+use crate::pool::{self, Out};
 
 /// The rows of one expert in the permuted buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,40 +78,6 @@ impl<A: Copy> Workspace<A> {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint rectangles of one buffer.
-struct Out<T> {
-    ptr: *mut T,
-    len: usize,
-}
-
-impl<T> Clone for Out<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for Out<T> {}
-// SAFETY: `Out` is only a pointer into a buffer that outlives the parallel loop using it; tasks
-// write disjoint (row, column-range) rectangles, so no element is written by two threads.
-unsafe impl<T: Send> Send for Out<T> {}
-// SAFETY: as above; no task reads what another writes within one parallel loop.
-unsafe impl<T: Send> Sync for Out<T> {}
-
-impl<T> Out<T> {
-    fn new(buf: &mut [T]) -> Self {
-        Out { ptr: buf.as_mut_ptr(), len: buf.len() }
-    }
-
-    /// Elements `[start, start + n)`.
-    ///
-    /// # Safety
-    /// No other live reference may cover these elements (the task partition guarantees it).
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, n: usize) -> &mut [T] {
-        assert!(start + n <= self.len, "engine write {start}+{n} past {}", self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(start), n)
-    }
-}
-
 /// The row stride, in elements of `T`, of activation buffers whose rows hold `kp` inputs: whole
 /// cache lines, an odd number of them. Tiles load up to 32 rows at this stride, and at a multiple
 /// of 4 KiB (hidden 2048 in bf16) every row would map to the same L1 set: 16-row AMX loads then
@@ -142,7 +108,7 @@ pub fn run<F: Family>(
     if rows_total == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let mr = fam.mr();
     // Row tile: a k-chunk of its activations (about 256 KiB) shares L2 with a chunk of one block;
     // an expert's rows are split into equal tiles, so no tile re-reads the weights for a few rows.
@@ -167,8 +133,9 @@ pub fn run<F: Family>(
             }
         }
         let scratch = &ws.scratch;
-        ws.tasks.par_iter().for_each(|t| {
-            let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
+        let tasks = &ws.tasks;
+        pool::for_each(tasks.len(), |i, slot| {
+            let t = &tasks[i];
             let mut buf = scratch[slot].lock().unwrap_or_else(|p| p.into_inner());
             let g = groups[t.group];
             let row = g.row0 + t.r0;
@@ -187,14 +154,17 @@ pub fn run<F: Family>(
     }
     let io = Out::new(&mut ws.inter);
     push_split_tasks(&mut ws.tasks, groups, mtile, set.w13.blocks, chunks);
-    ws.tasks.par_iter().for_each(|t| {
+    let tasks = &ws.tasks;
+    pool::for_each(tasks.len(), |i, _| {
+        let t = &tasks[i];
         let g = groups[t.group];
         let row = g.row0 + t.r0;
         gate_up(fam, set, g.expert, &a[row * lda..(row + t.m) * lda], t.m, t.blocks.0..t.blocks.1, io, row);
     });
     push_split_tasks(&mut ws.tasks, groups, mtile, set.w2.blocks, chunks);
-    let inter = &ws.inter;
-    ws.tasks.par_iter().for_each(|t| {
+    let (inter, tasks) = (&ws.inter, &ws.tasks);
+    pool::for_each(tasks.len(), |i, _| {
+        let t = &tasks[i];
         let g = groups[t.group];
         let row = g.row0 + t.r0;
         down(fam, set, g.expert, &inter[row * ldi..(row + t.m) * ldi], t.m, t.blocks.0..t.blocks.1, yo, row);

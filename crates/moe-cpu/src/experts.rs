@@ -5,12 +5,12 @@ use moe_core::quant::ExpertTensor;
 use moe_core::tensor::{HostData, Tensor};
 use moe_core::weights::{copy_bias_row, ExpertWeights, SharedWeights};
 use moe_core::{Activation, MoeError, Result};
-use rayon::prelude::*;
 
 use crate::engine::{self, ExpertSet, Group, Workspace};
 use crate::kernels::{AElem, Family};
 use crate::layout::{gather_rows, RowLayout};
 use crate::pack::{ColumnMap, PackedMats, WElem};
+use crate::pool;
 
 /// The shared expert: gate_up, down and its intermediate size.
 type Shared<W> = (PackedMats<W>, PackedMats<W>, usize);
@@ -206,7 +206,7 @@ impl<F: Family> Experts<F> {
         let groups = [Group { expert: 0, row0: 0, rows: tokens }];
         engine::run(&self.fam, &set, &groups, &self.a, &mut self.y, &mut self.ws);
         let y = &self.y;
-        out.par_chunks_mut(h).enumerate().for_each(|(t, o)| {
+        pool::each_row(out, h, tokens, |t, o| {
             let g = gate(t);
             o.iter_mut().zip(&y[t * h..(t + 1) * h]).for_each(|(o, v)| *o += g * v);
         });

@@ -6,11 +6,11 @@ use half::{bf16, f16};
 use moe_core::backend::SlotRange;
 use moe_core::tensor::HostData;
 use moe_core::{MoeError, Result};
-use rayon::prelude::*;
 
 use crate::engine::Group;
 use crate::kernels::AElem;
 use crate::pack::WElem;
+use crate::pool;
 
 /// Marks a (token, k) pair whose slot lives on another rank.
 const REMOTE: u32 = u32::MAX;
@@ -79,7 +79,7 @@ impl RowLayout {
         if h == 0 {
             return;
         }
-        out.par_chunks_mut(h).enumerate().for_each(|(t, o)| {
+        pool::each_row(out, h, out.len() / h, |t, o| {
             o.fill(0.0);
             for kk in 0..k {
                 let r = self.pos[t * k + kk];
@@ -116,7 +116,7 @@ pub fn gather_rows<A: AElem>(
         dst: &mut [A],
     ) {
         let same_type = std::any::TypeId::of::<S>() == std::any::TypeId::of::<A>();
-        let row = |(r, d): (usize, &mut [A])| {
+        let row = |r: usize, d: &mut [A]| {
             let t = row_token(r);
             let s = &x[t * h..(t + 1) * h];
             match scale {
@@ -140,12 +140,8 @@ pub fn gather_rows<A: AElem>(
             }
             d[h..].fill(A::default());
         };
-        // A few KiB: waking the pool would cost more than the copy.
-        if std::mem::size_of_val(dst) < 16 << 10 {
-            dst.chunks_mut(kp).enumerate().for_each(row);
-        } else {
-            dst.par_chunks_mut(kp).enumerate().for_each(row);
-        }
+        let rows = dst.len() / kp;
+        pool::each_row(dst, kp, rows, row);
     }
     if kp == 0 {
         return Ok(());

@@ -6,8 +6,9 @@
 //!   CPU and OS allow it).
 //! - Kernels ([`kernels`]) are picked at run time: AVX-512 BF16, AVX-512F, AVX2+FMA+F16C, or a
 //!   portable path ([`Isa`]); f16 and bf16 weights are otherwise widened to f32 in registers.
-//! - The engine ([`engine`]) runs gate_up + activation + down per (expert, row tile) on rayon's
-//!   pool with the intermediate kept in a per-thread buffer, or, when few experts are active
+//! - The engine ([`engine`]) runs gate_up + activation + down per (expert, row tile) on the
+//!   backend's spinning worker team ([`pool`]) with the intermediate kept in a per-thread
+//!   buffer, or, when few experts are active
 //!   (a handful of tokens), splits each expert's weights across threads.
 //! - Buffers live in the backend and are reused across forwards.
 //!
@@ -22,6 +23,7 @@ pub mod kernels;
 pub mod layout;
 pub mod pack;
 pub mod peak;
+pub mod pool;
 pub mod quant;
 pub mod router;
 pub mod tuning;

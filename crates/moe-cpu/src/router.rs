@@ -7,11 +7,11 @@
 use moe_core::tensor::HostData;
 use moe_core::weights::RouterWeights;
 use moe_core::{MoeError, Result, Tensor};
-use rayon::prelude::*;
 
 use crate::isa::Isa;
 use crate::kernels::{tile_exact_f32, Tile, MR_MAX, MR_REG};
 use crate::pack::{ColumnMap, PackedMats, WElem, NB};
+use crate::pool;
 
 /// The packed router and its biases.
 #[derive(Debug)]
@@ -68,7 +68,7 @@ impl Router {
         if e == 0 || h == 0 {
             return;
         }
-        out.par_chunks_mut(MR_REG * e).enumerate().for_each(|(tile, o)| {
+        pool::for_each_chunk(out, MR_REG * e, |tile, o, _| {
             let m = o.len() / e;
             let t0 = tile * MR_REG;
             let xr: Vec<f32> = x[t0 * h..(t0 + m) * h].iter().map(|v| v.to_f32()).collect();

@@ -11,6 +11,10 @@
 //! `--{a,b}-amx N`: rows from which bf16 tiles run on AMX where the CPU has it (default 2; 0 off).
 //! `--{a,b}-quant F`: quantize that variant's experts at load (`int4-group`, ...; default none),
 //! e.g. to time a format against bf16 under the same noise.
+//! `--{a,b}-pool team|rayon`: where the backend's parallel steps run (default team, see
+//! `moe_cpu::pool`).
+//! `--gap-us N`: the calling thread sleeps N us between forwards (default 0), as a model's other
+//! layers would keep it away from the MoE block; pools whose threads sleep pay for it.
 
 use std::time::Instant;
 
@@ -40,7 +44,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let slices: usize = opt("--slices", "20").parse()?;
     let slice_s: f64 = opt("--slice-s", "0.5").parse()?;
     let threads: usize = opt("--threads", "2").parse()?;
-    type Variant = (bool, usize, usize, usize, QuantFormat);
+    let gap_us: u64 = opt("--gap-us", "0").parse()?;
+    type Variant = (bool, usize, usize, usize, QuantFormat, bool);
     let variant = |p: &str| -> Result<Variant, Box<dyn std::error::Error>> {
         Ok((
             opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0,
@@ -48,6 +53,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             opt(&format!("--{p}-split"), "12").parse()?,
             opt(&format!("--{p}-amx"), "2").parse()?,
             QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
+            match opt(&format!("--{p}-pool"), "team").as_str() {
+                "team" => true,
+                "rayon" => false,
+                other => return Err(format!("--{p}-pool: team or rayon, not {other}").into()),
+            },
         ))
     };
     let variants = [variant("a")?, variant("b")?];
@@ -60,7 +70,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let weights = MoeWeights::random(&cfg, 7)?;
         let (registry, hw) = (default_registry(), probe_hardware());
         let mut moes = Vec::new();
-        for &(thp, _, _, _, quant) in &variants {
+        for &(thp, _, _, _, quant, _) in &variants {
             moe_cpu::tuning::set_huge_pages(thp);
             let opts = BuildOptions { backend: "cpu".into(), ..Default::default() };
             let (c, w) = match quant {
@@ -85,10 +95,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 moe_cpu::tuning::set_gemv_prefetch(variants[v].1);
                 moe_cpu::tuning::set_split_tasks_per_thread(variants[v].2);
                 moe_cpu::tuning::set_amx_rows(variants[v].3);
+                moe_cpu::pool::set_use_team(variants[v].5);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
                 let start = Instant::now();
                 while t.len() < 3 || start.elapsed().as_secs_f64() < slice_s {
+                    if gap_us > 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(gap_us));
+                    }
                     let x = &inputs[t.len() % inputs.len()];
                     let t0 = Instant::now();
                     std::hint::black_box(m.forward(x)?.to_host()?);
@@ -99,10 +113,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, (thp, pf, split, amx, quant)) in variants.iter().enumerate() {
+        for (v, (thp, pf, split, amx, quant, team)) in variants.iter().enumerate() {
+            let pool = if *team { "team" } else { "rayon" };
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, pool {pool}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()

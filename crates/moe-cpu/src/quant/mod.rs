@@ -2,7 +2,8 @@
 //! one weight row at a time, inside the tasks that use it ([`mats`]). The packed codes and scales
 //! are all that is kept in memory.
 //!
-//! Schedule: gate_up over (expert, block of output rows) tasks on rayon's pool, the activation,
+//! Schedule: gate_up over (expert, block of output rows) tasks on the backend's threads
+//! ([`crate::pool`]), the activation,
 //! then down the same way. A task decodes each of its rows into an L1-resident f32 buffer and
 //! takes that row's dot product with every token of the expert, so a row is read from memory
 //! once per forward. At one token the work is a GEMV and the tasks split each expert's rows
@@ -25,13 +26,14 @@ use moe_core::quant::ExpertTensor;
 use moe_core::tensor::{HostData, Tensor};
 use moe_core::weights::{copy_bias_row, ExpertWeights, SharedWeights};
 use moe_core::{Activation, DType, MoeError, QuantFormat, Result};
-use rayon::prelude::*;
 
 use crate::experts::Experts;
 use crate::isa::Isa;
 use crate::kernels::Widen;
 use crate::layout::{gather_rows, RowLayout};
+use crate::pool::{self, each_row, Out};
 use mats::{dot, QMat};
+use scratch::Scratch;
 
 /// The dense shared expert, in its weight dtype.
 #[derive(Debug)]
@@ -69,6 +71,9 @@ pub struct QuantExperts {
     /// down outputs, per group transposed `[H][rows]`, then `[rows, H]`.
     yt: Vec<f32>,
     y: Vec<f32>,
+    /// The forward's experts (spans of rows) and the span of every row.
+    spans: Vec<Span>,
+    of_row: Vec<Span>,
 }
 
 /// An empty routed stack, so the dense [`Experts`] can hold only the shared expert.
@@ -144,6 +149,8 @@ impl QuantExperts {
             xb: Vec::new(),
             yt: Vec::new(),
             y: Vec::new(),
+            spans: Vec::new(),
+            of_row: Vec::new(),
         })
     }
 
@@ -229,9 +236,12 @@ impl QuantExperts {
         let scale: Option<&(dyn Fn(usize) -> f32 + Sync)> = if weights_on_input { Some(&scale) } else { None };
         gather_rows(x, h, h, rows, &row_token, scale, &mut self.a)?;
         let groups = &layout.groups;
-        let spans: Vec<Span> = groups.iter().map(|g| Span { expert: g.expert, row0: g.row0, rows: g.rows }).collect();
+        self.spans.clear();
+        self.spans.extend(groups.iter().map(|g| Span { expert: g.expert, row0: g.row0, rows: g.rows }));
         // The span of every row (rows are sorted by expert).
-        let of_row: Vec<Span> = spans.iter().flat_map(|s| std::iter::repeat_n(*s, s.rows)).collect();
+        self.of_row.clear();
+        self.of_row.extend(self.spans.iter().flat_map(|s| std::iter::repeat_n(*s, s.rows)));
+        let (spans, of_row) = (&self.spans, &self.of_row);
         // Activations in each expert's w13 input order (a copy only where that order differs).
         let (w13, a) = (&self.w13, &self.a);
         let x13 = if w13.natural_input() {
@@ -241,27 +251,30 @@ impl QuantExperts {
             &self.ao
         };
         let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
-        project(mode, &self.w13, &spans, x13, (&mut self.gu, &mut self.xb), self.b13.as_deref());
+        project(mode, &self.w13, spans, x13, (&mut self.gu, &mut self.xb), self.b13.as_deref());
         // Activation, then the intermediate in w2's input order.
         let (act, w2, gu) = (self.act, &self.w2, &self.gu);
         each_row(&mut self.mid, i, rows, |r, o| {
             let sp = of_row[r];
             let (n, base, rr) = (sp.rows, sp.row0 * 2 * i, r - sp.row0);
-            let mut v = vec![0.0f32; i];
-            let (mut g, mut u, mut y) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
-            for j0 in (0..i).step_by(16) {
-                let l = 16.min(i - j0);
-                for jj in 0..l {
-                    g[jj] = gu[base + (j0 + jj) * n + rr];
-                    u[jj] = gu[base + (i + j0 + jj) * n + rr];
+            scratch::with(|sc| {
+                grow(&mut sc.row, i);
+                let v = &mut sc.row[..i];
+                let (mut g, mut u, mut y) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
+                for j0 in (0..i).step_by(16) {
+                    let l = 16.min(i - j0);
+                    for jj in 0..l {
+                        g[jj] = gu[base + (j0 + jj) * n + rr];
+                        u[jj] = gu[base + (i + j0 + jj) * n + rr];
+                    }
+                    crate::act::apply16(act, &g, &u, &mut y);
+                    v[j0..j0 + l].copy_from_slice(&y[..l]);
                 }
-                crate::act::apply16(act, &g, &u, &mut y);
-                v[j0..j0 + l].copy_from_slice(&y[..l]);
-            }
-            w2.order_input(sp.expert, &v, o);
+                w2.order_input(sp.expert, v, o);
+            })
         });
         let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
-        project(mode, &self.w2, &spans, &self.mid, (&mut self.yt, &mut self.xb), self.b2.as_deref());
+        project(mode, &self.w2, spans, &self.mid, (&mut self.yt, &mut self.xb), self.b2.as_deref());
         // [H][rows] per span -> [rows, H].
         let yt = &self.yt;
         each_row(&mut self.y, h, rows, |r, o| {
@@ -273,22 +286,6 @@ impl QuantExperts {
         });
         layout.combine(&self.y, h, k, (!weights_on_input).then_some(weights), out);
         Ok(())
-    }
-}
-
-/// `f(r, row r of buf)` for `rows` rows of `width`: on the pool from 16 KiB of output, inline
-/// below. (At T = 1, 8 rows, inline and pooled measured the same on a 16-core host: a pool
-/// region costs 6-44 us there depending on whether its threads slept, `examples/pool_probe.rs`,
-/// and reading other cores' rows is not the cost; docs/perf/quant.md.)
-fn each_row<T: Send>(buf: &mut [T], width: usize, rows: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let buf = &mut buf[..rows * width];
-    if width == 0 {
-        return;
-    }
-    if std::mem::size_of_val(buf) < 16 << 10 {
-        buf.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
-    } else {
-        buf.par_chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
     }
 }
 
@@ -347,48 +344,64 @@ fn project<'a>(
         each_row(xb, kp, rows, |r, o| w.natural_bf16(&a[r * k..(r + 1) * k], o));
         mode.xb = (&xb[..rows * kp], kp);
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let total: usize = spans.len() * n;
     // About four tasks per thread, at least 8 rows each (12 a thread, as the bf16 split schedule
     // uses, measured 1.27x the time at T = 1 on 16 cores: every task converts its activations).
     let per = (total / (4 * threads)).clamp(8, n.max(8));
     // The tile path decodes whole 32-row panels: keep task boundaries on them.
     let per = if mode.xb.0.is_empty() { per } else { per.next_multiple_of(crate::pack::NB) };
-    let mut tasks = Vec::new();
-    for &s in spans {
-        for c0 in (0..n).step_by(per) {
-            tasks.push(Task { span: s, c0, c1: (c0 + per).min(n) });
-        }
-    }
-    // Tasks cover disjoint, consecutive ranges of `out`, in order: split it accordingly.
-    let mut slices = Vec::with_capacity(tasks.len());
-    let mut rest = &mut out[..spans.iter().map(|s| (s.row0 + s.rows) * n).max().unwrap_or(0)];
-    let mut at = 0;
-    for t in &tasks {
-        let start = t.span.row0 * n + t.c0 * t.span.rows;
-        let len = (t.c1 - t.c0) * t.span.rows;
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
-        let (mine, tail) = tail.split_at_mut(len);
-        slices.push(mine);
-        rest = tail;
-        at = start + len;
-    }
-    tasks.into_par_iter().zip(slices).for_each_init(
-        || vec![0.0f32; k],
-        |row, (t, o)| match mode.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 | Isa::Avx512 => {
-                // SAFETY: `Isa::Avx512*` is only selected when AVX-512F was detected at run time.
-                unsafe { task_avx512(mode, w, t, a, o, bias, row) }
+    let per_span = n.div_ceil(per);
+    // Task i: output rows [c0, c1) of span i / per_span, written to its own range of `out`.
+    let out = Out::new(out);
+    pool::for_each(spans.len() * per_span, |i, _| {
+        let s = spans[i / per_span];
+        let c0 = (i % per_span) * per;
+        let t = Task { span: s, c0, c1: (c0 + per).min(n) };
+        // SAFETY: tasks cover disjoint ranges of `out` (rows c0..c1 of the span's transposed
+        // block), each once.
+        let o = unsafe { out.slice(s.row0 * n + c0 * s.rows, (t.c1 - c0) * s.rows) };
+        scratch::with(|sc| {
+            grow(&mut sc.row, k);
+            match mode.isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Bf16 | Isa::Avx512 => {
+                    // SAFETY: `Isa::Avx512*` is only selected when AVX-512F was detected at run time.
+                    unsafe { task_avx512(mode, w, t, a, o, bias, sc) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => {
+                    // SAFETY: `Isa::Avx2` is only selected when AVX2, FMA and F16C were detected.
+                    unsafe { task_avx2(mode, w, t, a, o, bias, sc) }
+                }
+                _ => task(Mode { isa: Isa::Portable, bf16_dot: false, ..mode }, w, t, a, o, bias, sc),
             }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: `Isa::Avx2` is only selected when AVX2, FMA and F16C were detected.
-                unsafe { task_avx2(mode, w, t, a, o, bias, row) }
-            }
-            _ => task(Mode { isa: Isa::Portable, bf16_dot: false, ..mode }, w, t, a, o, bias, row),
-        },
-    );
+        })
+    });
+}
+
+/// Per-thread buffers of the parallel steps, reused across forwards.
+mod scratch {
+    use std::cell::RefCell;
+
+    /// A task's decoded weight row (f32) and activation rows as bf16 bits.
+    #[derive(Default)]
+    pub(super) struct Scratch {
+        pub(super) row: Vec<f32>,
+        pub(super) bf16: Vec<u16>,
+    }
+
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+
+    /// `f` on this thread's buffers (contents unspecified; callers grow what they use).
+    ///
+    /// # Panics
+    /// If `f` calls `with` again (no step nests another).
+    pub(super) fn with<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+        SCRATCH.with(|b| f(&mut b.borrow_mut()))
+    }
 }
 
 /// `out[(c - c0) * rows + r] = y(c, r) + bias[c]` over the task's output rows `c` and the span's
@@ -436,9 +449,13 @@ fn lane_sum(v: impl Iterator<Item = f32>) -> f32 {
     acc.iter().sum()
 }
 
-/// The span's activation rows as bf16 bits, in input order (exact for bf16 activations).
-fn bf16_rows(a: &[f32], s: Span, k: usize) -> Vec<u16> {
-    a[s.row0 * k..(s.row0 + s.rows) * k].iter().map(|&v| bf16_bits(v)).collect()
+/// The span's activation rows as bf16 bits, in input order (exact for bf16 activations), in
+/// the reused `buf`.
+fn bf16_rows<'b>(a: &[f32], s: Span, k: usize, buf: &'b mut Vec<u16>) -> &'b [u16] {
+    let src = &a[s.row0 * k..(s.row0 + s.rows) * k];
+    grow(buf, src.len());
+    buf.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16_bits(v));
+    &buf[..src.len()]
 }
 
 /// `half::bf16::from_f32(v).to_bits()` (round to nearest even, NaN stays NaN) without branches
@@ -456,7 +473,7 @@ fn bf16_bits(v: f32) -> u16 {
 
 /// Decodes each row of the task once and dots it with every token of the span.
 #[inline(always)]
-fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
+fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, sc: &mut Scratch) {
     let isa = mode.isa;
     let (n, k, s) = (w.n, w.k, t.span);
     if s.rows >= crate::tuning::quant_tile_rows(w.tile_rows()) && !mode.xb.0.is_empty() {
@@ -474,7 +491,8 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         if g <= 64 {
             if mode.bf16_dot {
                 // Activations as bf16, 32 even then 32 odd inputs per 64 (from the 32-pair order).
-                let mut xb = vec![0u16; s.rows * k];
+                grow(&mut sc.bf16, s.rows * k);
+                let xb = &mut sc.bf16[..s.rows * k];
                 for r in 0..s.rows {
                     let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
                     let xr = &mut xb[r * k..(r + 1) * k];
@@ -531,7 +549,8 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         // Few tokens: E2M1 codes become bf16 in registers (`vpermw`, exact) for `vdpbf16ps`,
         // scaled per group in f32; activations (bf16 already) as even / odd halves per 64.
         let table = simd::e2m1_bf16_codes();
-        let mut xb = vec![0u16; s.rows * k];
+        grow(&mut sc.bf16, s.rows * k);
+        let xb = &mut sc.bf16[..s.rows * k];
         for (r, xr) in xb.chunks_exact_mut(k).enumerate() {
             let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
             // `a` is in the matrix's pair order (32-input chunks: 16 even, then 16 odd inputs).
@@ -559,7 +578,7 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
     #[cfg(target_arch = "x86_64")]
     if mode.bf16_dot && s.rows <= 4 && w.int8_row(s.expert, 0).is_some() {
         // Few tokens: int8 codes are exact in bf16; the row's scale multiplies the sum once.
-        let xb = bf16_rows(a, s, k);
+        let xb = bf16_rows(a, s, k, &mut sc.bf16);
         each_output(t, n, bias, out, |c, r| {
             let (bytes, sc) = w.int8_row(s.expert, c).expect("int8 stack");
             if r == 0 {
@@ -581,7 +600,7 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         // Few tokens (decode): FP8 rows become bf16 in registers (exact) for `vdpbf16ps`; the
         // activations are bf16 already (`bf16_dot` needs bf16 activations), so nothing rounds.
         let table = simd::e4m3_bf16_magnitudes();
-        let xb = bf16_rows(a, s, k);
+        let xb = bf16_rows(a, s, k, &mut sc.bf16);
         each_output(t, n, bias, out, |c, r| {
             let (bytes, sc) = w.fp8_row(s.expert, c).expect("fp8 stack");
             if r == 0 {
@@ -598,6 +617,7 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         });
         return;
     }
+    let row = &mut sc.row[..k];
     for c in t.c0..t.c1 {
         w.decode_row_isa(isa, s.expert, c, row);
         let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
@@ -610,14 +630,14 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-fn task_avx512(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
-    task(Mode { isa: Isa::Avx512, ..mode }, w, t, a, out, bias, row)
+fn task_avx512(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, sc: &mut Scratch) {
+    task(Mode { isa: Isa::Avx512, ..mode }, w, t, a, out, bias, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn task_avx2(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, row: &mut [f32]) {
-    task(Mode { isa: Isa::Avx2, bf16_dot: false, ..mode }, w, t, a, out, bias, row)
+fn task_avx2(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, sc: &mut Scratch) {
+    task(Mode { isa: Isa::Avx2, bf16_dot: false, ..mode }, w, t, a, out, bias, sc)
 }
 
 #[cfg(test)]

@@ -1,0 +1,404 @@
+//! The threads the CPU backend's parallel steps run on.
+//!
+//! A decode step (one token) is a chain of short parallel steps: the router, the gather, gate_up,
+//! the activation, down, the combine. Each lasts tens of microseconds, and rayon's workers go to
+//! sleep between them: on a 16-core VM an empty rayon region costs 6 us right after another one
+//! and 31-44 us once its threads slept (`examples/pool_probe.rs`), several times per step. So the
+//! backend keeps its own team: workers spin on a shared word for [`spin_us`] after their last
+//! step (as OpenMP runtimes do, which is what PyTorch's CPU kernels run on) and only then park.
+//! The caller is worker 0 and takes items like the others, from one atomic counter.
+//!
+//! `MOE_CPU_POOL=rayon` (or [`set_use_team`]) runs the same steps on rayon's current pool
+//! instead; so do calls made while the team is busy (another thread's forward, or a nested call).
+//! The team's size follows `rayon::current_num_threads()` of the caller, so a rayon pool
+//! installed around the call (`--threads`) sets both.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+const UNSET: usize = usize::MAX;
+static USE_TEAM: AtomicUsize = AtomicUsize::new(UNSET);
+static SPIN_US: AtomicUsize = AtomicUsize::new(UNSET);
+
+/// Whether parallel steps run on the spinning team (default) rather than on rayon's pool
+/// (`MOE_CPU_POOL=rayon`).
+pub fn use_team() -> bool {
+    match USE_TEAM.load(Ordering::Relaxed) {
+        UNSET => {
+            let team = std::env::var("MOE_CPU_POOL").map_or(true, |v| !v.eq_ignore_ascii_case("rayon"));
+            let _ = USE_TEAM.compare_exchange(UNSET, team as usize, Ordering::Relaxed, Ordering::Relaxed);
+            USE_TEAM.load(Ordering::Relaxed) != 0
+        }
+        v => v != 0,
+    }
+}
+
+/// Overrides [`use_team`].
+pub fn set_use_team(on: bool) {
+    USE_TEAM.store(on as usize, Ordering::Relaxed);
+}
+
+/// Microseconds a team worker keeps polling for the next step before it parks (default 2000,
+/// `MOE_CPU_SPIN_US`). A decode loop's steps come well within that, so none of them pays a
+/// wake-up; an idle process stops burning its cores 2 ms after its last step.
+pub fn spin_us() -> usize {
+    match SPIN_US.load(Ordering::Relaxed) {
+        UNSET => {
+            let v = std::env::var("MOE_CPU_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+            let _ = SPIN_US.compare_exchange(UNSET, v, Ordering::Relaxed, Ordering::Relaxed);
+            SPIN_US.load(Ordering::Relaxed)
+        }
+        v => v,
+    }
+}
+
+/// Overrides [`spin_us`] (workers already spinning finish their current wait first).
+pub fn set_spin_us(us: usize) {
+    SPIN_US.store(us, Ordering::Relaxed);
+}
+
+/// Threads a parallel step uses from the calling thread: rayon's current pool size.
+pub fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Runs `f(item, slot)` for every `item < n`, spread over [`threads`] threads, and returns when
+/// all have run. `slot < threads()` names the thread running the item (indexes per-thread
+/// scratch); two items with the same slot never run at the same time.
+///
+/// # Panics
+/// If `f` panics (the panic is re-raised on the caller once every thread has stopped).
+pub fn for_each(n: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = threads();
+    if n == 0 {
+        return;
+    }
+    if n == 1 || threads == 1 {
+        (0..n).for_each(|i| f(i, 0));
+        return;
+    }
+    if use_team() {
+        let team = Team::global();
+        let busy = match team.busy.try_lock() {
+            Ok(g) => Some(g),
+            // A step that panicked earlier left no state behind: `run` resets it.
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(_busy) = busy {
+            team.run(threads.min(n), n, &f);
+            return;
+        }
+    }
+    (0..n).into_par_iter().for_each(|i| f(i, rayon::current_thread_index().unwrap_or(0) % threads));
+}
+
+/// `f(i, chunk i of buf, slot)` for the `width`-element chunks of `buf` (the last may be
+/// shorter), as [`for_each`].
+pub fn for_each_chunk<T: Send>(buf: &mut [T], width: usize, f: impl Fn(usize, &mut [T], usize) + Sync) {
+    if width == 0 || buf.is_empty() {
+        return;
+    }
+    let len = buf.len();
+    let out = Out::new(buf);
+    for_each(len.div_ceil(width), |i, slot| {
+        let start = i * width;
+        // SAFETY: chunk i is [i * width, i * width + n) of `buf`: chunks are disjoint and each
+        // index runs exactly once.
+        f(i, unsafe { out.slice(start, width.min(len - start)) }, slot)
+    });
+}
+
+/// `f(r, row r of buf)` for `rows` rows of `width` elements: inline below 16 KiB of output
+/// (an empty parallel step costs a few microseconds even on the spinning team), else as
+/// [`for_each_chunk`].
+pub fn each_row<T: Send>(buf: &mut [T], width: usize, rows: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let buf = &mut buf[..rows * width];
+    if width == 0 {
+        return;
+    }
+    if std::mem::size_of_val(buf) < 16 << 10 {
+        buf.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
+    } else {
+        for_each_chunk(buf, width, |r, o, _| f(r, o));
+    }
+}
+
+/// A buffer that parallel items write in disjoint ranges (the item partition guarantees it).
+pub(crate) struct Out<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+// SAFETY: `Out` is only a pointer into a buffer that outlives the parallel step using it; items
+// write disjoint ranges, so no element is written by two threads.
+unsafe impl<T: Send> Send for Out<T> {}
+// SAFETY: as above; no item reads what another writes within one parallel step.
+unsafe impl<T: Send> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    pub(crate) fn new(buf: &mut [T]) -> Self {
+        Out { ptr: buf.as_mut_ptr(), len: buf.len() }
+    }
+
+    /// Elements `[start, start + n)`.
+    ///
+    /// # Safety
+    /// No other live reference may cover these elements (the item partition guarantees it).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, n: usize) -> &mut [T] {
+        assert!(start + n <= self.len, "parallel write {start}+{n} past {}", self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start), n)
+    }
+}
+
+/// One step handed to the team: lives on the caller's stack until every participant is done.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize, usize) + Sync),
+    n: usize,
+}
+
+struct Shared {
+    /// `epoch << 16 | participants`: a new value starts a step. Packed in one word so that a
+    /// worker never pairs one step's epoch with another's participant count.
+    state: AtomicU64,
+    /// The current step's `Job` (valid while a participant has not finished).
+    job: AtomicUsize,
+    next: AtomicUsize,
+    /// Participants other than the caller that finished the current step.
+    done: AtomicUsize,
+    panicked: AtomicBool,
+    sleepers: AtomicUsize,
+    park: Mutex<()>,
+    wake: Condvar,
+}
+
+struct Team {
+    shared: Arc<Shared>,
+    /// Workers spawned (ids 1..=spawned).
+    spawned: Mutex<usize>,
+    /// Held by the thread whose step the team runs.
+    busy: Mutex<()>,
+}
+
+const PARTICIPANTS_BITS: u32 = 16;
+
+impl Team {
+    fn global() -> &'static Team {
+        static TEAM: OnceLock<Team> = OnceLock::new();
+        TEAM.get_or_init(|| Team {
+            shared: Arc::new(Shared {
+                state: AtomicU64::new(0),
+                job: AtomicUsize::new(0),
+                next: AtomicUsize::new(0),
+                done: AtomicUsize::new(0),
+                panicked: AtomicBool::new(false),
+                sleepers: AtomicUsize::new(0),
+                park: Mutex::new(()),
+                wake: Condvar::new(),
+            }),
+            spawned: Mutex::new(0),
+            busy: Mutex::new(()),
+        })
+    }
+
+    /// Spawns workers up to id `want - 1`; returns how many participants the team can field.
+    fn ensure(&self, want: usize) -> usize {
+        let mut spawned = self.spawned.lock().unwrap_or_else(|p| p.into_inner());
+        while *spawned + 1 < want {
+            let id = *spawned + 1;
+            let shared = Arc::clone(&self.shared);
+            let seen = shared.state.load(Ordering::Acquire);
+            let spawn =
+                std::thread::Builder::new().name(format!("moe-cpu-{id}")).spawn(move || worker(&shared, id, seen));
+            if spawn.is_err() {
+                break; // run with the workers we have
+            }
+            *spawned += 1;
+        }
+        *spawned + 1
+    }
+
+    /// Runs the step on `threads` participants (the caller is one). Needs `busy` held.
+    fn run(&self, threads: usize, n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        let threads = threads.min((1 << PARTICIPANTS_BITS) - 1);
+        let threads = self.ensure(threads).min(threads);
+        let job = Job { f, n };
+        let s = &*self.shared;
+        s.next.store(0, Ordering::Relaxed);
+        s.done.store(0, Ordering::Relaxed);
+        s.job.store(&job as *const Job as usize, Ordering::Relaxed);
+        let epoch = (s.state.load(Ordering::Relaxed) >> PARTICIPANTS_BITS) + 1;
+        // SeqCst with the sleepers check below: a worker either sees this step or is counted.
+        s.state.store(epoch << PARTICIPANTS_BITS | threads as u64, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = s.park.lock().unwrap_or_else(|p| p.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| take_items(s, &job, 0)));
+        let mut spins = 0u32;
+        while s.done.load(Ordering::Acquire) + 1 < threads {
+            backoff(&mut spins);
+        }
+        // Every participant is done with `job`: it may go out of scope now.
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::Relaxed) {
+            panic!("a moe-cpu worker panicked in a parallel step (see its message above)");
+        }
+    }
+}
+
+fn take_items(s: &Shared, job: &Job, slot: usize) {
+    loop {
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        if i >= job.n {
+            return;
+        }
+        (job.f)(i, slot);
+    }
+}
+
+/// One turn of a polling loop: yields the core every 256 turns in case the machine is
+/// oversubscribed, and is otherwise empty. No `pause`: under KVM a tight `pause` loop makes the
+/// hypervisor take the vCPU away (pause-loop exiting), and on a 2-vCPU VM that held every step
+/// at 6.6 us against 0.6 us without it (`examples/pool_probe.rs`).
+fn backoff(spins: &mut u32) {
+    *spins = spins.wrapping_add(1);
+    if spins.is_multiple_of(256) {
+        std::thread::yield_now();
+    }
+}
+
+fn worker(s: &Shared, id: usize, mut seen: u64) {
+    loop {
+        let state = wait_for_step(s, seen);
+        seen = state;
+        let participants = (state & ((1 << PARTICIPANTS_BITS) - 1)) as usize;
+        if id >= participants {
+            continue;
+        }
+        // SAFETY: the caller published `job` before this state and waits for every participant
+        // (this worker included, via `done`) before the job leaves its stack.
+        let job = unsafe { &*(s.job.load(Ordering::Relaxed) as *const Job) };
+        if catch_unwind(AssertUnwindSafe(|| take_items(s, job, id))).is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Waits for a state other than `seen`: polling for [`spin_us`], then parked.
+fn wait_for_step(s: &Shared, seen: u64) -> u64 {
+    let start = Instant::now();
+    let window = Duration::from_micros(spin_us() as u64);
+    let mut spins = 0u32;
+    loop {
+        let state = s.state.load(Ordering::Acquire);
+        if state != seen {
+            return state;
+        }
+        backoff(&mut spins);
+        if spins.is_multiple_of(64) && start.elapsed() >= window {
+            break;
+        }
+    }
+    s.sleepers.fetch_add(1, Ordering::SeqCst);
+    let mut g = s.park.lock().unwrap_or_else(|p| p.into_inner());
+    let state = loop {
+        let state = s.state.load(Ordering::SeqCst);
+        if state != seen {
+            break state;
+        }
+        g = s.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+    };
+    drop(g);
+    s.sleepers.fetch_sub(1, Ordering::SeqCst);
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+    }
+
+    #[test]
+    fn every_item_runs_once_with_distinct_live_slots() {
+        for team in [true, false] {
+            pool(4).install(|| {
+                for n in [0usize, 1, 3, 4, 5, 100, 1000] {
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    let in_slot: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+                    let run = |i: usize, slot: usize| {
+                        assert!(slot < 4);
+                        assert_eq!(in_slot[slot].fetch_add(1, Ordering::SeqCst), 0, "slot {slot} used twice at once");
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                        in_slot[slot].fetch_sub(1, Ordering::SeqCst);
+                    };
+                    if team {
+                        let t = Team::global();
+                        let _busy = t.busy.lock().unwrap_or_else(|p| p.into_inner());
+                        if n > 0 {
+                            t.run(4, n, &run);
+                        }
+                    } else {
+                        set_use_team(false);
+                        for_each(n, run);
+                        set_use_team(true);
+                    }
+                    assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}, team {team}");
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_buffer_and_parked_workers_wake() {
+        pool(3).install(|| {
+            let mut v = vec![0u32; 1001];
+            for_each_chunk(&mut v, 10, |i, c, _| c.iter_mut().for_each(|x| *x += i as u32 + 1));
+            assert!(v.iter().enumerate().all(|(j, &x)| x == j as u32 / 10 + 1));
+            // Longer than the spin window: the workers park, and the next step wakes them.
+            set_spin_us(100);
+            std::thread::sleep(Duration::from_millis(5));
+            let sum = AtomicUsize::new(0);
+            for_each(64, |i, _| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 63 * 64 / 2);
+            set_spin_us(2000);
+        });
+    }
+
+    #[test]
+    fn a_panicking_item_reaches_the_caller_and_the_team_keeps_working() {
+        pool(4).install(|| {
+            let t = Team::global();
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                let _busy = t.busy.lock().unwrap_or_else(|p| p.into_inner());
+                t.run(4, 64, &|i, _| assert!(i != 40, "item 40"));
+            }));
+            assert!(r.is_err());
+            let sum = AtomicUsize::new(0);
+            let _busy = t.busy.lock().unwrap_or_else(|p| p.into_inner());
+            t.run(4, 10, &|i, _| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 45);
+        });
+    }
+}
