@@ -9,13 +9,15 @@
 //! The caller is worker 0 and takes items like the others, from one atomic counter.
 //!
 //! `MOE_CPU_POOL=rayon` (or [`set_use_team`]) runs the same steps on rayon's current pool
-//! instead; so do calls made while the team is busy (another thread's forward, or a nested call).
-//! The team's size follows `rayon::current_num_threads()` of the caller, so a rayon pool
+//! instead. A step started while another thread's step holds the team waits for it (in-process
+//! expert-parallel ranks take turns with all cores, rather than two pools fighting over them);
+//! a step started from inside a step runs inline on its thread. The team's size follows `rayon::current_num_threads()` of the caller, so a rayon pool
 //! installed around the call (`--threads`) sets both.
 
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -82,18 +84,24 @@ pub fn for_each(n: usize, f: impl Fn(usize, usize) + Sync) {
         return;
     }
     if use_team() {
-        let team = Team::global();
-        let busy = match team.busy.try_lock() {
-            Ok(g) => Some(g),
-            // A step that panicked earlier left no state behind: `run` resets it.
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        if let Some(_busy) = busy {
-            team.run(threads.min(n), n, &f);
+        if IN_STEP.get() {
+            (0..n).for_each(|i| f(i, 0));
             return;
         }
+        let team = Team::global();
+        // A step that panicked earlier left no state behind (`run` resets it): ignore poison.
+        let _busy = team.busy.lock().unwrap_or_else(|p| p.into_inner());
+        IN_STEP.set(true);
+        let unset = Unset;
+        team.run(threads.min(n), n, &f);
+        drop(unset);
+        return;
     }
+    on_rayon(n, threads, &f);
+}
+
+/// The step on rayon's current pool (`slot`: the pool's thread index).
+fn on_rayon(n: usize, threads: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     (0..n).into_par_iter().for_each(|i| f(i, rayon::current_thread_index().unwrap_or(0) % threads));
 }
 
@@ -125,6 +133,19 @@ pub fn each_row<T: Send>(buf: &mut [T], width: usize, rows: usize, f: impl Fn(us
         buf.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
     } else {
         for_each_chunk(buf, width, |r, o, _| f(r, o));
+    }
+}
+
+thread_local! {
+    /// Whether this thread is running items of a team step (workers always are).
+    static IN_STEP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears [`IN_STEP`] when the caller's step ends, by return or by panic.
+struct Unset;
+impl Drop for Unset {
+    fn drop(&mut self) {
+        IN_STEP.set(false);
     }
 }
 
@@ -282,6 +303,7 @@ fn backoff(spins: &mut u32) {
 }
 
 fn worker(s: &Shared, id: usize, mut seen: u64) {
+    IN_STEP.set(true);
     loop {
         let state = wait_for_step(s, seen);
         seen = state;
@@ -356,9 +378,7 @@ mod tests {
                             t.run(4, n, &run);
                         }
                     } else {
-                        set_use_team(false);
-                        for_each(n, run);
-                        set_use_team(true);
+                        on_rayon(n, 4, &run);
                     }
                     assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}, team {team}");
                 }
@@ -381,6 +401,28 @@ mod tests {
             });
             assert_eq!(sum.load(Ordering::Relaxed), 63 * 64 / 2);
             set_spin_us(2000);
+        });
+    }
+
+    #[test]
+    fn a_step_inside_a_step_runs_inline_and_other_threads_take_turns() {
+        pool(4).install(|| {
+            let sum = AtomicUsize::new(0);
+            std::thread::scope(|sc| {
+                for _ in 0..3 {
+                    sc.spawn(|| {
+                        pool(4).install(|| {
+                            for_each(8, |i, _| {
+                                for_each(4, |j, slot| {
+                                    assert_eq!(slot, 0, "nested items run inline");
+                                    sum.fetch_add(i * 4 + j, Ordering::Relaxed);
+                                });
+                            })
+                        })
+                    });
+                }
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 3 * (31 * 32 / 2));
         });
     }
 
