@@ -183,7 +183,8 @@ impl<T> Out<T> {
     }
 }
 
-/// One step handed to the team: lives on the caller's stack until every participant is done.
+/// One step handed to the team: lives on the caller's stack until the step is closed and no
+/// worker is inside it.
 struct Job<'a> {
     f: &'a (dyn Fn(usize, usize) + Sync),
     n: usize,
@@ -193,11 +194,13 @@ struct Shared {
     /// `epoch << 16 | participants`: a new value starts a step. Packed in one word so that a
     /// worker never pairs one step's epoch with another's participant count.
     state: AtomicU64,
-    /// The current step's `Job` (valid while a participant has not finished).
+    /// The current step's `Job` (valid until the step is closed and no worker is active).
     job: AtomicUsize,
     next: AtomicUsize,
-    /// Participants other than the caller that finished the current step.
-    done: AtomicUsize,
+    /// Epoch of the last step whose items were all taken: workers arriving later stay out.
+    closed: AtomicU64,
+    /// Workers inside a step (between joining and finishing their items).
+    active: AtomicUsize,
     panicked: AtomicBool,
     sleepers: AtomicUsize,
     park: Mutex<()>,
@@ -222,7 +225,8 @@ impl Team {
                 state: AtomicU64::new(0),
                 job: AtomicUsize::new(0),
                 next: AtomicUsize::new(0),
-                done: AtomicUsize::new(0),
+                closed: AtomicU64::new(0),
+                active: AtomicUsize::new(0),
                 panicked: AtomicBool::new(false),
                 sleepers: AtomicUsize::new(0),
                 park: Mutex::new(()),
@@ -257,7 +261,6 @@ impl Team {
         let job = Job { f, n };
         let s = &*self.shared;
         s.next.store(0, Ordering::Relaxed);
-        s.done.store(0, Ordering::Relaxed);
         s.job.store(&job as *const Job as usize, Ordering::Relaxed);
         let epoch = (s.state.load(Ordering::Relaxed) >> PARTICIPANTS_BITS) + 1;
         // SeqCst with the sleepers check below: a worker either sees this step or is counted.
@@ -267,11 +270,15 @@ impl Team {
             s.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| take_items(s, &job, 0)));
+        // Every item is taken. Close the step, then wait for the workers that joined it: one
+        // that was preempted or asleep and joins after this point sees `closed` and stays out,
+        // so the step never waits for a thread that has nothing left to do.
+        s.closed.store(epoch, Ordering::SeqCst);
         let mut spins = 0u32;
-        while s.done.load(Ordering::Acquire) + 1 < threads {
+        while s.active.load(Ordering::SeqCst) > 0 {
             backoff(&mut spins);
         }
-        // Every participant is done with `job`: it may go out of scope now.
+        // No worker is inside the step and none can enter it: `job` may go out of scope now.
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
@@ -311,13 +318,22 @@ fn worker(s: &Shared, id: usize, mut seen: u64) {
         if id >= participants {
             continue;
         }
-        // SAFETY: the caller published `job` before this state and waits for every participant
-        // (this worker included, via `done`) before the job leaves its stack.
+        // Join, then check the step is still open (SeqCst, against the caller's store to
+        // `closed` and its reads of `active`: either the caller waits for this worker, or this
+        // worker sees the step closed or replaced and leaves without touching its job).
+        s.active.fetch_add(1, Ordering::SeqCst);
+        let epoch = state >> PARTICIPANTS_BITS;
+        if s.closed.load(Ordering::SeqCst) == epoch || s.state.load(Ordering::SeqCst) != state {
+            s.active.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        // SAFETY: the caller published `job` before this state and, having closed the step,
+        // waits until `active` is 0 before the job leaves its stack; this worker is counted.
         let job = unsafe { &*(s.job.load(Ordering::Relaxed) as *const Job) };
         if catch_unwind(AssertUnwindSafe(|| take_items(s, job, id))).is_err() {
             s.panicked.store(true, Ordering::Relaxed);
         }
-        s.done.fetch_add(1, Ordering::Release);
+        s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
