@@ -6,13 +6,16 @@
 //! and 31-44 us once its threads slept (`examples/pool_probe.rs`), several times per step. So the
 //! backend keeps its own team: workers spin on a shared word for [`spin_us`] after their last
 //! step (as OpenMP runtimes do, which is what PyTorch's CPU kernels run on) and only then park.
-//! The caller is worker 0 and takes items like the others, from one atomic counter.
+//! The caller is worker 0. Each participant starts on its own contiguous share of the items and
+//! then takes what others have not started, from the back of their shares; a step ends when
+//! every item is done, without waiting for a worker that never joined it (preempted, asleep).
 //!
 //! `MOE_CPU_POOL=rayon` (or [`set_use_team`]) runs the same steps on rayon's current pool
 //! instead. A step started while another thread's step holds the team waits for it (in-process
 //! expert-parallel ranks take turns with all cores, rather than two pools fighting over them);
-//! a step started from inside a step runs inline on its thread. The team's size follows `rayon::current_num_threads()` of the caller, so a rayon pool
-//! installed around the call (`--threads`) sets both.
+//! a step started from inside a step runs inline on its thread. The team's size follows
+//! `rayon::current_num_threads()` of the caller, so a rayon pool installed around the call
+//! (`--threads`) sets both.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -83,7 +86,8 @@ pub fn for_each(n: usize, f: impl Fn(usize, usize) + Sync) {
         (0..n).for_each(|i| f(i, 0));
         return;
     }
-    if use_team() {
+    // (The team's item ranges hold 32-bit indices.)
+    if use_team() && n <= u32::MAX as usize {
         if IN_STEP.get() {
             (0..n).for_each(|i| f(i, 0));
             return;
@@ -187,7 +191,6 @@ impl<T> Out<T> {
 /// worker is inside it.
 struct Job<'a> {
     f: &'a (dyn Fn(usize, usize) + Sync),
-    n: usize,
 }
 
 struct Shared {
@@ -196,7 +199,10 @@ struct Shared {
     state: AtomicU64,
     /// The current step's `Job` (valid until the step is closed and no worker is active).
     job: AtomicUsize,
-    next: AtomicUsize,
+    /// Per participant, the items it has not started: `start << 32 | end`. A participant takes
+    /// its own from the front (so each thread walks a contiguous run of items, e.g. one
+    /// expert's weights front to back), then takes others' from the back once its own are gone.
+    ranges: Box<[Range]>,
     /// Epoch of the last step whose items were all taken: workers arriving later stay out.
     closed: AtomicU64,
     /// Workers inside a step (between joining and finishing their items).
@@ -224,7 +230,7 @@ impl Team {
             shared: Arc::new(Shared {
                 state: AtomicU64::new(0),
                 job: AtomicUsize::new(0),
-                next: AtomicUsize::new(0),
+                ranges: (0..MAX_PARTICIPANTS).map(|_| Range(AtomicU64::new(0))).collect(),
                 closed: AtomicU64::new(0),
                 active: AtomicUsize::new(0),
                 panicked: AtomicBool::new(false),
@@ -256,11 +262,13 @@ impl Team {
 
     /// Runs the step on `threads` participants (the caller is one). Needs `busy` held.
     fn run(&self, threads: usize, n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
-        let threads = threads.min((1 << PARTICIPANTS_BITS) - 1);
+        let threads = threads.min(MAX_PARTICIPANTS);
         let threads = self.ensure(threads).min(threads);
-        let job = Job { f, n };
+        let job = Job { f };
         let s = &*self.shared;
-        s.next.store(0, Ordering::Relaxed);
+        for (p, r) in s.ranges[..threads].iter().enumerate() {
+            r.0.store(((p * n / threads) as u64) << 32 | ((p + 1) * n / threads) as u64, Ordering::Relaxed);
+        }
         s.job.store(&job as *const Job as usize, Ordering::Relaxed);
         let epoch = (s.state.load(Ordering::Relaxed) >> PARTICIPANTS_BITS) + 1;
         // SeqCst with the sleepers check below: a worker either sees this step or is counted.
@@ -269,7 +277,7 @@ impl Team {
             let _g = s.park.lock().unwrap_or_else(|p| p.into_inner());
             s.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| take_items(s, &job, 0)));
+        let mine = catch_unwind(AssertUnwindSafe(|| take_items(s, &job, 0, threads)));
         // Every item is taken. Close the step, then wait for the workers that joined it: one
         // that was preempted or asleep and joins after this point sees `closed` and stays out,
         // so the step never waits for a thread that has nothing left to do.
@@ -288,13 +296,44 @@ impl Team {
     }
 }
 
-fn take_items(s: &Shared, job: &Job, slot: usize) {
-    loop {
-        let i = s.next.fetch_add(1, Ordering::Relaxed);
-        if i >= job.n {
-            return;
-        }
+/// Runs items until every participant's range is empty: this slot's own from the front, then
+/// the others' from the back.
+fn take_items(s: &Shared, job: &Job, slot: usize, participants: usize) {
+    while let Some(i) = s.ranges[slot].take(true) {
         (job.f)(i, slot);
+    }
+    loop {
+        let stolen = (1..participants).find_map(|v| s.ranges[(slot + v) % participants].take(false));
+        match stolen {
+            Some(i) => (job.f)(i, slot),
+            None => return,
+        }
+    }
+}
+
+/// Most participants in one step.
+const MAX_PARTICIPANTS: usize = 1024;
+
+/// Items `[start, end)` not yet taken, as `start << 32 | end`, alone on its cache line.
+#[repr(align(64))]
+struct Range(AtomicU64);
+
+impl Range {
+    /// Takes the first (`front`) or last item, if any is left.
+    fn take(&self, front: bool) -> Option<usize> {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (start, end) = (cur >> 32, cur & 0xFFFF_FFFF);
+            if start >= end {
+                return None;
+            }
+            let (next, item) =
+                if front { ((start + 1) << 32 | end, start) } else { (start << 32 | (end - 1), end - 1) };
+            match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(item as usize),
+                Err(now) => cur = now,
+            }
+        }
     }
 }
 
@@ -330,7 +369,7 @@ fn worker(s: &Shared, id: usize, mut seen: u64) {
         // SAFETY: the caller published `job` before this state and, having closed the step,
         // waits until `active` is 0 before the job leaves its stack; this worker is counted.
         let job = unsafe { &*(s.job.load(Ordering::Relaxed) as *const Job) };
-        if catch_unwind(AssertUnwindSafe(|| take_items(s, job, id))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| take_items(s, job, id, participants))).is_err() {
             s.panicked.store(true, Ordering::Relaxed);
         }
         s.active.fetch_sub(1, Ordering::SeqCst);
@@ -400,6 +439,16 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn a_range_gives_its_items_from_either_end_once() {
+        let r = Range(AtomicU64::new(3 << 32 | 7));
+        assert_eq!(r.take(true), Some(3));
+        assert_eq!(r.take(false), Some(6));
+        assert_eq!(r.take(true), Some(4));
+        assert_eq!(r.take(false), Some(5));
+        assert_eq!((r.take(true), r.take(false)), (None, None));
     }
 
     #[test]
