@@ -28,6 +28,14 @@ pub fn run(args: InfoArgs) -> moe_core::Result<ExitCode> {
         Ok(()) => println!("  cpu amx     : AMX-BF16 tiles for row tiles of {}+ rows", moe_cpu::tuning::amx_rows()),
         Err(why) => println!("  cpu amx     : not used ({why})"),
     }
+    if moe_cpu::pool::use_team() {
+        println!(
+            "  cpu pool    : worker team, polls {} us for the next step before sleeping (MOE_CPU_SPIN_US; MOE_CPU_POOL=rayon for rayon's pool)",
+            moe_cpu::pool::spin_us()
+        );
+    } else {
+        println!("  cpu pool    : rayon (MOE_CPU_POOL=rayon)");
+    }
     if hw.gpus.is_empty() {
         println!("  gpus        : none ({})", hw.gpu_unavailable.as_deref().unwrap_or("no reason recorded"));
     }

@@ -36,7 +36,20 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Rust starts programs with SIGPIPE ignored, so a print into a closed pipe (`moe info | head`)
+/// panics; a command-line tool should end quietly instead, as `cat` does.
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: sets the default disposition of one signal, before any thread exists; no handler
+    // code runs in this process because of it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    default_sigpipe();
     // Linux grants AMX tile state per process and refuses once threads with small signal
     // stacks exist (CUDA's, say): ask before anything starts a thread.
     let _ = moe_cpu::kernels::amx_available();
