@@ -76,7 +76,7 @@ pub fn threads() -> usize {
 /// scratch); two items with the same slot never run at the same time.
 ///
 /// # Panics
-/// If `f` panics (the panic is re-raised on the caller once every thread has stopped).
+/// If `f` panics (the panic is re-raised on the caller once no other thread runs an item).
 pub fn for_each(n: usize, f: impl Fn(usize, usize) + Sync) {
     let threads = threads();
     if n == 0 {
