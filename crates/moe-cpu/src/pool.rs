@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-const UNSET: usize = usize::MAX;
+use crate::tuning::UNSET;
+
 static USE_TEAM: AtomicUsize = AtomicUsize::new(UNSET);
 static SPIN_US: AtomicUsize = AtomicUsize::new(UNSET);
 
@@ -51,14 +52,7 @@ pub fn set_use_team(on: bool) {
 /// `MOE_CPU_SPIN_US`). A decode loop's steps come well within that, so none of them pays a
 /// wake-up; an idle process stops burning its cores 2 ms after its last step.
 pub fn spin_us() -> usize {
-    match SPIN_US.load(Ordering::Relaxed) {
-        UNSET => {
-            let v = std::env::var("MOE_CPU_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-            let _ = SPIN_US.compare_exchange(UNSET, v, Ordering::Relaxed, Ordering::Relaxed);
-            SPIN_US.load(Ordering::Relaxed)
-        }
-        v => v,
-    }
+    crate::tuning::get(&SPIN_US, "MOE_CPU_SPIN_US", 2000)
 }
 
 /// Overrides [`spin_us`] (workers already spinning finish their current wait first).
@@ -82,23 +76,19 @@ pub fn for_each(n: usize, f: impl Fn(usize, usize) + Sync) {
     if n == 0 {
         return;
     }
-    if n == 1 || threads == 1 {
+    // One item, one thread, or a step inside a team step: inline on this thread.
+    if n == 1 || threads == 1 || IN_STEP.get() {
         (0..n).for_each(|i| f(i, 0));
         return;
     }
     // (The team's item ranges hold 32-bit indices.)
     if use_team() && n <= u32::MAX as usize {
-        if IN_STEP.get() {
-            (0..n).for_each(|i| f(i, 0));
-            return;
-        }
         let team = Team::global();
         // A step that panicked earlier left no state behind (`run` resets it): ignore poison.
         let _busy = team.busy.lock().unwrap_or_else(|p| p.into_inner());
         IN_STEP.set(true);
-        let unset = Unset;
+        let _in_step = Unset;
         team.run(threads.min(n), n, &f);
-        drop(unset);
         return;
     }
     on_rayon(n, threads, &f);

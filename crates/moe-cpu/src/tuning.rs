@@ -9,7 +9,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const UNSET: usize = usize::MAX;
+/// A switch not yet read from the environment or set.
+pub(crate) const UNSET: usize = usize::MAX;
 static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
 static SPLIT_TASKS: AtomicUsize = AtomicUsize::new(UNSET);
@@ -18,7 +19,7 @@ static AMX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
-fn get(cell: &AtomicUsize, var: &str, default: usize) -> usize {
+pub(crate) fn get(cell: &AtomicUsize, var: &str, default: usize) -> usize {
     match cell.load(Ordering::Relaxed) {
         UNSET => {
             let v = std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);

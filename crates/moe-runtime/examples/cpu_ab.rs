@@ -30,6 +30,17 @@ fn main() {
     }
 }
 
+/// One side of the A/B: the switches set before its slices run.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    thp: bool,
+    prefetch: usize,
+    split: usize,
+    amx: usize,
+    quant: QuantFormat,
+    team: bool,
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -45,20 +56,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let slice_s: f64 = opt("--slice-s", "0.5").parse()?;
     let threads: usize = opt("--threads", "2").parse()?;
     let gap_us: u64 = opt("--gap-us", "0").parse()?;
-    type Variant = (bool, usize, usize, usize, QuantFormat, bool);
     let variant = |p: &str| -> Result<Variant, Box<dyn std::error::Error>> {
-        Ok((
-            opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0,
-            opt(&format!("--{p}-pf"), "16").parse()?,
-            opt(&format!("--{p}-split"), "12").parse()?,
-            opt(&format!("--{p}-amx"), "2").parse()?,
-            QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
-            match opt(&format!("--{p}-pool"), "team").as_str() {
+        Ok(Variant {
+            thp: opt(&format!("--{p}-thp"), "0").parse::<u8>()? != 0,
+            prefetch: opt(&format!("--{p}-pf"), "16").parse()?,
+            split: opt(&format!("--{p}-split"), "12").parse()?,
+            amx: opt(&format!("--{p}-amx"), "2").parse()?,
+            quant: QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
+            team: match opt(&format!("--{p}-pool"), "team").as_str() {
                 "team" => true,
                 "rayon" => false,
                 other => return Err(format!("--{p}-pool: team or rayon, not {other}").into()),
             },
-        ))
+        })
     };
     let variants = [variant("a")?, variant("b")?];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
@@ -70,7 +80,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let weights = MoeWeights::random(&cfg, 7)?;
         let (registry, hw) = (default_registry(), probe_hardware());
         let mut moes = Vec::new();
-        for &(thp, _, _, _, quant, _) in &variants {
+        for &Variant { thp, quant, .. } in &variants {
             moe_cpu::tuning::set_huge_pages(thp);
             let opts = BuildOptions { backend: "cpu".into(), ..Default::default() };
             let (c, w) = match quant {
@@ -92,10 +102,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let mut slice_median = [0.0; 2];
             // Alternate which variant goes first so a drift inside a slice pair cancels.
             for v in if s % 2 == 0 { [0, 1] } else { [1, 0] } {
-                moe_cpu::tuning::set_gemv_prefetch(variants[v].1);
-                moe_cpu::tuning::set_split_tasks_per_thread(variants[v].2);
-                moe_cpu::tuning::set_amx_rows(variants[v].3);
-                moe_cpu::pool::set_use_team(variants[v].5);
+                let var = &variants[v];
+                moe_cpu::tuning::set_gemv_prefetch(var.prefetch);
+                moe_cpu::tuning::set_split_tasks_per_thread(var.split);
+                moe_cpu::tuning::set_amx_rows(var.amx);
+                moe_cpu::pool::set_use_team(var.team);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
                 let start = Instant::now();
@@ -113,7 +124,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, (thp, pf, split, amx, quant, team)) in variants.iter().enumerate() {
+        for (v, Variant { thp, prefetch: pf, split, amx, quant, team }) in variants.iter().enumerate() {
             let pool = if *team { "team" } else { "rayon" };
             let med = median(&mut times[v]);
             println!(
