@@ -421,35 +421,20 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* map, u64* 
 // the same time, so the weights come from L2 for all but the first. (A static stride walk let
 // those partners drift apart: ncu showed 28.3 GB of DRAM reads against 19.2 GB for the
 // non-persistent kernel at deepseek-v3 T = 4096.)
-__device__ __forceinline__ int next_block(const GemmParams& p, int num_m, u64 counter, int total, int& tile, int& nb,
-                                          int& e, int& row0, int& row_end) {
+// `num_m` counts units of `cl` row tiles; a unit has work when its first tile has rows.
+__device__ __forceinline__ int next_block(const GemmParams& p, int num_m, int num_n, u64 counter, int total, int& tile,
+                                          int& nb, int& e, int& row0, int& row_end, int cl = 1) {
     for (;;) {
         const int b = (int)atomicAdd((unsigned int*)counter, 1u);
         if (b >= total) return -1;
-        block_coords_of(b, num_m, p.num_n, tile, nb);
+        block_coords_of(b, num_m, num_n, tile, nb);
+        tile *= cl;
         if (tile_rows(p, tile, TW_BM, e, row0, row_end)) return b;
     }
 }
 
-#ifdef MOE_HAS_WGMMA
-// Thread 0 initializes the stage ring (`full` expects `full_count` arrivals, `empty` one per
-// consumer warp) and the scheduler's 2-slot ring; every thread waits until they are visible.
-__device__ __forceinline__ void tw_init_barriers(u64* full, u64* empty, u64* sched_full, u64* sched_empty, int stages,
-                                                 u32 full_count) {
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages; ++s) {
-            mbar_init(&full[s], full_count);
-            mbar_init(&empty[s], 8);  // one arrival per consumer warp
-        }
-        for (int s = 0; s < 2; ++s) {
-            mbar_init(&sched_full[s], 1);
-            mbar_init(&sched_empty[s], 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-}
 
+#ifdef MOE_HAS_WGMMA
 // Staged epilogue, part 1: the packed pair of 16-bit values of row g + 8 h, local columns
 // 8 j + 2 t4 (+1) of a warp's 16 x 128 slab goes to its buffer. The offset beyond the thread's
 // base is a constant, so no address registers compete with the 128 accumulators.
@@ -484,7 +469,87 @@ __device__ __forceinline__ void tw_epi_flush(u32* buf, u16* out, int ld, int row
 }
 #endif
 
-template <bool GATE_UP, class Tag>
+#ifdef MOE_HAS_WGMMA
+// ---- 2-CTA clusters (sm_90): the partner's shared memory and barriers ----
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+// The address of `p` (this CTA's shared memory) in CTA `rank`'s shared memory window.
+__device__ __forceinline__ u32 cluster_addr(const void* p, u32 rank) {
+    u32 a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+    return a;
+}
+// Arrives on CTA `rank`'s copy of `bar` (default semantics: release at CTA scope, as a local
+// arrive; enough for a stage release, whose reads were the MMAs this thread waited for).
+__device__ __forceinline__ void mbar_arrive_cluster(u64* bar, u32 rank) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr(bar, rank)) : "memory");
+}
+// The same, releasing this thread's earlier writes (a block id stored into the partner) to the
+// whole cluster: once per tile, not on every stage release.
+__device__ __forceinline__ void mbar_arrive_cluster_release(u64* bar, u32 rank) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr(bar, rank))
+                 : "memory");
+}
+// mbar_wait that also acquires what other CTAs of the cluster released before arriving.
+__device__ __forceinline__ void mbar_wait_cluster(u64* bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, "
+            "0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void st_cluster(int* p, u32 rank, int v) {
+    asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(cluster_addr(p, rank)), "r"(v) : "memory");
+}
+// Every thread of every CTA of the cluster (threads may arrive from divergent paths).
+__device__ __forceinline__ void cluster_sync_all() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// TMA tile load written to the same offset of every CTA in `mask`, completing on each one's `bar`.
+__device__ __forceinline__ void tma_load_2d_mc(void* dst, const TmaDesc* map, u64* bar, int c0, int c1, u16 mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
+        "%4}], [%2], %5;\n" ::"r"(smem_addr(dst)),
+        "l"((u64)map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(mask)
+        : "memory");
+}
+
+// Barriers of the TMA tiles: `full` expects `full_count` arrivals; `empty` one per consumer warp
+// of the cluster; the scheduler's 2-slot ring (CTA 0's slots are released by every consumer warp
+// of the cluster and CTA 1's producer). Visible to the whole cluster on return.
+template <int CL>
+__device__ __forceinline__ void tw_init_cluster_barriers(u64* full, u64* empty, u64* sched_full, u64* sched_empty,
+                                                         int stages, u32 full_count) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(&full[s], full_count);
+            mbar_init(&empty[s], 8 * CL);
+        }
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(&sched_full[s], 1);
+            mbar_init(&sched_empty[s], CL > 1 ? 8 * CL + 1 : 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (CL > 1) cluster_sync_all();  // the partner's barriers exist before anything arrives on them
+    else __syncthreads();
+}
+#endif
+
+// CL = 2 (T256X2): a cluster of two CTAs takes two consecutive row tiles of one expert (the
+// layout aligns experts to 256 rows, so tile 2u + 1 is 2u's expert or empty) and one column
+// block; each CTA loads half of the shared weight tile and multicasts it to both, so L2 serves
+// the weights once per pair (the tile is L2-bandwidth bound). CTA 0's producer runs the
+// scheduler and hands each block id to both; a stage is refilled only after the consumers of
+// both CTAs released it. A CTA whose tile is empty keeps the protocol without MMAs.
+template <bool GATE_UP, class Tag, int CL>
 __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
 #ifdef MOE_HAS_WGMMA
     constexpr int A_BYTES = TW_BM * TW_BK * 2, B_BYTES = TW_BN * TW_BK * 2;
@@ -507,25 +572,64 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
     // straight from the token activations with cp.async (row r of the tile is token
     // token_of_row[row0 + r]), so the permuted copy of the activations is never materialized.
     const bool gather = GATE_UP && tp.token_of_row != 0;
-    tw_init_barriers(full, empty, sched_full, sched_empty, STAGES, gather ? 1 + 128 : 1);
+    const u32 rank = CL > 1 ? cluster_rank() : 0, peer = rank ^ 1;
+    tw_init_cluster_barriers<CL>(full, empty, sched_full, sched_empty, STAGES, gather ? 1 + 128 : 1);
     const int K = p.K, N = p.N, num_n = p.num_n;
     const int n_total = GATE_UP ? 2 * N : N;
     const int KT = (K + TW_BK - 1) / TW_BK;
-    const int total = tp.num_m * num_n;
+    const int num_u = tp.num_m / CL;  // row-tile units (pairs of tiles when CL = 2)
+    const int total = num_u * num_n;
+    auto sched_get = [&](int it) {
+        const int slot = it & 1;
+        if (CL > 1) mbar_wait_cluster(&sched_full[slot], (it >> 1) & 1);
+        else mbar_wait(&sched_full[slot], (it >> 1) & 1);
+        return sched_block[slot];
+    };
+    auto sched_release = [&](int it) {
+        if (CL > 1 && rank != 0) mbar_arrive_cluster(&sched_empty[it & 1], 0);
+        else mbar_arrive(&sched_empty[it & 1]);
+    };
+    auto stage_release = [&](int st) {
+        mbar_arrive(&empty[st]);
+        if (CL > 1) mbar_arrive_cluster(&empty[st], peer);
+    };
+    // This CTA's tile of block b: its rows (false: none) and the expert whose weights the pair
+    // streams (the first tile's; the second is that expert's or empty).
+    auto coords = [&](int b, int& nb, int& e, int& row0, int& row_end, int& e_w) {
+        int tu;
+        block_coords_of(b, num_u, num_n, tu, nb);
+        const bool rows = tile_rows(p, tu * CL + (int)rank, TW_BM, e, row0, row_end);
+        e_w = e;
+        if (CL > 1 && rank != 0) {
+            int r0, re;
+            tile_rows(p, tu * CL, TW_BM, e_w, r0, re);
+        }
+        return rows;
+    };
     if (wg == 0) {
-        if (!gather && tid != 0) return;
         const u16* X = (const u16*)p.a;
         const int ch = tid & 7, rsub = tid >> 3;
         int stage = 0, it = 0;
         u32 phase = 0;
-        for (;; ++it) {
-            int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0, b = -1;
+        for (; gather || tid == 0; ++it) {
+            int nb = 0, e = 0, row0 = 0, row_end = 0, e_w = 0, b = -1;
             if (tid == 0) {
-                b = next_block(p, tp.num_m, tp.tile_counter, total, tile, nb, e, row0, row_end);
-                const int slot = it & 1;
-                mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
-                sched_block[slot] = b;
-                mbar_arrive(&sched_full[slot]);
+                if (rank == 0) {
+                    int tile;
+                    b = next_block(p, num_u, num_n, tp.tile_counter, total, tile, nb, e, row0, row_end, CL);
+                    const int slot = it & 1;
+                    if (CL > 1) mbar_wait_cluster(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+                    else mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+                    sched_block[slot] = b;
+                    if (CL > 1) {
+                        st_cluster(&sched_block[slot], 1, b);
+                        mbar_arrive_cluster_release(&sched_full[slot], 1);
+                    }
+                    mbar_arrive(&sched_full[slot]);
+                } else {
+                    b = sched_get(it);
+                    sched_release(it);
+                }
             }
             if (gather) {
                 // Share the block with the other producer threads (named barrier 1, 128 threads).
@@ -533,13 +637,10 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                 asm volatile("bar.sync 1, 128;\n" ::: "memory");
                 b = sched_block[2];
                 asm volatile("bar.sync 1, 128;\n" ::: "memory");
-                if (b >= 0 && tid != 0) {
-                    block_coords_of(b, tp.num_m, num_n, tile, nb);
-                    tile_rows(p, tile, TW_BM, e, row0, row_end);
-                }
             }
             if (b < 0) break;
-            const int wrow = e * n_total + nb * (GATE_UP ? TW_BN / 2 : TW_BN);
+            const bool has_rows = coords(b, nb, e, row0, row_end, e_w);
+            const int wrow = e_w * n_total + nb * (GATE_UP ? TW_BN / 2 : TW_BN);
             // Gather: eight threads copy one 128-byte row segment (coalesced); thread tid covers
             // rows tid / 8 + 16 i. Rows past the expert's end are zero-filled.
             int tok[8];
@@ -554,9 +655,15 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                 mbar_wait(&empty[stage], phase ^ 1);
                 const int k0 = kt * TW_BK;
                 if (tid == 0) {
-                    mbar_expect_tx(&full[stage], gather ? B_BYTES : A_BYTES + B_BYTES);
-                    if (!gather) tma_load_2d(As + stage * A_BYTES, &tp.a, &full[stage], k0, row0);
-                    if (GATE_UP) {
+                    const bool load_a = !gather && has_rows;
+                    mbar_expect_tx(&full[stage], load_a ? A_BYTES + B_BYTES : B_BYTES);
+                    if (load_a) tma_load_2d(As + stage * A_BYTES, &tp.a, &full[stage], k0, row0);
+                    if (CL > 1) {
+                        // This CTA's half of the weight tile (gate_up: the gate or the up rows;
+                        // down: 128 of the 256 rows), into both CTAs.
+                        const int wr = GATE_UP ? wrow + (int)rank * N : wrow + (int)rank * (TW_BN / 2);
+                        tma_load_2d_mc(Bs + stage * B_BYTES + rank * (B_BYTES / 2), &tp.b, &full[stage], k0, wr, (u16)3);
+                    } else if (GATE_UP) {
                         tma_load_2d(Bs + stage * B_BYTES, &tp.b, &full[stage], k0, wrow);
                         tma_load_2d(Bs + stage * B_BYTES + B_BYTES / 2, &tp.b, &full[stage], k0, wrow + N);
                     } else {
@@ -567,7 +674,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                     u16* dst = (u16*)(As + stage * A_BYTES) + rsub * TW_BK + ((ch ^ (rsub & 7)) << 3);
                     const int k = k0 + ch * 8;
                     // Rows 64.. (i >= 4) feed the second consumer, idle when they are all past the end.
-                    const int copies = skip_dead && row0 + 64 >= row_end ? 4 : 8;
+                    const int copies = !has_rows ? 0 : skip_dead && row0 + 64 >= row_end ? 4 : 8;
 #pragma unroll
                     for (int i = 0; i < 8; ++i) {
                         if (i >= copies) break;
@@ -582,6 +689,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                 }
             }
         }
+        if (CL > 1) cluster_sync_all();  // the partner may still multicast into / arrive on this CTA
         return;
     }
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
@@ -589,20 +697,18 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
     u32 phase = 0;
     float d[TW_BN / 2];
     for (int it = 0;; ++it) {
-        const int slot = it & 1;
-        mbar_wait(&sched_full[slot], (it >> 1) & 1);
-        const int b = sched_block[slot];
+        const int b = sched_get(it);
         __syncwarp();
-        if (lane == 0) mbar_arrive(&sched_empty[slot]);
+        if (lane == 0) sched_release(it);
         if (b < 0) break;
-        int tile, nb, e, row0, row_end;
-        block_coords_of(b, tp.num_m, num_n, tile, nb);
-        tile_rows(p, tile, TW_BM, e, row0, row_end);
+        int nb, e, row0, row_end, e_w;
+        const bool has_rows = coords(b, nb, e, row0, row_end, e_w);
 #pragma unroll
         for (int i = 0; i < TW_BN / 2; ++i) d[i] = 0.f;
-        // This consumer's rows row0 + 64 c.. hold no expert rows: it only keeps the barrier
-        // protocol (wait on full, release on empty), so the other consumer's MMAs run alone.
-        const bool live = !skip_dead || row0 + c * 64 < row_end;
+        // This consumer's rows row0 + 64 c.. hold no expert rows (or the CTA's tile none): it
+        // only keeps the barrier protocol (wait on full, release on empty), so the other
+        // consumer's MMAs run alone.
+        const bool live = has_rows && (!skip_dead || row0 + c * 64 < row_end);
         int prev = -1;
         for (int kt = 0; kt < KT; ++kt) {
             mbar_wait(&full[stage], phase);
@@ -617,11 +723,11 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                     wgmma_m64n256k16(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), Tag());
                 wgmma_commit();
                 wgmma_wait<1>();
-                if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+                if (prev >= 0 && lane == 0) stage_release(prev);
                 prev = stage;
             } else {
                 __syncwarp();
-                if (lane == 0) mbar_arrive(&empty[stage]);
+                if (lane == 0) stage_release(stage);
             }
             if (++stage == STAGES) {
                 stage = 0;
@@ -629,7 +735,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
             }
         }
         wgmma_wait<0>();
-        if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+        if (prev >= 0 && lane == 0) stage_release(prev);
         if (!live) continue;
         const int row_base = row0 + c * 64 + warp * 16;
         const int n0 = nb * (GATE_UP ? TW_BN / 2 : TW_BN);
@@ -697,6 +803,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
         if (!GATE_UP && tp.y16) store_acc<1, NI, false, Tag, true>(p, acc, e, row_base, row_end, 0, n0);
         else store_acc<1, NI, GATE_UP, Tag>(p, acc, e, row_base, row_end, 0, n0);
     }
+    if (CL > 1) cluster_sync_all();
 #endif
 }
 
@@ -718,8 +825,14 @@ struct F8TmaParams {
     u64 tile_counter;
     u64 a_scales;  // f32 [ceil(K / 128), a_rows], 16-byte aligned
     u64 w_scales;  // f32 [experts][ceil(K / 128), n_total]: block scale of each weight row, 16-byte aligned
-    int a_rows, pad;  // a_rows: a multiple of 4, at least num_m * 128 (whole tiles' scales are copied)
+    int a_rows;  // a multiple of 4, at least num_m * 128 (whole tiles' scales are copied)
+    int flags;   // F8_PINGPONG (measurement switch)
 };
+// Two partial-sum register sets per consumer: k-tile kt's MMAs run while kt - 1's partial sum is
+// promoted (the producer warpgroup gives its registers to the consumers with setmaxnreg).
+#define F8_PINGPONG 1
+#define F8_PRODUCER_REGS 40
+#define F8_CONSUMER_REGS 232
 
 #define F8_BK 128
 #define F8_BN 128
@@ -733,7 +846,12 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes,
                  : "memory");
 }
 
-template <bool GATE_UP, class Tag>
+// CL = 2: a cluster of two CTAs takes a row tile and two neighbouring column blocks (one each);
+// each CTA loads half of the shared A tile and multicasts it to both, so L2 serves the A rows
+// once per pair (the tile is L2-bandwidth bound). CTA 0's producer runs the tile scheduler for
+// the pair and hands each block id to both CTAs; a stage is refilled only after the consumers
+// of both CTAs released it. Needs an even column-block count.
+template <bool GATE_UP, class Tag, int CL>
 __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
 #ifdef MOE_HAS_WGMMA
     constexpr int A_BYTES = TW_BM * F8_BK, B_BYTES = F8_BN * F8_BK, STAGES = F8_STAGES;
@@ -754,30 +872,70 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     u64* sched_empty = sched_full + 2;
     int* sched_block = (int*)(sched_empty + 2);
     const int tid = threadIdx.x, wg = tid >> 7;
-    tw_init_barriers(full, empty, sched_full, sched_empty, STAGES, 1);
-    const int K = p.K, N = p.N, num_n = p.num_n;
+    const u32 rank = CL > 1 ? cluster_rank() : 0, peer = rank ^ 1;
+    tw_init_cluster_barriers<CL>(full, empty, sched_full, sched_empty, STAGES, 1);
+    const int K = p.K, N = p.N, num_n = p.num_n / CL;  // num_n: column-block units (pairs)
     const int n_total = GATE_UP ? 2 * N : N;
     const int KT = (K + F8_BK - 1) / F8_BK;
     const int total = tp.num_m * num_n;
+    const bool pingpong = (tp.flags & F8_PINGPONG) != 0;
+    // The block id of scheduler slot `slot` in iteration `it` (CTA 0 / CL = 1 take it from the
+    // counter, CTA 1 from its slot written by CTA 0) and its release.
+    auto sched_get = [&](int it) {
+        const int slot = it & 1;
+        if (CL > 1) mbar_wait_cluster(&sched_full[slot], (it >> 1) & 1);
+        else mbar_wait(&sched_full[slot], (it >> 1) & 1);
+        return sched_block[slot];
+    };
+    auto sched_release = [&](int it) {
+        if (CL > 1 && rank != 0) mbar_arrive_cluster(&sched_empty[it & 1], 0);
+        else mbar_arrive(&sched_empty[it & 1]);
+    };
+    // Consumer warps release a stage in every CTA of the cluster (the producers multicast into both).
+    auto stage_release = [&](int st) {
+        mbar_arrive(&empty[st]);
+        if (CL > 1) mbar_arrive_cluster(&empty[st], peer);
+    };
     if (wg == 0) {
-        if (tid != 0) return;
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(F8_PRODUCER_REGS));
         int stage = 0;
         u32 phase = 0;
-        for (int it = 0;; ++it) {
-            int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0;
-            const int b = next_block(p, tp.num_m, tp.tile_counter, total, tile, nb, e, row0, row_end);
-            const int slot = it & 1;
-            mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
-            sched_block[slot] = b;
-            mbar_arrive(&sched_full[slot]);
+        for (int it = 0; tid == 0; ++it) {
+            int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0, b;
+            if (rank == 0) {
+                b = next_block(p, tp.num_m, num_n, tp.tile_counter, total, tile, nb, e, row0, row_end);
+                const int slot = it & 1;
+                if (CL > 1) mbar_wait_cluster(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+                else mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+                sched_block[slot] = b;
+                if (CL > 1) {
+                    st_cluster(&sched_block[slot], 1, b);
+                    mbar_arrive_cluster_release(&sched_full[slot], 1);
+                }
+                mbar_arrive(&sched_full[slot]);
+            } else {
+                b = sched_get(it);
+                sched_release(it);
+                if (b >= 0) {
+                    block_coords_of(b, tp.num_m, num_n, tile, nb);
+                    tile_rows(p, tile, TW_BM, e, row0, row_end);
+                }
+            }
             if (b < 0) break;
+            nb = nb * CL + rank;
             const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN), wrow = e * n_total + n0;
             const float* ws = (const float*)tp.w_scales + (size_t)e * KT * n_total;
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&empty[stage], phase ^ 1);
                 const int k0 = kt * F8_BK;
                 mbar_expect_tx(&full[stage], A_BYTES + B_BYTES + SC_BYTES);
-                tma_load_2d(As + stage * A_BYTES, &tp.a, &full[stage], k0, row0);
+                if (CL > 1) {
+                    // This CTA's half of the A rows, into both CTAs (the partner sends the other).
+                    tma_load_2d_mc(As + stage * A_BYTES + rank * (A_BYTES / 2), &tp.a, &full[stage], k0,
+                                   row0 + (int)rank * (TW_BM / 2), (u16)3);
+                } else {
+                    tma_load_2d(As + stage * A_BYTES, &tp.a, &full[stage], k0, row0);
+                }
                 bulk_load(Sa + stage * TW_BM, (const float*)tp.a_scales + (size_t)kt * tp.a_rows + row0, TW_BM * 4,
                           &full[stage]);
                 bulk_load(Sw + stage * 8, ws + (size_t)kt * n_total + n0, 16, &full[stage]);
@@ -794,22 +952,23 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
                 }
             }
         }
+        if (CL > 1) cluster_sync_all();  // the partner may still multicast into / arrive on this CTA
         return;
     }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(F8_CONSUMER_REGS));
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2;
     int stage = 0;
     u32 phase = 0;
     constexpr int NI = F8_BN / 8;
-    float d[F8_BN / 2], acc[1][NI][4];
+    float d[F8_BN / 2], d2[F8_BN / 2], acc[1][NI][4];
     for (int it = 0;; ++it) {
-        const int slot = it & 1;
-        mbar_wait(&sched_full[slot], (it >> 1) & 1);
-        const int b = sched_block[slot];
+        const int b = sched_get(it);
         __syncwarp();
-        if (lane == 0) mbar_arrive(&sched_empty[slot]);
+        if (lane == 0) sched_release(it);
         if (b < 0) break;
         int tile, nb, e, row0, row_end;
         block_coords_of(b, tp.num_m, num_n, tile, nb);
+        nb = nb * CL + rank;
         tile_rows(p, tile, TW_BM, e, row0, row_end);
         const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN);
         if (row0 + c * 64 >= row_end) {
@@ -818,7 +977,7 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&full[stage], phase);
                 __syncwarp();
-                if (lane == 0) mbar_arrive(&empty[stage]);
+                if (lane == 0) stage_release(stage);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -833,34 +992,88 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
         for (int j = 0; j < NI; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
-        for (int kt = 0; kt < KT; ++kt) {
+        // Register 4 j + r of a partial sum: row lo (r < 2) or hi; column block 1 (the up rows)
+        // for j >= NI/2 in gate_up, one block in down.
+        auto promote = [&](const float(&dp)[F8_BN / 2], const float(&s)[4]) {
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const bool blk1 = GATE_UP && j >= NI / 2;
+                acc[0][j][0] = fmaf(dp[4 * j + 0], blk1 ? s[1] : s[0], acc[0][j][0]);
+                acc[0][j][1] = fmaf(dp[4 * j + 1], blk1 ? s[1] : s[0], acc[0][j][1]);
+                acc[0][j][2] = fmaf(dp[4 * j + 2], blk1 ? s[3] : s[2], acc[0][j][2]);
+                acc[0][j][3] = fmaf(dp[4 * j + 3], blk1 ? s[3] : s[2], acc[0][j][3]);
+            }
+        };
+        // Waits for k-tile kt's stage, issues its MMAs into `dn` and reads its scales into `s`.
+        auto issue = [&](float(&dn)[F8_BN / 2], float(&s)[4]) {
             mbar_wait(&full[stage], phase);
             const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
             const unsigned char* bs = Bs + stage * B_BYTES;
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < F8_BK; kk += 32)
-                wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
+                wgmma_m64n128k32_e4m3(dn, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
             wgmma_commit();
-            // This k-tile's scales from the stage, read while the MMAs run (before the release).
             const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
             const float b0 = Sw[stage * 8], b1 = Sw[stage * 8 + (GATE_UP ? 4 : 0)];
-            const float s00 = a_lo * b0, s01 = a_lo * b1, s10 = a_hi * b0, s11 = a_hi * b1;
-            wgmma_wait<0>();
-            if (lane == 0) mbar_arrive(&empty[stage]);
+            s[0] = a_lo * b0;
+            s[1] = a_lo * b1;
+            s[2] = a_hi * b0;
+            s[3] = a_hi * b1;
+        };
+        // Releases the oldest stage still held (`held` k-tiles back from the current one).
+        auto release = [&](int held) {
+            int st = stage - held;
+            if (st < 0) st += STAGES;
+            if (lane == 0) stage_release(st);
+        };
+        auto advance = [&]() {
             if (++stage == STAGES) {
                 stage = 0;
                 phase ^= 1;
             }
-            // Register 4 j + r: row lo (r < 2) or hi; column block 1 (the up rows) for j >= NI/2
-            // in gate_up, one block in down.
-#pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const bool blk1 = GATE_UP && j >= NI / 2;
-                acc[0][j][0] = fmaf(d[4 * j + 0], blk1 ? s01 : s00, acc[0][j][0]);
-                acc[0][j][1] = fmaf(d[4 * j + 1], blk1 ? s01 : s00, acc[0][j][1]);
-                acc[0][j][2] = fmaf(d[4 * j + 2], blk1 ? s11 : s10, acc[0][j][2]);
-                acc[0][j][3] = fmaf(d[4 * j + 3], blk1 ? s11 : s10, acc[0][j][3]);
+        };
+        if (pingpong) {
+            // kt's MMAs (in one partial-sum set) stay in flight while kt - 1's (in the other)
+            // are promoted; a stage is released once its MMAs have completed.
+            float s_even[4], s_odd[4];
+            issue(d, s_even);
+            advance();
+            int kt = 1;
+            for (; kt + 1 < KT; kt += 2) {
+                issue(d2, s_odd);
+                advance();
+                wgmma_wait<1>();
+                release(2);
+                promote(d, s_even);
+                issue(d, s_even);
+                advance();
+                wgmma_wait<1>();
+                release(2);
+                promote(d2, s_odd);
+            }
+            if (kt < KT) {
+                issue(d2, s_odd);
+                advance();
+                wgmma_wait<1>();
+                release(2);
+                promote(d, s_even);
+                wgmma_wait<0>();
+                release(1);
+                promote(d2, s_odd);
+            } else {
+                wgmma_wait<0>();
+                release(1);
+                promote(d, s_even);
+            }
+        } else {
+            for (int kt = 0; kt < KT; ++kt) {
+                float s[4];
+                issue(d, s);
+                advance();
+                wgmma_wait<0>();
+                release(1);
+                promote(d, s);
             }
         }
         if (GATE_UP) {
@@ -880,6 +1093,7 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             store_acc<1, NI, false, Tag>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
         }
     }
+    if (CL > 1) cluster_sync_all();
 #endif
 }
 
@@ -892,23 +1106,31 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     extern "C" __global__ void __launch_bounds__(WMW * WNW * 32) gemm_down_##DT##_##NAME(GemmParams p) {    \
         grouped_gemm<BM, BN, BK, WMW, WNW, ST, false, TAG>(p);                                          \
     }
-#define TMA_WS_ENTRY(NAME, DT, TAG)                                                                     \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                \
+#define TMA_WS_ENTRY(NAME, DT, TAG, CL)                                                                 \
+    extern "C" __global__ void MOE_CLUSTER_##CL __launch_bounds__(384, 1)                                  \
         gemm_gate_up_##DT##_##NAME(const __grid_constant__ TmaGemmParams p) {                           \
-        tma_ws_gemm<true, TAG>(p);                                                                      \
+        tma_ws_gemm<true, TAG, CL>(p);                                                                  \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                \
+    extern "C" __global__ void MOE_CLUSTER_##CL __launch_bounds__(384, 1)                                  \
         gemm_down_##DT##_##NAME(const __grid_constant__ TmaGemmParams p) {                              \
-        tma_ws_gemm<false, TAG>(p);                                                                     \
+        tma_ws_gemm<false, TAG, CL>(p);                                                                 \
     }
-#define F8_TMA_ENTRY(NAME, DT, TAG)                                                                          \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                \
+// CL = 2 kernels carry their cluster shape (a plain launch runs them as 2-CTA clusters); below
+// sm_90 they are empty and plain.
+#define MOE_CLUSTER_1
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_CLUSTER_2 __cluster_dims__(2, 1, 1)
+#else
+#define MOE_CLUSTER_2
+#endif
+#define F8_TMA_ENTRY(NAME, DT, TAG, CL)                                                                 \
+    extern "C" __global__ void MOE_CLUSTER_##CL __launch_bounds__(384, 1)                                  \
         gemm_gate_up_##DT##_##NAME(const __grid_constant__ F8TmaParams p) {                             \
-        f8_tma_ws_gemm<true, TAG>(p);                                                                   \
+        f8_tma_ws_gemm<true, TAG, CL>(p);                                                               \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                \
+    extern "C" __global__ void MOE_CLUSTER_##CL __launch_bounds__(384, 1)                                  \
         gemm_down_##DT##_##NAME(const __grid_constant__ F8TmaParams p) {                                \
-        f8_tma_ws_gemm<false, TAG>(p);                                                                  \
+        f8_tma_ws_gemm<false, TAG, CL>(p);                                                              \
     }
 #define WGMMA_ENTRY(NAME, DT, TAG, BN, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(256, 1) gemm_gate_up_##DT##_##NAME(GemmParams p) { \
@@ -926,8 +1148,10 @@ GEMM_ENTRY(m64, bf16, Bf16Tag, 64, 128, 64, 2, 2, 3)
 GEMM_ENTRY(m128, bf16, Bf16Tag, 128, 128, 32, 2, 4, 4)
 WGMMA_ENTRY(w128, bf16, Bf16Tag, 128, 4)
 WGMMA_ENTRY(w256, bf16, Bf16Tag, 256, 4)
-TMA_WS_ENTRY(t256, bf16, Bf16Tag)
-F8_TMA_ENTRY(f8t128, bf16, Bf16Tag)
+TMA_WS_ENTRY(t256, bf16, Bf16Tag, 1)
+TMA_WS_ENTRY(t256x2, bf16, Bf16Tag, 2)
+F8_TMA_ENTRY(f8t128, bf16, Bf16Tag, 1)
+F8_TMA_ENTRY(f8t128x2, bf16, Bf16Tag, 2)
 #endif
 #ifdef MOE_GEMM_F16
 GEMM_ENTRY(m16, f16, F16Tag, 16, 128, 64, 1, 4, 4)
@@ -935,6 +1159,8 @@ GEMM_ENTRY(m64, f16, F16Tag, 64, 128, 64, 2, 2, 3)
 GEMM_ENTRY(m128, f16, F16Tag, 128, 128, 32, 2, 4, 4)
 WGMMA_ENTRY(w128, f16, F16Tag, 128, 4)
 WGMMA_ENTRY(w256, f16, F16Tag, 256, 4)
-TMA_WS_ENTRY(t256, f16, F16Tag)
-F8_TMA_ENTRY(f8t128, f16, F16Tag)
+TMA_WS_ENTRY(t256, f16, F16Tag, 1)
+TMA_WS_ENTRY(t256x2, f16, F16Tag, 2)
+F8_TMA_ENTRY(f8t128, f16, F16Tag, 1)
+F8_TMA_ENTRY(f8t128x2, f16, F16Tag, 2)
 #endif

@@ -26,7 +26,7 @@ struct LayoutParams {
     u64 offsets;      // [n_local + 1] i32 out (aligned, contiguous mode)
     u64 tile_expert;  // [tiles] i32 out: local expert of each BM-row tile, -1 past the end
     u64 tile_end;     // [tiles] i32 out: end of the expert's real rows
-    int n_local, block_m, tiles, pad;
+    int n_local, block_m, tiles, align;  // align: rows each expert's offset is aligned to (0: block_m)
 };
 
 // One block: the aligned offsets by a block-wide exclusive scan (256 experts a pass, a running
@@ -41,7 +41,8 @@ extern "C" __global__ void moe_layout(LayoutParams p) {
     __syncthreads();
     for (int e0 = 0; e0 < p.n_local; e0 += blockDim.x) {
         const int e = e0 + threadIdx.x;
-        const int v = e < p.n_local ? (counts[e] + p.block_m - 1) / p.block_m * p.block_m : 0;
+        const int al = p.align > 0 ? p.align : p.block_m;
+        const int v = e < p.n_local ? (counts[e] + al - 1) / al * al : 0;
         int x = v;  // inclusive scan within the warp
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {

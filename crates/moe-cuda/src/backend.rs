@@ -139,6 +139,7 @@ impl CudaBackend {
                 Ok("0") => None,
                 Ok("128") => Some(GemmTile::W128),
                 Ok("256") => Some(GemmTile::W256),
+                Ok("t256x2") => Some(GemmTile::T256X2),
                 _ => Some(GemmTile::T256),
             },
         })
@@ -176,6 +177,15 @@ impl CudaBackend {
         }
         let mut p = heuristics::plan(tokens, self.cfg.top_k, n_local, self.masked_max);
         p.tile = self.upgrade(p.tile, tokens * self.cfg.top_k / n_local.max(1));
+        if p.tile == GemmTile::T256X2 {
+            if p.layout == Layout::Contiguous {
+                p.tiles = heuristics::paired_tiles(tokens * self.cfg.top_k, n_local);
+                p.rows = p.tiles * GemmTile::T256X2.block_m();
+            } else {
+                // A masked expert may own an odd number of tiles: a pair could span two experts.
+                p.tile = GemmTile::T256;
+            }
+        }
         p
     }
 
@@ -183,9 +193,9 @@ impl CudaBackend {
     /// only where experts average at least `tma_min_rows` rows (the cp.async tile below that).
     fn upgrade(&self, tile: GemmTile, rows_per_expert: usize) -> GemmTile {
         match self.wgmma {
-            Some(GemmTile::T256) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => {
+            Some(t @ (GemmTile::T256 | GemmTile::T256X2)) if tile == GemmTile::M128 && self.dev.arch() == "sm_90a" => {
                 if rows_per_expert >= self.tma_min_rows {
-                    GemmTile::T256
+                    t
                 } else {
                     GemmTile::W256
                 }
@@ -221,10 +231,11 @@ impl CudaBackend {
 
     /// Benchmarks and tests: the wgmma tile used for large groups on sm_90a (`None`: mma.sync
     /// only). Default `T256` (TMA, warp-specialized); `MOE_CUDA_WGMMA=0` turns it off, `=128`
-    /// picks `W128`, `=256` the cp.async `W256`.
+    /// picks `W128`, `=256` the cp.async `W256`, `=t256x2` the 2-CTA `T256X2` (contiguous
+    /// layouts; masked ones keep `T256`, whose experts may own an odd number of tiles).
     pub fn set_wgmma(&mut self, tile: Option<GemmTile>) {
-        // F8T128 is the FP8 store's tile, not a bf16/f16 one.
-        self.wgmma = tile.filter(|t| t.needs_sm90a() && *t != GemmTile::F8T128);
+        // The F8T128 tiles are the FP8 store's, not bf16/f16 ones.
+        self.wgmma = tile.filter(|t| t.needs_sm90a() && !matches!(t, GemmTile::F8T128 | GemmTile::F8T128X2));
     }
 
     /// K splits of the down projection: decode-sized problems have too few output tiles to keep
@@ -492,7 +503,8 @@ impl CudaBackend {
             return Err(MoeError::shape("cuda.gemm", "fewer than 2^31 blocks", blocks.to_string()));
         }
         if tile.uses_tma() {
-            let b_box = if gate_up { tile.block_n() / 2 } else { tile.block_n() } as u32;
+            // Clusters: each CTA loads (and multicasts) half of the weight tile.
+            let b_box = if gate_up { tile.block_n() / 2 } else { tile.block_n() / tile.cluster() } as u32;
             let a = if token_of_row != 0 {
                 TmaDesc::default() // rows are gathered with cp.async
             } else {
@@ -514,7 +526,19 @@ impl CudaBackend {
                 pad: 0,
             };
             let smem = crate::kernels::t256_smem_bytes(tp.flags);
-            self.dev.launch(id, (self.dev.persistent_grid(blocks), 1, 1), tile.threads(), smem, &tp)?;
+            let grid = if tile.cluster() == 2 {
+                // Whole clusters of a row-tile pair each, one per pair of SMs.
+                if !tiles.is_multiple_of(2) {
+                    return Err(MoeError::unsupported(
+                        NAME,
+                        format!("internal: {tiles} row tiles for the paired tile"),
+                    ));
+                }
+                2 * (blocks / 2).min(self.dev.sm_count() as usize / 2).max(1) as u32
+            } else {
+                self.dev.persistent_grid(blocks)
+            };
+            self.dev.launch(id, (grid, 1, 1), tile.threads(), smem, &tp)?;
             let y_elem = match self.elem {
                 Elem::Bf16 => 1,
                 Elem::F16 => 2,
@@ -874,7 +898,7 @@ impl ExpertBackend for CudaBackend {
                     n_local: n_local as i32,
                     block_m: bm as i32,
                     tiles: plan.tiles as i32,
-                    pad: 0,
+                    align: (bm * plan.tile.cluster()) as i32,
                 };
                 dev.launch(KernelId::Layout, (1, 1, 1), 256, 0, &lp)?;
                 (GemmMode::Contiguous, 0)
@@ -996,7 +1020,8 @@ impl ExpertBackend for CudaBackend {
             .map(|s| (dev.ptr(&s.w13), dev.ptr(&s.w2), s.gate.as_ref().map(|g| dev.ptr(g)), s.inter));
         if let Some((w13, w2, gate, inter)) = shared {
             let tile = self.upgrade(heuristics::tile_for(t), t);
-            let tiles = t.div_ceil(tile.block_m());
+            // A paired tile's second tile past the rows is empty (and skipped).
+            let tiles = t.div_ceil(tile.block_m()).next_multiple_of(tile.cluster());
             let act = self.scratch("shared_act", t * inter * 2)?;
             let ys = self.scratch("shared_y", t * h * 4)?;
             let (act_kind, alpha, limit) = self.act_params();

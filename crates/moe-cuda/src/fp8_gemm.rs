@@ -5,7 +5,7 @@
 
 use crate::device::CudaDevice;
 use crate::error::{CudaError, CudaResult};
-use crate::kernels::{Elem, F8TmaParams, GemmParams, GemmTile, KernelId};
+use crate::kernels::{Elem, F8TmaParams, GemmParams, GemmTile, KernelId, F8_PINGPONG};
 
 /// One FP8 grouped GEMM launch. `params` carries the row-tile mapping (mode, tile map, counts),
 /// `a` (e4m3 `[a_rows, k]`), `w` (e4m3 `[w_rows, k]`, experts stacked), `out`, `bias` and the
@@ -51,19 +51,34 @@ pub fn refuse(arch: &str, n: usize, k: usize, gate_up: bool) -> Option<String> {
     None
 }
 
+/// Whether consumers promote one k-tile while the next one's MMAs run (`MOE_CUDA_F8_PINGPONG=1`;
+/// off by default: one round measured within noise, docs/perf/quant.md).
+fn pingpong() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| matches!(std::env::var("MOE_CUDA_F8_PINGPONG").as_deref(), Ok("1") | Ok("on") | Ok("true")))
+}
+
+/// Whether neighbouring column blocks run as 2-CTA clusters sharing their A tile where the
+/// column-block count is even (`MOE_CUDA_F8_CLUSTER=1`; off by default: measured slower).
+fn cluster_pairs() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| matches!(std::env::var("MOE_CUDA_F8_CLUSTER").as_deref(), Ok("1") | Ok("on") | Ok("true")))
+}
+
 /// Launches `g` on `dev`'s stream; `counter` is a u32 device word the tile scheduler uses
 /// (zeroed here, stream-ordered).
 pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaResult<()> {
     if let Some(why) = refuse(dev.arch(), g.n, g.k, g.gate_up) {
         return Err(CudaError::Kernel(why));
     }
-    let tile = GemmTile::F8T128;
     let mut p = g.params;
     p.n = g.n as i32;
     p.k = g.k as i32;
-    let cols = if g.gate_up { tile.block_n() / 2 } else { tile.block_n() };
+    let cols = if g.gate_up { GemmTile::F8T128.block_n() / 2 } else { GemmTile::F8T128.block_n() };
     let num_n = g.n.div_ceil(cols);
     p.num_n = num_n as i32;
+    let pairs = num_n.is_multiple_of(2) && cluster_pairs();
+    let tile = if pairs { GemmTile::F8T128X2 } else { GemmTile::F8T128 };
     let blocks = num_n * g.tiles;
     if blocks == 0 || g.a_rows == 0 {
         return Ok(());
@@ -85,7 +100,8 @@ pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaRe
     }
     dev.memset_ptr(counter, 4)?;
     let fp = F8TmaParams {
-        a: dev.tensor_map_2d(p.a, g.a_rows, g.k, 1, tile.block_m() as u32, 128)?,
+        // Clusters: each CTA loads (and multicasts) half of the A rows.
+        a: dev.tensor_map_2d(p.a, g.a_rows, g.k, 1, (tile.block_m() / if pairs { 2 } else { 1 }) as u32, 128)?,
         b: dev.tensor_map_2d(p.w, g.w_rows, g.k, 1, cols as u32, 128)?,
         p,
         num_m: g.tiles as i32,
@@ -94,10 +110,16 @@ pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaRe
         a_scales: g.a_scales,
         w_scales: g.w_scales,
         a_rows: g.a_rows as i32,
-        pad: 0,
+        flags: if pingpong() { F8_PINGPONG } else { 0 },
     };
     let id = if g.gate_up { KernelId::GemmGateUp(elem, tile) } else { KernelId::GemmDown(elem, tile) };
-    dev.launch(id, (dev.persistent_grid(blocks), 1, 1), tile.threads(), tile.smem_bytes(), &fp)
+    // The grid of a cluster launch is whole clusters, one a pair of SMs.
+    let grid = if pairs {
+        2 * dev.persistent_grid(blocks / 2).min(dev.sm_count() / 2).max(1)
+    } else {
+        dev.persistent_grid(blocks)
+    };
+    dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &fp)
 }
 
 #[cfg(test)]

@@ -104,6 +104,14 @@ pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize) -> Plan 
     Plan { layout: Layout::Contiguous, tile, tiles, rows: tiles * bm }
 }
 
+/// Row tiles of 128 a contiguous layout needs when every expert's rows start on a 256-row
+/// boundary (the paired T256X2 tile): `sum_e 2 ceil(c_e / 256)` over at most `min(pairs,
+/// n_local)` experts with rows, bounded as in [`plan`]. Always even.
+pub fn paired_tiles(pairs: usize, n_local: usize) -> usize {
+    let active = pairs.min(n_local.max(1));
+    2 * ((pairs + active * 255) / 256).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +124,27 @@ mod tests {
         assert!(decode_auto(4, 8, 128) && !decode_auto(5, 8, 128)); // qwen3
         assert!(decode_auto(8, 8, 256) && !decode_auto(16, 8, 256)); // deepseek-v3: lost at 16
         assert!(decode_auto(2, 4, 32) && !decode_auto(3, 4, 32)); // gpt-oss
+    }
+
+    #[test]
+    fn paired_tiles_cover_every_split_of_the_rows() {
+        // Worst case for a bound: the rows spread so that each active expert pads the most.
+        for (pairs, n_local) in [(1usize, 8usize), (8, 8), (300, 8), (32768, 128), (131072, 256), (257, 1)] {
+            let t = paired_tiles(pairs, n_local);
+            assert!(t.is_multiple_of(2), "{pairs} {n_local}: {t}");
+            let active = pairs.min(n_local);
+            // `active` experts, one with the remainder: every expert's 256-row padding counted.
+            let per = pairs / active;
+            let mut need = 0;
+            for e in 0..active {
+                let c = per + if e == 0 { pairs - per * active } else { 0 };
+                need += 2 * c.div_ceil(256);
+            }
+            assert!(t >= need, "{pairs} {n_local}: {t} < {need}");
+            // And every expert at 1 row but one: each pads to two tiles.
+            let need1 = 2 * (active - 1) + 2 * (pairs - (active - 1)).div_ceil(256);
+            assert!(t >= need1, "{pairs} {n_local}: {t} < {need1}");
+        }
     }
 
     #[test]

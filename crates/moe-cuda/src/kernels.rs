@@ -113,21 +113,29 @@ pub enum GemmTile {
     /// Hopper wgmma (sm_90a only), 128 x 256, BK 64: a TMA producer warpgroup and two MMA
     /// warpgroups over a 4-stage mbarrier ring, persistent grid (`TmaGemmParams`).
     T256,
+    /// T256 in 2-CTA clusters over two row tiles of one expert that share their weight tile
+    /// (each CTA loads half and multicasts it); the layout aligns experts to 256 rows.
+    T256X2,
     /// The T256 structure for e4m3 operands with block scales: 128 x 128 tiles, 128-byte
     /// k-tiles, 6 stages (`F8TmaParams`).
     F8T128,
+    /// F8T128 in 2-CTA clusters over neighbouring column blocks that share their A tile (each
+    /// CTA loads half and multicasts it): needs an even column-block count.
+    F8T128X2,
 }
 
 impl GemmTile {
     /// Every tile.
-    pub const ALL: [GemmTile; 7] = [
+    pub const ALL: [GemmTile; 9] = [
         GemmTile::M16,
         GemmTile::M64,
         GemmTile::M128,
         GemmTile::W128,
         GemmTile::W256,
         GemmTile::T256,
+        GemmTile::T256X2,
         GemmTile::F8T128,
+        GemmTile::F8T128X2,
     ];
     /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
     pub const BK: usize = 32;
@@ -137,13 +145,19 @@ impl GemmTile {
         match self {
             GemmTile::M16 => 16,
             GemmTile::M64 => 64,
-            GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::F8T128 => 128,
+            GemmTile::M128
+            | GemmTile::W128
+            | GemmTile::W256
+            | GemmTile::T256
+            | GemmTile::T256X2
+            | GemmTile::F8T128
+            | GemmTile::F8T128X2 => 128,
         }
     }
 
     /// Columns of the weight tile (BN).
     pub fn block_n(self) -> usize {
-        if matches!(self, GemmTile::W256 | GemmTile::T256) {
+        if matches!(self, GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2) {
             256
         } else {
             128
@@ -152,9 +166,9 @@ impl GemmTile {
 
     fn block_k(self) -> usize {
         match self {
-            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 64,
+            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 => 64,
             GemmTile::M128 => Self::BK,
-            GemmTile::F8T128 => 128,
+            GemmTile::F8T128 | GemmTile::F8T128X2 => 128,
         }
     }
 
@@ -163,26 +177,38 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 => 128,
             GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
-            GemmTile::T256 | GemmTile::F8T128 => 384,
+            GemmTile::T256 | GemmTile::T256X2 | GemmTile::F8T128 | GemmTile::F8T128X2 => 384,
         }
     }
 
     fn stages(self) -> usize {
         match self {
-            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 => 4,
-            GemmTile::F8T128 => 6,
+            GemmTile::M16 | GemmTile::M128 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 => 4,
+            GemmTile::F8T128 | GemmTile::F8T128X2 => 6,
             GemmTile::M64 => 3,
         }
     }
 
     /// Whether the tile uses Hopper-only instructions (wgmma): only for an `sm_90a` build.
     pub fn needs_sm90a(self) -> bool {
-        matches!(self, GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::F8T128)
+        matches!(
+            self,
+            GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 | GemmTile::F8T128 | GemmTile::F8T128X2
+        )
     }
 
     /// Whether the kernel takes [`TmaGemmParams`] and runs a persistent grid.
     pub fn uses_tma(self) -> bool {
-        self == GemmTile::T256
+        matches!(self, GemmTile::T256 | GemmTile::T256X2)
+    }
+
+    /// CTAs a cluster of this tile runs as (they share an operand tile through TMA multicast).
+    pub fn cluster(self) -> usize {
+        if matches!(self, GemmTile::T256X2 | GemmTile::F8T128X2) {
+            2
+        } else {
+            1
+        }
     }
 
     /// Dynamic shared memory per block in bytes.
@@ -193,9 +219,11 @@ impl GemmTile {
             GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
             // Plus a full and an empty mbarrier per stage.
             // The most any launch asks for (`t256_smem_bytes`).
-            GemmTile::T256 => t256_smem_bytes(TW_SKIP_DEAD | TW_STAGED_EPI),
+            GemmTile::T256 | GemmTile::T256X2 => t256_smem_bytes(TW_SKIP_DEAD | TW_STAGED_EPI),
             // One byte per element, plus each stage's scales (128 row scales, 8 weight words).
-            GemmTile::F8T128 => (s * (m + n) * k + s * (m * 4 + 32) + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32,
+            GemmTile::F8T128 | GemmTile::F8T128X2 => {
+                (s * (m + n) * k + s * (m * 4 + 32) + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32
+            }
             _ => (s * (m + n) * (k + 8) * 2) as u32,
         }
     }
@@ -208,7 +236,9 @@ impl GemmTile {
             GemmTile::W128 => "w128",
             GemmTile::W256 => "w256",
             GemmTile::T256 => "t256",
+            GemmTile::T256X2 => "t256x2",
             GemmTile::F8T128 => "f8t128",
+            GemmTile::F8T128X2 => "f8t128x2",
         }
     }
 }
@@ -487,7 +517,8 @@ pub struct LayoutParams {
     pub n_local: i32,
     pub block_m: i32,
     pub tiles: i32,
-    pub pad: i32,
+    /// Rows each expert's offset is aligned to (a multiple of `block_m`; 0: `block_m`).
+    pub align: i32,
 }
 
 /// Permute launch parameters (`PermuteParams`).
@@ -940,8 +971,13 @@ pub struct F8TmaParams {
     pub a_scales: u64,
     pub w_scales: u64,
     pub a_rows: i32,
-    pub pad: i32,
+    /// `F8_PINGPONG` (measurement switch).
+    pub flags: i32,
 }
+
+/// `F8TmaParams::flags`: two partial-sum register sets a consumer, so one k-tile's MMAs run
+/// while the previous one's are promoted (kernels/grouped_gemm.cu).
+pub const F8_PINGPONG: i32 = 1;
 
 // SAFETY: each is `#[repr(C)]` plain data (u64 device addresses and 4/8-byte scalars) whose
 // field order and types match the CUDA struct of the same name, so passing it by value as a

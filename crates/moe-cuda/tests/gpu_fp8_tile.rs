@@ -62,7 +62,6 @@ fn deq(q: &[u8], s: &[f32], rows: usize, k: usize, r: usize, c: usize) -> f64 {
 fn fp8_tile_matches_block_scaled_reference() {
     let Some(dev) = device() else { return };
     let (k, n) = (400usize, 256usize); // K: 3 full blocks and a partial one; N = intermediate
-    let h = 384usize; // down output columns: 3 column tiles of 128
     let experts = 2usize;
     // Contiguous layout: expert 0 rows 0..200 (tiles 0, 1), expert 1 rows 256..356 (tile 2).
     let a_rows = 384usize;
@@ -143,6 +142,19 @@ fn fp8_tile_matches_block_scaled_reference() {
     assert!(err < 1e-2, "gate_up rel err {err:e}");
 
     // down: A = the first `n` columns of the same rows requantized as [a_rows, n]; W [2, h, n].
+    // h = 384: 3 column tiles of 128 (one CTA each); 512: 4 (2-CTA clusters sharing A, as the
+    // gate_up above with its 4 column blocks of 64 gate + 64 up rows).
+    for h in [384usize, 512] {
+        check_down(&dev, &base, a_rows, n, h, &real);
+    }
+}
+
+fn check_down(dev: &CudaDevice, base: &GemmParams, a_rows: usize, n: usize, h: usize, real: &dyn Fn(usize) -> bool) {
+    let experts = 2usize;
+    let up = |v: &[u8]| dev.upload(v).unwrap();
+    let upf = |v: &[f32]| dev.upload(v).unwrap();
+    let counter = dev.zeros::<u32>(1).unwrap();
+    let base = *base;
     let (qa2, sa2) = quantize_rows(a_rows, n, 3, &[5]);
     let (qw2, sw2_rows) = quantize_rows(experts * h, n, 4, &[]);
     let kb2 = n.div_ceil(128);
@@ -180,7 +192,7 @@ fn fp8_tile_matches_block_scaled_reference() {
             w_scales: dev.ptr(&sw2_d),
             y16,
         };
-        launch(&dev, Elem::Bf16, dev.ptr(&counter), &g).unwrap();
+        launch(dev, Elem::Bf16, dev.ptr(&counter), &g).unwrap();
         let y = dev.download(&y_d, bytes).unwrap();
         let (mut got, mut want) = (Vec::new(), Vec::new());
         for r in (0..a_rows).filter(|&r| real(r)) {
@@ -203,10 +215,10 @@ fn fp8_tile_matches_block_scaled_reference() {
                 });
             }
         }
-        assert!(got.iter().all(|v| v.is_finite()), "down y16={y16}: unwritten (poisoned) outputs");
+        assert!(got.iter().all(|v| v.is_finite()), "down h={h} y16={y16}: unwritten (poisoned) outputs");
         let err = rel_l2(&got, &want);
-        eprintln!("down y16={y16} rel err {err:.2e}");
-        assert!(err < if y16 { 1e-2 } else { 1e-3 }, "down y16={y16} rel err {err:e}");
+        eprintln!("down h={h} y16={y16} rel err {err:.2e}");
+        assert!(err < if y16 { 1e-2 } else { 1e-3 }, "down h={h} y16={y16} rel err {err:e}");
     }
 }
 
