@@ -546,9 +546,11 @@ __device__ __forceinline__ void tw_init_cluster_barriers(u64* full, u64* empty, 
 // CL = 2 (T256X2): a cluster of two CTAs takes two consecutive row tiles of one expert (the
 // layout aligns experts to 256 rows, so tile 2u + 1 is 2u's expert or empty) and one column
 // block; each CTA loads half of the shared weight tile and multicasts it to both, so L2 serves
-// the weights once per pair (the tile is L2-bandwidth bound). CTA 0's producer runs the
-// scheduler and hands each block id to both; a stage is refilled only after the consumers of
-// both CTAs released it. A CTA whose tile is empty keeps the protocol without MMAs.
+// the weights once per pair (ncu: t256 runs at 96-98% of the L2's throughput). CTA 0's producer
+// runs the scheduler and hands each block id to both; a stage is refilled only after the
+// consumers of both CTAs released it. A CTA whose tile is empty keeps the protocol without MMAs.
+// Opt-in (MOE_CUDA_WGMMA=t256x2): as first built it measured 1.35-1.9x slower than t256
+// (docs/perf/cuda.md, session 7).
 template <bool GATE_UP, class Tag, int CL>
 __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
 #ifdef MOE_HAS_WGMMA
@@ -848,9 +850,10 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes,
 
 // CL = 2: a cluster of two CTAs takes a row tile and two neighbouring column blocks (one each);
 // each CTA loads half of the shared A tile and multicasts it to both, so L2 serves the A rows
-// once per pair (the tile is L2-bandwidth bound). CTA 0's producer runs the tile scheduler for
-// the pair and hands each block id to both CTAs; a stage is refilled only after the consumers
-// of both CTAs released it. Needs an even column-block count.
+// once per pair. CTA 0's producer runs the tile scheduler for the pair and hands each block id
+// to both CTAs; a stage is refilled only after the consumers of both CTAs released it. Needs an
+// even column-block count. Opt-in (MOE_CUDA_F8_CLUSTER=1): measured slower as first built.
+// Two partial-sum register sets per consumer when F8_PINGPONG is set.
 template <bool GATE_UP, class Tag, int CL>
 __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
 #ifdef MOE_HAS_WGMMA
