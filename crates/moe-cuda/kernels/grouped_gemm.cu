@@ -541,6 +541,50 @@ __device__ __forceinline__ void tw_init_cluster_barriers(u64* full, u64* empty, 
     if (CL > 1) cluster_sync_all();  // the partner's barriers exist before anything arrives on them
     else __syncthreads();
 }
+
+// The tile scheduler's slot ring and the stage releases of a TMA tile, for CTAs of a CL-CTA
+// cluster (CL = 1: one CTA). CTA 0's producer takes block ids (next_block) and publishes them to
+// every CTA; the others read them from their own slot.
+template <int CL>
+struct TwSync {
+    u64* empty;
+    u64* sched_full;
+    u64* sched_empty;
+    int* sched_block;
+    u32 rank;
+
+    // The block id of iteration `it`, once published into this CTA's slot.
+    __device__ __forceinline__ int get(int it) const {
+        const int slot = it & 1;
+        if (CL > 1) mbar_wait_cluster(&sched_full[slot], (it >> 1) & 1);
+        else mbar_wait(&sched_full[slot], (it >> 1) & 1);
+        return sched_block[slot];
+    }
+    // This reader is done with iteration `it`'s slot (CTA 0's slot counts every reader).
+    __device__ __forceinline__ void release(int it) const {
+        if (CL > 1 && rank != 0) mbar_arrive_cluster(&sched_empty[it & 1], 0);
+        else mbar_arrive(&sched_empty[it & 1]);
+    }
+    // CTA 0's producer: writes block `b` into every CTA's slot of iteration `it` once all its
+    // readers released the slot's previous use.
+    __device__ __forceinline__ void publish(int it, int b) const {
+        const int slot = it & 1;
+        if (CL > 1) mbar_wait_cluster(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+        else mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
+        sched_block[slot] = b;
+        if (CL > 1) {
+            st_cluster(&sched_block[slot], 1, b);
+            mbar_arrive_cluster_release(&sched_full[slot], 1);
+        }
+        mbar_arrive(&sched_full[slot]);
+    }
+    // A consumer warp releases stage `st` in every CTA of the cluster (the producers multicast
+    // into all of them).
+    __device__ __forceinline__ void stage_release(int st) const {
+        mbar_arrive(&empty[st]);
+        if (CL > 1) mbar_arrive_cluster(&empty[st], rank ^ 1);
+    }
+};
 #endif
 
 // CL = 2 (T256X2): a cluster of two CTAs takes two consecutive row tiles of one expert (the
@@ -574,27 +618,14 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
     // straight from the token activations with cp.async (row r of the tile is token
     // token_of_row[row0 + r]), so the permuted copy of the activations is never materialized.
     const bool gather = GATE_UP && tp.token_of_row != 0;
-    const u32 rank = CL > 1 ? cluster_rank() : 0, peer = rank ^ 1;
+    const u32 rank = CL > 1 ? cluster_rank() : 0;
     tw_init_cluster_barriers<CL>(full, empty, sched_full, sched_empty, STAGES, gather ? 1 + 128 : 1);
     const int K = p.K, N = p.N, num_n = p.num_n;
     const int n_total = GATE_UP ? 2 * N : N;
     const int KT = (K + TW_BK - 1) / TW_BK;
     const int num_u = tp.num_m / CL;  // row-tile units (pairs of tiles when CL = 2)
     const int total = num_u * num_n;
-    auto sched_get = [&](int it) {
-        const int slot = it & 1;
-        if (CL > 1) mbar_wait_cluster(&sched_full[slot], (it >> 1) & 1);
-        else mbar_wait(&sched_full[slot], (it >> 1) & 1);
-        return sched_block[slot];
-    };
-    auto sched_release = [&](int it) {
-        if (CL > 1 && rank != 0) mbar_arrive_cluster(&sched_empty[it & 1], 0);
-        else mbar_arrive(&sched_empty[it & 1]);
-    };
-    auto stage_release = [&](int st) {
-        mbar_arrive(&empty[st]);
-        if (CL > 1) mbar_arrive_cluster(&empty[st], peer);
-    };
+    const TwSync<CL> sync{empty, sched_full, sched_empty, sched_block, rank};
     // This CTA's tile of block b: its rows (false: none) and the expert whose weights the pair
     // streams (the first tile's; the second is that expert's or empty).
     auto coords = [&](int b, int& nb, int& e, int& row0, int& row_end, int& e_w) {
@@ -619,18 +650,10 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                 if (rank == 0) {
                     int tile;
                     b = next_block(p, num_u, num_n, tp.tile_counter, total, tile, nb, e, row0, row_end, CL);
-                    const int slot = it & 1;
-                    if (CL > 1) mbar_wait_cluster(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
-                    else mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
-                    sched_block[slot] = b;
-                    if (CL > 1) {
-                        st_cluster(&sched_block[slot], 1, b);
-                        mbar_arrive_cluster_release(&sched_full[slot], 1);
-                    }
-                    mbar_arrive(&sched_full[slot]);
+                    sync.publish(it, b);
                 } else {
-                    b = sched_get(it);
-                    sched_release(it);
+                    b = sync.get(it);
+                    sync.release(it);
                 }
             }
             if (gather) {
@@ -699,9 +722,9 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
     u32 phase = 0;
     float d[TW_BN / 2];
     for (int it = 0;; ++it) {
-        const int b = sched_get(it);
+        const int b = sync.get(it);
         __syncwarp();
-        if (lane == 0) sched_release(it);
+        if (lane == 0) sync.release(it);
         if (b < 0) break;
         int nb, e, row0, row_end, e_w;
         const bool has_rows = coords(b, nb, e, row0, row_end, e_w);
@@ -725,11 +748,11 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
                     wgmma_m64n256k16(d, wgmma_desc(as + kk), wgmma_desc(bs + kk), Tag());
                 wgmma_commit();
                 wgmma_wait<1>();
-                if (prev >= 0 && lane == 0) stage_release(prev);
+                if (prev >= 0 && lane == 0) sync.stage_release(prev);
                 prev = stage;
             } else {
                 __syncwarp();
-                if (lane == 0) stage_release(stage);
+                if (lane == 0) sync.stage_release(stage);
             }
             if (++stage == STAGES) {
                 stage = 0;
@@ -737,7 +760,7 @@ __device__ __forceinline__ void tma_ws_gemm(const TmaGemmParams& tp) {
             }
         }
         wgmma_wait<0>();
-        if (prev >= 0 && lane == 0) stage_release(prev);
+        if (prev >= 0 && lane == 0) sync.stage_release(prev);
         if (!live) continue;
         const int row_base = row0 + c * 64 + warp * 16;
         const int n0 = nb * (GATE_UP ? TW_BN / 2 : TW_BN);
@@ -875,30 +898,14 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     u64* sched_empty = sched_full + 2;
     int* sched_block = (int*)(sched_empty + 2);
     const int tid = threadIdx.x, wg = tid >> 7;
-    const u32 rank = CL > 1 ? cluster_rank() : 0, peer = rank ^ 1;
+    const u32 rank = CL > 1 ? cluster_rank() : 0;
     tw_init_cluster_barriers<CL>(full, empty, sched_full, sched_empty, STAGES, 1);
     const int K = p.K, N = p.N, num_n = p.num_n / CL;  // num_n: column-block units (pairs)
     const int n_total = GATE_UP ? 2 * N : N;
     const int KT = (K + F8_BK - 1) / F8_BK;
     const int total = tp.num_m * num_n;
     const bool pingpong = (tp.flags & F8_PINGPONG) != 0;
-    // The block id of scheduler slot `slot` in iteration `it` (CTA 0 / CL = 1 take it from the
-    // counter, CTA 1 from its slot written by CTA 0) and its release.
-    auto sched_get = [&](int it) {
-        const int slot = it & 1;
-        if (CL > 1) mbar_wait_cluster(&sched_full[slot], (it >> 1) & 1);
-        else mbar_wait(&sched_full[slot], (it >> 1) & 1);
-        return sched_block[slot];
-    };
-    auto sched_release = [&](int it) {
-        if (CL > 1 && rank != 0) mbar_arrive_cluster(&sched_empty[it & 1], 0);
-        else mbar_arrive(&sched_empty[it & 1]);
-    };
-    // Consumer warps release a stage in every CTA of the cluster (the producers multicast into both).
-    auto stage_release = [&](int st) {
-        mbar_arrive(&empty[st]);
-        if (CL > 1) mbar_arrive_cluster(&empty[st], peer);
-    };
+    const TwSync<CL> sync{empty, sched_full, sched_empty, sched_block, rank};
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(F8_PRODUCER_REGS));
         int stage = 0;
@@ -907,18 +914,10 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             int tile = 0, nb = 0, e = 0, row0 = 0, row_end = 0, b;
             if (rank == 0) {
                 b = next_block(p, tp.num_m, num_n, tp.tile_counter, total, tile, nb, e, row0, row_end);
-                const int slot = it & 1;
-                if (CL > 1) mbar_wait_cluster(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
-                else mbar_wait(&sched_empty[slot], ((it >> 1) & 1) ^ 1);
-                sched_block[slot] = b;
-                if (CL > 1) {
-                    st_cluster(&sched_block[slot], 1, b);
-                    mbar_arrive_cluster_release(&sched_full[slot], 1);
-                }
-                mbar_arrive(&sched_full[slot]);
+                sync.publish(it, b);
             } else {
-                b = sched_get(it);
-                sched_release(it);
+                b = sync.get(it);
+                sync.release(it);
                 if (b >= 0) {
                     block_coords_of(b, tp.num_m, num_n, tile, nb);
                     tile_rows(p, tile, TW_BM, e, row0, row_end);
@@ -965,9 +964,9 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     constexpr int NI = F8_BN / 8;
     float d[F8_BN / 2], d2[F8_BN / 2], acc[1][NI][4];
     for (int it = 0;; ++it) {
-        const int b = sched_get(it);
+        const int b = sync.get(it);
         __syncwarp();
-        if (lane == 0) sched_release(it);
+        if (lane == 0) sync.release(it);
         if (b < 0) break;
         int tile, nb, e, row0, row_end;
         block_coords_of(b, tp.num_m, num_n, tile, nb);
@@ -980,7 +979,7 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&full[stage], phase);
                 __syncwarp();
-                if (lane == 0) stage_release(stage);
+                if (lane == 0) sync.stage_release(stage);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -1028,7 +1027,7 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
         auto release = [&](int held) {
             int st = stage - held;
             if (st < 0) st += STAGES;
-            if (lane == 0) stage_release(st);
+            if (lane == 0) sync.stage_release(st);
         };
         auto advance = [&]() {
             if (++stage == STAGES) {
