@@ -179,8 +179,10 @@ impl CudaBackend {
         p.tile = self.upgrade(p.tile, tokens * self.cfg.top_k / n_local.max(1));
         if p.tile == GemmTile::T256X2 {
             if p.layout == Layout::Contiguous {
-                p.tiles = heuristics::paired_tiles(tokens * self.cfg.top_k, n_local);
-                p.rows = p.tiles * GemmTile::T256X2.block_m();
+                let bm = GemmTile::T256X2.block_m();
+                p.tiles =
+                    heuristics::aligned_tiles(tokens * self.cfg.top_k, n_local, bm, bm * GemmTile::T256X2.cluster());
+                p.rows = p.tiles * bm;
             } else {
                 // A masked expert may own an odd number of tiles: a pair could span two experts.
                 p.tile = GemmTile::T256;
@@ -534,7 +536,7 @@ impl CudaBackend {
                         format!("internal: {tiles} row tiles for the paired tile"),
                     ));
                 }
-                2 * (blocks / 2).min(self.dev.sm_count() as usize / 2).max(1) as u32
+                self.dev.persistent_cluster_grid(blocks, 2)
             } else {
                 self.dev.persistent_grid(blocks)
             };

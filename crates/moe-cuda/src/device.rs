@@ -28,7 +28,17 @@ pub enum Dep {
 /// `MOE_CUDA_PDL=0` turns them off (a measurement switch).
 pub fn pdl_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !matches!(std::env::var("MOE_CUDA_PDL").as_deref(), Ok("0") | Ok("off") | Ok("false")))
+    *ON.get_or_init(|| env_switch("MOE_CUDA_PDL", true))
+}
+
+/// A boolean measurement switch from the environment: `0` / `off` / `false` and `1` / `on` /
+/// `true`; unset or anything else is `default`.
+pub(crate) fn env_switch(var: &str, default: bool) -> bool {
+    match std::env::var(var).as_deref() {
+        Ok("0") | Ok("off") | Ok("false") => false,
+        Ok("1") | Ok("on") | Ok("true") => true,
+        _ => default,
+    }
 }
 
 /// A device with its stream and kernels.
@@ -114,6 +124,13 @@ impl CudaDevice {
     /// than items (the T256 and f8t128 tiles walk the rest through their tile scheduler).
     pub fn persistent_grid(&self, blocks: usize) -> u32 {
         blocks.min(self.sm_count as usize) as u32
+    }
+
+    /// [`Self::persistent_grid`] for kernels launched as clusters of `cluster` CTAs that share
+    /// each work item: whole clusters, at most one CTA an SM, at least one cluster.
+    pub fn persistent_cluster_grid(&self, blocks: usize, cluster: usize) -> u32 {
+        let cluster = cluster.max(1);
+        (cluster * (blocks / cluster).min(self.sm_count as usize / cluster).max(1)) as u32
     }
 
     fn module(&self, m: Module) -> CudaResult<Arc<CudaModule>> {

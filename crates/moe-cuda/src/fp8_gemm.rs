@@ -3,7 +3,7 @@
 //! channels), TMA-fed, warp-specialized, per-k-tile promotion into f32. The quantized-expert
 //! store launches it for large token counts; the row tiles come from the backend's layouts.
 
-use crate::device::CudaDevice;
+use crate::device::{env_switch, CudaDevice};
 use crate::error::{CudaError, CudaResult};
 use crate::kernels::{Elem, F8TmaParams, GemmParams, GemmTile, KernelId, F8_PINGPONG};
 
@@ -56,14 +56,14 @@ pub fn refuse(arch: &str, n: usize, k: usize, gate_up: bool) -> Option<String> {
 /// measured round was within noise of the single partial sum (docs/perf/quant.md).
 fn pingpong() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !matches!(std::env::var("MOE_CUDA_F8_PINGPONG").as_deref(), Ok("0") | Ok("off") | Ok("false")))
+    *ON.get_or_init(|| env_switch("MOE_CUDA_F8_PINGPONG", true))
 }
 
 /// Whether neighbouring column blocks run as 2-CTA clusters sharing their A tile where the
 /// column-block count is even (`MOE_CUDA_F8_CLUSTER=1`; off by default: measured slower).
 fn cluster_pairs() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| matches!(std::env::var("MOE_CUDA_F8_CLUSTER").as_deref(), Ok("1") | Ok("on") | Ok("true")))
+    *ON.get_or_init(|| env_switch("MOE_CUDA_F8_CLUSTER", false))
 }
 
 /// Launches `g` on `dev`'s stream; `counter` is a u32 device word the tile scheduler uses
@@ -115,11 +115,7 @@ pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaRe
     };
     let id = if g.gate_up { KernelId::GemmGateUp(elem, tile) } else { KernelId::GemmDown(elem, tile) };
     // The grid of a cluster launch is whole clusters, one a pair of SMs.
-    let grid = if pairs {
-        2 * dev.persistent_grid(blocks / 2).min(dev.sm_count() / 2).max(1)
-    } else {
-        dev.persistent_grid(blocks)
-    };
+    let grid = if pairs { dev.persistent_cluster_grid(blocks, 2) } else { dev.persistent_grid(blocks) };
     dev.launch(id, (grid, 1, 1), tile.threads(), tile.smem_bytes(), &fp)
 }
 

@@ -96,20 +96,19 @@ pub fn plan(tokens: usize, k: usize, n_local: usize, masked_max: usize) -> Plan 
     }
     let tile = tile_for(pairs.div_ceil(n_local));
     let bm = tile.block_m();
-    // At most min(pairs, n_local) experts get rows and each pads by at most bm - 1, so
-    // sum_e ceil(c_e / bm) <= (pairs + active (bm - 1)) / bm. This tight bound matters at small T:
-    // every launched tile of an empty expert still costs a block launch in both GEMMs.
-    let active = pairs.min(n_local);
-    let tiles = ((pairs + active * (bm - 1)) / bm).max(1);
+    let tiles = aligned_tiles(pairs, n_local, bm, bm);
     Plan { layout: Layout::Contiguous, tile, tiles, rows: tiles * bm }
 }
 
-/// Row tiles of 128 a contiguous layout needs when every expert's rows start on a 256-row
-/// boundary (the paired T256X2 tile): `sum_e 2 ceil(c_e / 256)` over at most `min(pairs,
-/// n_local)` experts with rows, bounded as in [`plan`]. Always even.
-pub fn paired_tiles(pairs: usize, n_local: usize) -> usize {
+/// Row tiles of `bm` rows a contiguous layout needs when every expert's rows start on an
+/// `align`-row boundary (a multiple of `bm`; `2 bm` for the paired T256X2 tile):
+/// `sum_e (align / bm) ceil(c_e / align)`. At most min(pairs, n_local) experts get rows and each
+/// pads by at most align - 1, so sum_e ceil(c_e / align) <= (pairs + active (align - 1)) / align.
+/// This tight bound matters at small T: every launched tile of an empty expert still costs a
+/// block launch in both GEMMs.
+pub fn aligned_tiles(pairs: usize, n_local: usize, bm: usize, align: usize) -> usize {
     let active = pairs.min(n_local.max(1));
-    2 * ((pairs + active * 255) / 256).max(1)
+    align / bm * ((pairs + active * (align - 1)) / align).max(1)
 }
 
 #[cfg(test)]
@@ -127,10 +126,10 @@ mod tests {
     }
 
     #[test]
-    fn paired_tiles_cover_every_split_of_the_rows() {
+    fn tiles_aligned_to_pairs_cover_every_split_of_the_rows() {
         // Worst case for a bound: the rows spread so that each active expert pads the most.
         for (pairs, n_local) in [(1usize, 8usize), (8, 8), (300, 8), (32768, 128), (131072, 256), (257, 1)] {
-            let t = paired_tiles(pairs, n_local);
+            let t = aligned_tiles(pairs, n_local, 128, 256);
             assert!(t.is_multiple_of(2), "{pairs} {n_local}: {t}");
             let active = pairs.min(n_local);
             // `active` experts, one with the remainder: every expert's 256-row padding counted.
