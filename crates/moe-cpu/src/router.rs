@@ -11,7 +11,7 @@ use moe_core::{MoeError, Result, Tensor};
 use crate::isa::Isa;
 use crate::kernels::{tile_exact_f32, Tile, MR_MAX, MR_REG};
 use crate::pack::{ColumnMap, PackedMats, WElem, NB};
-use crate::pool;
+use crate::pool::{self, Out};
 
 /// The packed router and its biases.
 #[derive(Debug)]
@@ -68,21 +68,30 @@ impl Router {
         if e == 0 || h == 0 {
             return;
         }
-        pool::for_each_chunk(out, MR_REG * e, |tile, o, _| {
-            let m = o.len() / e;
+        let t = out.len() / e;
+        let tiles = t.div_ceil(MR_REG);
+        // Few token tiles (decode): split each tile's expert blocks over threads too. The sum per
+        // expert must stay sequential over the inputs (exactness), so blocks are the only other
+        // axis; at one token that is E / 32 tasks instead of one thread reading the whole router.
+        let per_task = if tiles >= pool::threads() { self.w.blocks } else { 1 };
+        let split = self.w.blocks.div_ceil(per_task);
+        let dst = Out::new(out);
+        pool::for_each(tiles * split, |i, _| {
+            let (tile, b0) = (i / split, (i % split) * per_task);
             let t0 = tile * MR_REG;
+            let m = MR_REG.min(t - t0);
             let xr: Vec<f32> = x[t0 * h..(t0 + m) * h].iter().map(|v| v.to_f32()).collect();
             let mut c: Tile = [[0.0; NB]; MR_MAX];
-            for b in 0..self.w.blocks {
+            for b in b0..(b0 + per_task).min(self.w.blocks) {
                 tile_exact_f32(self.isa, &xr, h, m, self.w.block(0, b), h, &mut c);
                 let n = NB.min(e - b * NB);
                 for (r, c) in c.iter().enumerate().take(m) {
-                    o[r * e + b * NB..r * e + b * NB + n].copy_from_slice(&c[..n]);
-                }
-            }
-            if let Some(bias) = &self.bias {
-                for row in o.chunks_mut(e) {
-                    row.iter_mut().zip(bias).for_each(|(l, b)| *l += b);
+                    // SAFETY: item i alone writes columns of blocks b0 .. b0 + per_task of the
+                    // tile's rows; items cover disjoint (row, block) ranges.
+                    let o = unsafe { dst.slice((t0 + r) * e + b * NB, n) };
+                    for ((o, c), j) in o.iter_mut().zip(&c[..n]).zip(b * NB..) {
+                        *o = c + self.bias.as_ref().map_or(0.0, |bias| bias[j]);
+                    }
                 }
             }
         });
