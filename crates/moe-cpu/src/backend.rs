@@ -216,9 +216,12 @@ impl ExpertBackend for CpuBackend {
         let h = self.cfg.hidden_size;
         let t = input.num_tokens();
         input.hidden.expect_shape("cpu.run_moe", &[t, h])?;
-        if input.scales.is_some() {
-            return Err(MoeError::unsupported(NAME, "quantized activations (scales given) are not supported"));
-        }
+        // FP8 activations (post-quant dispatch from another rank): dequantized to f32 once; the
+        // kernels take f32 rows like any other activation dtype.
+        let dequantized = match input.scales {
+            Some(_) => Some(Tensor::from_f32(vec![t, h], input.to_f32_vec()?)?),
+            None => None,
+        };
         if routing.num_tokens() != t {
             return Err(MoeError::shape(
                 "cpu.run_moe",
@@ -231,7 +234,7 @@ impl ExpertBackend for CpuBackend {
         let weights = routing.weights_host()?;
         self.layout.build(ids, slots)?;
         let mut out = vec![0.0f32; t * h];
-        let x = input.hidden.host()?;
+        let x = dequantized.as_ref().unwrap_or(&input.hidden).host()?;
         let on_input = routing.weights_on_input();
         with_experts!(packed, e => e.run_routed(x, &self.layout, k, weights, on_input, &mut out))?;
         Tensor::from_f32(vec![t, h], out)

@@ -16,6 +16,8 @@ static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
 static SPLIT_TASKS: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_TILE_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 static AMX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
+static INT4_ACT: AtomicUsize = AtomicUsize::new(UNSET);
+static QUANT_DECODE: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -93,6 +95,30 @@ pub fn amx_rows() -> usize {
 /// Overrides [`amx_rows`].
 pub fn set_amx_rows(rows: usize) {
     AMX_ROWS.store(rows, Ordering::Relaxed);
+}
+
+/// How int4 rows take bf16 activations at decode sizes (up to 8 rows an expert) where the CPU
+/// has AVX-512 VNNI (`MOE_CPU_INT4_ACT`): 0 as bf16 (`vdpbf16ps`), 1 as one int8 byte per value
+/// per 128-input group (`vpdpbusd`; about 1% error on a dot, more than bf16's rounding), 2 as two
+/// bytes (a residual byte below the first: finer than bf16, twice the `vpdpbusd`s).
+pub fn int4_act() -> usize {
+    get(&INT4_ACT, "MOE_CPU_INT4_ACT", 2).min(2)
+}
+
+/// Overrides [`int4_act`].
+pub fn set_int4_act(mode: usize) {
+    INT4_ACT.store(mode, Ordering::Relaxed);
+}
+
+/// Whether decode-sized int4 forwards with int8 activations take the two-step path of
+/// `quant::decode` (`MOE_CPU_QUANT_DECODE`, default on) instead of the general six-step one.
+pub fn quant_decode() -> bool {
+    get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 1) != 0
+}
+
+/// Overrides [`quant_decode`].
+pub fn set_quant_decode(on: bool) {
+    QUANT_DECODE.store(on as usize, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation

@@ -130,10 +130,22 @@ fn every_isa_with_bf16_activations_and_zero_points() {
             // hidden 384 / intermediate 128: three int4 groups, a partial FP8 block row.
             for (name, cfg) in families(384, 128, DType::BF16).into_iter().take(2) {
                 let (c, w) = quantized(&cfg, m.as_ref(), 5);
-                for tokens in [1, 9] {
-                    let err = compare(&c, &w, isa, tokens, 2);
-                    assert!(err < 1e-2, "{label} {name} {isa:?} T={tokens}: rel L2 {err:e}");
+                // int4 rows at decode sizes: two-byte int8 activations through the two-step
+                // decode path and through the general one, and bf16 activations (the switches
+                // change speed and rounding only, so tests running meanwhile stay correct).
+                for (int4_act, decode) in [(2, true), (2, false), (0, true)] {
+                    moe_cpu::tuning::set_int4_act(int4_act);
+                    moe_cpu::tuning::set_quant_decode(decode);
+                    for tokens in [1, 9] {
+                        let err = compare(&c, &w, isa, tokens, 2);
+                        assert!(
+                            err < 1e-2,
+                            "{label} {name} {isa:?} T={tokens} int4 act {int4_act} decode {decode}: rel L2 {err:e}"
+                        );
+                    }
                 }
+                moe_cpu::tuning::set_int4_act(2);
+                moe_cpu::tuning::set_quant_decode(true);
             }
         }
     }
@@ -244,6 +256,43 @@ fn dequantized_bf16_tiles_on_both_sides_of_the_switch() {
             let err = compare(&c, &w, Isa::best(), 45, 3);
             moe_cpu::tuning::set_quant_tile_rows(0);
             assert!(err < 1e-2, "{label} forced tiles: rel L2 {err:e}");
+        }
+    }
+}
+
+#[test]
+fn fp8_dispatched_activations_match_reference_on_the_same_payload() {
+    // Post-quant dispatch hands run_moe the FP8 wire form (e4m3 bytes + per-token-group scales);
+    // cpu dequantizes it as reference does, so both agree to f32 compute on that payload.
+    use moe_core::quant::activation::{quantize_fp8_input, ActScaling};
+    for (quant, scaling) in [
+        (QuantFormat::None, ActScaling::PerTokenGroup),
+        (QuantFormat::Fp8Block, ActScaling::PerTokenGroup),
+        (QuantFormat::Int4Group, ActScaling::PerToken),
+    ] {
+        let cfg = MoeConfig::new(8, 2, 256, 128);
+        let (c, w) = match quant {
+            QuantFormat::None => (cfg.clone(), MoeWeights::random(&cfg, 3).unwrap()),
+            f => quantized(&cfg, quant_method(f, DType::F32).unwrap().as_ref(), 3),
+        };
+        let mut reference = ReferenceBackend::new(c.clone());
+        reference.create_weights(SlotRange::for_config(&c)).unwrap();
+        reference
+            .load_weights(&LocalWeights { router: w.router.clone(), experts: w.experts.clone(), shared: None })
+            .unwrap();
+        reference.post_load().unwrap();
+        let mut cpu = backend(&c, &w, SlotRange::for_config(&c));
+        for tokens in [0, 1, 19] {
+            let x = random_hidden(tokens, 256, DType::F32, 40 + tokens as u64).unwrap();
+            let logits = reference.router_logits(&x).unwrap();
+            let topk = reference.route(&logits).unwrap().into_identity_slots();
+            let input = quantize_fp8_input(&x, scaling).unwrap();
+            assert!(input.scales.is_some());
+            let want = reference.run_moe(&input, &topk).unwrap();
+            let got = cpu.run_moe(&input, &topk).unwrap();
+            assert_eq!(got.shape(), &[tokens, 256]);
+            let err = rel_l2_tensors(&got, &want).unwrap();
+            assert!(err < 1e-5 || tokens == 0, "{quant} T={tokens}: rel L2 {err:e}");
         }
     }
 }

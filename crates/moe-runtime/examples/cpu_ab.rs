@@ -11,6 +11,9 @@
 //! `--{a,b}-amx N`: rows from which bf16 tiles run on AMX where the CPU has it (default 2; 0 off).
 //! `--{a,b}-quant F`: quantize that variant's experts at load (`int4-group`, ...; default none),
 //! e.g. to time a format against bf16 under the same noise.
+//! `--{a,b}-int4-act N`: how int4 rows take activations at decode sizes (0 bf16, 1 int8, 2 two
+//! int8 bytes; default 2; see `moe_cpu::tuning::int4_act`).
+//! `--{a,b}-qdecode 0|1`: the two-step int4 decode path (default 1; `moe_cpu::tuning::quant_decode`).
 //! `--{a,b}-pool team|rayon`: where the backend's parallel steps run (default team, see
 //! `moe_cpu::pool`).
 //! `--gap-us N`: the calling thread sleeps N us between forwards (default 0), as a model's other
@@ -38,6 +41,8 @@ struct Variant {
     split: usize,
     amx: usize,
     quant: QuantFormat,
+    int4_act: usize,
+    qdecode: bool,
     team: bool,
 }
 
@@ -63,6 +68,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             split: opt(&format!("--{p}-split"), "12").parse()?,
             amx: opt(&format!("--{p}-amx"), "2").parse()?,
             quant: QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
+            int4_act: opt(&format!("--{p}-int4-act"), "2").parse()?,
+            qdecode: opt(&format!("--{p}-qdecode"), "1").parse::<u8>()? != 0,
             team: match opt(&format!("--{p}-pool"), "team").as_str() {
                 "team" => true,
                 "rayon" => false,
@@ -106,6 +113,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 moe_cpu::tuning::set_gemv_prefetch(var.prefetch);
                 moe_cpu::tuning::set_split_tasks_per_thread(var.split);
                 moe_cpu::tuning::set_amx_rows(var.amx);
+                moe_cpu::tuning::set_int4_act(var.int4_act);
+                moe_cpu::tuning::set_quant_decode(var.qdecode);
                 moe_cpu::pool::set_use_team(var.team);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
@@ -124,11 +133,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, Variant { thp, prefetch: pf, split, amx, quant, team }) in variants.iter().enumerate() {
+        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, team }) in variants.iter().enumerate() {
             let pool = if *team { "team" } else { "rayon" };
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, pool {pool}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, pool {pool}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()

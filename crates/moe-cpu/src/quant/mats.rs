@@ -198,6 +198,12 @@ impl QMat {
         }
     }
 
+    /// Whether this is an int4 stack without an act-order permutation (inputs in pair order
+    /// only).
+    pub fn int4_natural(&self) -> bool {
+        matches!(self.data, Data::Int4 { .. }) && self.perm.is_none()
+    }
+
     /// Whether [`QMat::order_input`] is the identity (no act-order permutation, no pair order).
     pub fn natural_input(&self) -> bool {
         self.perm.is_none() && !self.pairs()

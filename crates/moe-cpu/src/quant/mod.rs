@@ -16,6 +16,8 @@
 //!
 //! The shared expert is not quantized: it runs on the dense kernels ([`crate::experts`]).
 
+#[cfg(target_arch = "x86_64")]
+mod decode;
 pub mod mats;
 mod simd;
 mod tiles;
@@ -34,6 +36,7 @@ use crate::layout::{gather_rows, RowLayout};
 use crate::pool::{self, each_row, Out};
 use mats::{dot, QMat};
 use scratch::Scratch;
+use tracing::debug_span as span;
 
 /// The dense shared expert, in its weight dtype.
 #[derive(Debug)]
@@ -50,6 +53,9 @@ pub struct QuantExperts {
     /// bf16 activations on AVX-512 BF16: int4 rows use `vdpbf16ps` (activations rounded to
     /// bf16, as the dense bf16 kernels do).
     bf16_dot: bool,
+    /// AVX-512 VNNI beside `bf16_dot`: int4 rows at decode sizes may take int8 activations
+    /// (`vpdpbusd`; [`crate::tuning::int4_act`]).
+    vnni: bool,
     format: QuantFormat,
     hidden: usize,
     inter: usize,
@@ -74,6 +80,8 @@ pub struct QuantExperts {
     /// The forward's experts (spans of rows) and the span of every row.
     spans: Vec<Span>,
     of_row: Vec<Span>,
+    #[cfg(target_arch = "x86_64")]
+    decode: decode::DecodeBufs,
 }
 
 /// An empty routed stack, so the dense [`Experts`] can hold only the shared expert.
@@ -133,6 +141,7 @@ impl QuantExperts {
         Ok(QuantExperts {
             isa,
             bf16_dot: isa == Isa::Avx512Bf16 && act_dtype == DType::BF16,
+            vnni: isa == Isa::Avx512Bf16 && act_dtype == DType::BF16 && vnni_available(),
             format: w.w13.format,
             hidden,
             inter,
@@ -151,6 +160,8 @@ impl QuantExperts {
             y: Vec::new(),
             spans: Vec::new(),
             of_row: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            decode: Default::default(),
         })
     }
 
@@ -223,6 +234,10 @@ impl QuantExperts {
         weights_on_input: bool,
         out: &mut [f32],
     ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(split) = self.int4_decode(layout, weights_on_input) {
+            return span!("cpu.q.decode").in_scope(|| self.run_int4_decode(x, layout, k, weights, out, split));
+        }
         let (h, i, rows) = (self.hidden, self.inter, layout.rows());
         grow(&mut self.a, rows * h);
         grow(&mut self.ao, rows * h);
@@ -234,7 +249,7 @@ impl QuantExperts {
         let row_token = |r: usize| src[r] as usize / k;
         let scale = |r: usize| weights[src[r] as usize];
         let scale: Option<&(dyn Fn(usize) -> f32 + Sync)> = if weights_on_input { Some(&scale) } else { None };
-        gather_rows(x, h, h, rows, &row_token, scale, &mut self.a)?;
+        span!("cpu.q.gather").in_scope(|| gather_rows(x, h, h, rows, &row_token, scale, &mut self.a))?;
         let groups = &layout.groups;
         self.spans.clear();
         self.spans.extend(groups.iter().map(|g| Span { expert: g.expert, row0: g.row0, rows: g.rows }));
@@ -247,13 +262,17 @@ impl QuantExperts {
         let x13 = if w13.natural_input() {
             &self.a
         } else {
-            each_row(&mut self.ao, h, rows, |r, o| w13.order_input(of_row[r].expert, &a[r * h..(r + 1) * h], o));
+            span!("cpu.q.order").in_scope(|| {
+                each_row(&mut self.ao, h, rows, |r, o| w13.order_input(of_row[r].expert, &a[r * h..(r + 1) * h], o))
+            });
             &self.ao
         };
-        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
-        project(mode, &self.w13, spans, x13, (&mut self.gu, &mut self.xb), self.b13.as_deref());
+        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, vnni: self.vnni, xb: (&[], 0) };
+        span!("cpu.q.gate_up")
+            .in_scope(|| project(mode, &self.w13, spans, x13, (&mut self.gu, &mut self.xb), self.b13.as_deref()));
         // Activation, then the intermediate in w2's input order.
         let (act, w2, gu) = (self.act, &self.w2, &self.gu);
+        let act_span = span!("cpu.q.act").entered();
         each_row(&mut self.mid, i, rows, |r, o| {
             let sp = of_row[r];
             let (n, base, rr) = (sp.rows, sp.row0 * 2 * i, r - sp.row0);
@@ -273,10 +292,13 @@ impl QuantExperts {
                 w2.order_input(sp.expert, v, o);
             })
         });
-        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, xb: (&[], 0) };
-        project(mode, &self.w2, spans, &self.mid, (&mut self.yt, &mut self.xb), self.b2.as_deref());
+        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, vnni: self.vnni, xb: (&[], 0) };
+        drop(act_span);
+        span!("cpu.q.down")
+            .in_scope(|| project(mode, &self.w2, spans, &self.mid, (&mut self.yt, &mut self.xb), self.b2.as_deref()));
         // [H][rows] per span -> [rows, H].
         let yt = &self.yt;
+        let out_span = span!("cpu.q.combine").entered();
         each_row(&mut self.y, h, rows, |r, o| {
             let sp = of_row[r];
             let (n, base, rr) = (sp.rows, sp.row0 * h, r - sp.row0);
@@ -285,8 +307,17 @@ impl QuantExperts {
             }
         });
         layout.combine(&self.y, h, k, (!weights_on_input).then_some(weights), out);
+        drop(out_span);
         Ok(())
     }
+}
+
+/// Whether the CPU has AVX-512 VNNI (`vpdpbusd` on zmm).
+fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Grows a reused buffer to at least `n` elements (never shrinks it).
@@ -301,6 +332,7 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
 struct Mode<'a> {
     isa: Isa,
     bf16_dot: bool,
+    vnni: bool,
     /// The activations as bf16 in packed-position order and their row stride, when the tile
     /// path runs (empty otherwise).
     xb: (&'a [u16], usize),
@@ -374,7 +406,7 @@ fn project<'a>(
                     // SAFETY: `Isa::Avx2` is only selected when AVX2, FMA and F16C were detected.
                     unsafe { task_avx2(mode, w, t, a, o, bias, sc) }
                 }
-                _ => task(Mode { isa: Isa::Portable, bf16_dot: false, ..mode }, w, t, a, o, bias, sc),
+                _ => task(Mode { isa: Isa::Portable, bf16_dot: false, vnni: false, ..mode }, w, t, a, o, bias, sc),
             }
         })
     });
@@ -389,6 +421,9 @@ mod scratch {
     pub(super) struct Scratch {
         pub(super) row: Vec<f32>,
         pub(super) bf16: Vec<u16>,
+        /// Int8 activation groups, and their units and sums (`vpdpbusd` int4 rows).
+        pub(super) i8: Vec<i8>,
+        pub(super) unit: Vec<f32>,
     }
 
     thread_local! {
@@ -489,6 +524,51 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         let mut xsum = [0.0f32; INT4_REG_ROWS * 64];
         let xs = &mut xsum[..s.rows * g.min(64)];
         if g <= 64 {
+            let int8 = crate::tuning::int4_act();
+            if mode.vnni && int8 != 0 {
+                let split = int8 == 2;
+                let per = simd::i8_group_bytes(split);
+                grow(&mut sc.i8, s.rows * g * per);
+                grow(&mut sc.unit, s.rows * g);
+                let (xq, unit) = (&mut sc.i8[..s.rows * g * per], &mut sc.unit[..s.rows * g]);
+                for r in 0..s.rows {
+                    let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                    let (q, u, xs) = (
+                        &mut xq[r * g * per..(r + 1) * g * per],
+                        &mut unit[r * g..(r + 1) * g],
+                        &mut xs[r * g..(r + 1) * g],
+                    );
+                    // SAFETY: `vnni` is only set with `Isa::Avx512Bf16` (AVX-512F/BW detected)
+                    // and AVX-512 VNNI detected; each slice is one row of `g` groups.
+                    unsafe {
+                        if split {
+                            simd::quantize_i8_groups::<true>(x, q, u, xs)
+                        } else {
+                            simd::quantize_i8_groups::<false>(x, q, u, xs)
+                        }
+                    }
+                }
+                let ahead = 128 * crate::tuning::gemv_prefetch();
+                for c in t.c0..t.c1 {
+                    let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
+                    let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+                    prefetch_l1(bytes.as_ptr().wrapping_add(ahead), bytes.len());
+                    for r in 0..s.rows {
+                        let (q, u, xs) =
+                            (&xq[r * g * per..(r + 1) * g * per], &unit[r * g..(r + 1) * g], &xs[r * g..(r + 1) * g]);
+                        // SAFETY: as above; the slices are one full row of `g` groups.
+                        let y = unsafe {
+                            if split {
+                                simd::int4_dot_vnni::<true>(bytes, sc, zs, q, u, xs)
+                            } else {
+                                simd::int4_dot_vnni::<false>(bytes, sc, zs, q, u, xs)
+                            }
+                        };
+                        out[(c - t.c0) * s.rows + r] = y + b;
+                    }
+                }
+                return;
+            }
             if mode.bf16_dot {
                 // Activations as bf16, 32 even then 32 odd inputs per 64 (from the 32-pair order).
                 grow(&mut sc.bf16, s.rows * k);
@@ -658,6 +738,89 @@ mod tests {
             } else {
                 assert_eq!(got.to_bits(), want.to_bits(), "{b:#x}");
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int8_activation_groups_dot_exactly_what_they_encode() {
+        if !(vnni_available() && Isa::Avx512Bf16.available()) {
+            eprintln!("no AVX-512 VNNI / BF16 here: the int8 activation kernels cannot run");
+            return;
+        }
+        let (g, n) = (3usize, 5usize);
+        // Codes 0..15 with zero points; activations spanning magnitudes, one all-zero group.
+        let codes: Vec<u8> = (0..n * 64 * g).map(|i| (i * 37 % 251) as u8).collect();
+        let s: Vec<f32> = (0..n * g).map(|i| 0.01 + 0.003 * i as f32).collect();
+        let z: Vec<f32> = (0..n * g).map(|i| (i % 16) as f32).collect();
+        let zs: Vec<f32> = s.iter().zip(&z).map(|(s, z)| s * z).collect();
+        let x: Vec<f32> = (0..128 * g)
+            .map(|i| if i >= 256 { 0.0 } else { ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1 + i % 5) as f32 })
+            .collect();
+        for split in [false, true] {
+            let per = simd::i8_group_bytes(split);
+            let (mut q, mut unit, mut xsum) = (vec![0i8; per * g], vec![0.0f32; g], vec![0.0f32; g]);
+            // SAFETY: AVX-512 F/BW/VNNI detected above; buffers sized per the contracts.
+            unsafe {
+                if split {
+                    simd::quantize_i8_groups::<true>(&x, &mut q, &mut unit, &mut xsum)
+                } else {
+                    simd::quantize_i8_groups::<false>(&x, &mut q, &mut unit, &mut xsum)
+                }
+            }
+            // The encoded activation of pair-order position p (group gi, chunk c, lane l).
+            let value = |gi: usize, p: usize| -> f32 {
+                let (c, l) = (p / 32, p % 32);
+                let j = 16 * c + l % 16; // even/odd input index within the group's halves
+                let off = if l < 16 { 0 } else { 64 };
+                let h = q[per * gi + off + j] as f32;
+                let lo = if split { q[per * gi + 128 + off + j] as f32 } else { 0.0 };
+                unit[gi] * if split { 256.0 * h + lo } else { h }
+            };
+            let err = (0..128 * g).map(|p| (value(p / 128, p % 128) - x[p]).abs()).fold(0.0f32, f32::max);
+            // Within half a step of the finest byte (a little more for the f32 arithmetic).
+            let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let step = amax / 127.0 / if split { 256.0 } else { 1.0 };
+            assert!(err <= 0.51 * step, "split={split}: encoding error {err} (step {step})");
+            assert_eq!(unit[2] * 0.0, 0.0);
+            for r in 0..n {
+                let bytes = &codes[r * 64 * g..(r + 1) * 64 * g];
+                let (sr, zr) = (&s[r * g..(r + 1) * g], &zs[r * g..(r + 1) * g]);
+                // SAFETY: as above; one row of g groups.
+                let got = unsafe {
+                    if split {
+                        simd::int4_dot_vnni::<true>(bytes, sr, zr, &q, &unit, &xsum)
+                    } else {
+                        simd::int4_dot_vnni::<false>(bytes, sr, zr, &q, &unit, &xsum)
+                    }
+                };
+                // Pair order: byte b of a group holds positions (b % 16) + 32 (b / 16) (low
+                // nibble) and that + 16 (high nibble).
+                let mut want = 0.0f64;
+                for gi in 0..g {
+                    for b in 0..64 {
+                        let byte = bytes[64 * gi + b];
+                        for (code, p) in [(byte & 15, b % 16 + 32 * (b / 16)), (byte >> 4, b % 16 + 32 * (b / 16) + 16)]
+                        {
+                            let w = (code as f32 - z[r * g + gi]) * sr[gi];
+                            want += (w * value(gi, p)) as f64;
+                        }
+                    }
+                }
+                assert!(
+                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "split={split} row {r}: {got} vs {want}"
+                );
+            }
+            // A NaN input poisons its group and the dot.
+            let mut bad = x.clone();
+            bad[130] = f32::NAN;
+            // SAFETY: as above.
+            let nan = unsafe {
+                simd::quantize_i8_groups::<false>(&bad, &mut q[..128 * g], &mut unit, &mut xsum);
+                simd::int4_dot_vnni::<false>(&codes[..64 * g], &s[..g], &zs[..g], &q, &unit, &xsum)
+            };
+            assert!(nan.is_nan());
         }
     }
 }

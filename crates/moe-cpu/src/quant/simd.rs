@@ -204,6 +204,127 @@ pub unsafe fn int4_dot_bf16(bytes: &[u8], s: &[f32], zs: &[f32], xb: &[u16], xsu
     }
 }
 
+/// Bytes a 128-input group of int8 activations takes in [`int4_dot_vnni`]: the 64 even then
+/// the 64 odd inputs of the group, then (`SPLIT`) the same of the residual byte.
+pub const fn i8_group_bytes(split: bool) -> usize {
+    if split {
+        256
+    } else {
+        128
+    }
+}
+
+/// One int4 row times int8 activations with `vpdpbusd` (unsigned codes times signed bytes,
+/// four products a lane), 128 weights per step: the codes need only a mask and a shift, no
+/// widening. Each 128-input group `g` of the activations is `unit[g] * v` with `v` the group's
+/// integer: `v = h` (one byte a value) or, with `SPLIT`, `v = 256 h + l` (a residual byte `l`:
+/// finer than bf16's rounding). The group's integer dot is exact in i32; `xsum[g]` is the sum of
+/// the group's activation values `unit[g] * v`, for the zero-point term.
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX-512 VNNI must be available; `bytes` holds `64 * s.len()` bytes,
+/// `xq` holds `i8_group_bytes(SPLIT) * s.len()` bytes, `zs`, `unit` and `xsum` hold `s.len()`
+/// values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+pub unsafe fn int4_dot_vnni<const SPLIT: bool>(
+    bytes: &[u8],
+    s: &[f32],
+    zs: &[f32],
+    xq: &[i8],
+    unit: &[f32],
+    xsum: &[f32],
+) -> f32 {
+    let g = s.len();
+    let per = i8_group_bytes(SPLIT);
+    debug_assert!(bytes.len() >= 64 * g && xq.len() >= per * g && zs.len() >= g && unit.len() >= g);
+    debug_assert!(xsum.len() >= g);
+    // SAFETY: every load is inside group gi's bytes, in bounds by the contract.
+    unsafe {
+        let mask = _mm512_set1_epi8(15);
+        // Two running sums: one chain of dependent FMAs would wait on their latency.
+        let mut tot = [_mm512_setzero_ps(); 2];
+        for gi in 0..g {
+            // Byte j holds inputs 2j (low nibble) and 2j + 1 (high nibble) of the group.
+            let v = _mm512_loadu_si512(bytes.as_ptr().add(64 * gi) as *const _);
+            let lo = _mm512_and_si512(v, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+            let xp = xq.as_ptr().add(per * gi);
+            let x = |o: usize| _mm512_loadu_si512(xp.add(o) as *const _);
+            let mut a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x(0));
+            a = _mm512_dpbusd_epi32(a, hi, x(64));
+            if SPLIT {
+                let mut b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x(128));
+                b = _mm512_dpbusd_epi32(b, hi, x(192));
+                // |a| <= 8 * 15 * 127 a lane: 256 a + b stays far inside i32.
+                a = _mm512_add_epi32(_mm512_slli_epi32::<8>(a), b);
+            }
+            let t = &mut tot[gi & 1];
+            *t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s[gi] * unit[gi]), *t);
+        }
+        let mut zterm = [0.0f32; 4];
+        for gi in 0..g {
+            zterm[gi & 3] += zs[gi] * xsum[gi];
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(tot[0], tot[1])) - (zterm[0] + zterm[1]) - (zterm[2] + zterm[3])
+    }
+}
+
+/// Quantizes one activation row (`x`: `128 * unit.len()` inputs in the int4 pair order of
+/// [`super::mats`]) into [`int4_dot_vnni`]'s groups: per 128 inputs `unit = amax / 127` (with
+/// `SPLIT`, `/ 256` more), `h = round(x / (amax / 127))`, and with `SPLIT` the residual byte
+/// `l = round(256 (x / (amax / 127) - h))`. A non-finite input makes its group's unit NaN, so
+/// the dot is NaN as with float activations.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; `out` holds `i8_group_bytes(SPLIT) * unit.len()`
+/// bytes, `x` `128 * unit.len()` values and `xsum` `unit.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub unsafe fn quantize_i8_groups<const SPLIT: bool>(x: &[f32], out: &mut [i8], unit: &mut [f32], xsum: &mut [f32]) {
+    let g = unit.len();
+    let per = i8_group_bytes(SPLIT);
+    debug_assert!(x.len() >= 128 * g && out.len() >= per * g && xsum.len() >= g);
+    // SAFETY: loads and stores stay inside group gi, in bounds by the contract.
+    unsafe {
+        for gi in 0..g {
+            let xp = x.as_ptr().add(128 * gi);
+            let v: [__m512; 8] = std::array::from_fn(|m| _mm512_loadu_ps(xp.add(16 * m)));
+            let (mut m, mut probe) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for r in &v {
+                m = _mm512_max_ps(m, _mm512_abs_ps(*r));
+                // inf * 0 and NaN * 0 are NaN: a non-finite input poisons the probe.
+                probe = _mm512_fmadd_ps(*r, _mm512_setzero_ps(), probe);
+            }
+            let amax = _mm512_reduce_max_ps(m);
+            let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            let mut vsum = _mm512_setzero_ps();
+            let op = out.as_mut_ptr().add(per * gi);
+            for (i, r) in v.iter().enumerate() {
+                // 16 values at pair-order offset 16 i: even inputs (i even) or odd inputs of
+                // the group's 32-input chunk i / 2.
+                let dst = (i & 1) * 64 + 16 * (i / 2);
+                let t = _mm512_mul_ps(*r, inv);
+                let h = _mm512_cvtps_epi32(t);
+                _mm_storeu_si128(op.add(dst) as *mut __m128i, _mm512_cvtsepi32_epi8(h));
+                let hf = _mm512_cvtepi32_ps(h);
+                if SPLIT {
+                    let l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t, hf), _mm512_set1_ps(256.0)));
+                    let l = _mm512_max_epi32(_mm512_min_epi32(l, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
+                    _mm_storeu_si128(op.add(128 + dst) as *mut __m128i, _mm512_cvtsepi32_epi8(l));
+                    vsum = _mm512_add_ps(vsum, _mm512_fmadd_ps(hf, _mm512_set1_ps(256.0), _mm512_cvtepi32_ps(l)));
+                } else {
+                    vsum = _mm512_add_ps(vsum, hf);
+                }
+            }
+            let u = amax / 127.0 / if SPLIT { 256.0 } else { 1.0 } + _mm512_reduce_add_ps(probe);
+            unit[gi] = u;
+            // Exact: every lane sum is an integer below 2^24.
+            xsum[gi] = u * _mm512_reduce_add_ps(vsum);
+        }
+    }
+}
+
 /// e4m3fn bits moved into an f32 (sign to bit 31, exponent and mantissa to bits 26..20) are the
 /// value times 2^-120, subnormals included (they land on f32 subnormals); 2^120 undoes it exactly.
 #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,256 @@
+//! Decode-sized forwards of int4 experts on AVX-512 VNNI: every expert holds at most
+//! [`super::INT4_REG_ROWS`] rows, so the forward is a stream over the hit experts' packed weights
+//! and its cost beside that stream is the number of parallel steps. Two steps instead of six:
+//!
+//! 1. gate_up: a task takes one expert and one 128-wide group of the intermediate, computes the
+//!    group's gate and up rows for the expert's tokens (activations quantized once per token,
+//!    before the step), applies the activation and quantizes the group straight into the down
+//!    projection's int8 input. No gather, no reordering pass, no separate activation step.
+//! 2. down: a task takes a range of output columns over every hit expert and adds each
+//!    weighted result into the token's output, which is the combine (tasks own disjoint
+//!    columns, so no two write one element). No transposed buffer, no combine step.
+//!
+//! Same arithmetic as the register path of [`super::task`] (`simd::int4_dot_vnni`), so the
+//! results match it up to the order in which the experts' contributions are added.
+
+use half::{bf16, f16};
+use moe_core::tensor::HostData;
+use moe_core::{MoeError, Result};
+
+use super::{grow, scratch, simd, QuantExperts, INT4_REG_ROWS};
+use crate::layout::RowLayout;
+use crate::pack::WElem;
+use crate::pool::{self, Out};
+
+/// Reused buffers of the decode path.
+#[derive(Debug, Default)]
+pub(super) struct DecodeBufs {
+    /// Per token: int8 groups of the hidden state, their units and sums.
+    xq: Vec<i8>,
+    xu: Vec<f32>,
+    xs: Vec<f32>,
+    /// Per layout row: int8 groups of the activated intermediate, units and sums.
+    mq: Vec<i8>,
+    mu: Vec<f32>,
+    ms: Vec<f32>,
+}
+
+/// `x` (natural input order) in int4's pair order: per 32 inputs, the 16 even then the 16 odd.
+fn pair_order(x: impl Fn(usize) -> f32, out: &mut [f32]) {
+    for c0 in (0..out.len()).step_by(32) {
+        for l in 0..16 {
+            out[c0 + l] = x(c0 + 2 * l);
+            out[c0 + 16 + l] = x(c0 + 2 * l + 1);
+        }
+    }
+}
+
+/// Where [`quantize_tokens`] writes: per token, `groups` int8 groups of `per` bytes, their
+/// units and sums.
+#[derive(Clone, Copy)]
+struct TokenGroups {
+    q: Out<i8>,
+    unit: Out<f32>,
+    sum: Out<f32>,
+    per: usize,
+    groups: usize,
+}
+
+/// Every token row of `x` (`[tokens, h]`) as int8 groups (`simd::quantize_i8_groups`).
+fn quantize_tokens<S: WElem>(x: &[S], h: usize, tokens: usize, split: bool, dst: TokenGroups) {
+    let (per, g) = (dst.per, dst.groups);
+    pool::for_each(tokens, |t, _| {
+        scratch::with(|sc| {
+            grow(&mut sc.row, 2 * h);
+            let (natural, row) = sc.row.split_at_mut(h);
+            natural.iter_mut().zip(&x[t * h..(t + 1) * h]).for_each(|(d, v)| *d = v.to_f32());
+            pair_order(|j| natural[j], &mut row[..h]);
+            // SAFETY: token t alone writes its ranges; the caller (`int4_decode` held) has
+            // AVX-512F/BW.
+            unsafe {
+                let (q, u, s) = (dst.q.slice(t * g * per, g * per), dst.unit.slice(t * g, g), dst.sum.slice(t * g, g));
+                if split {
+                    simd::quantize_i8_groups::<true>(row, q, u, s)
+                } else {
+                    simd::quantize_i8_groups::<false>(row, q, u, s)
+                }
+            }
+        })
+    });
+}
+
+impl QuantExperts {
+    /// Whether this forward takes the decode path: int4 experts in natural order (no act-order
+    /// permutation), int8 activations on VNNI, routing weights on the output, every expert at
+    /// most [`INT4_REG_ROWS`] rows. `Some(split)`: the activation mode of
+    /// [`crate::tuning::int4_act`].
+    pub(super) fn int4_decode(&self, layout: &RowLayout, weights_on_input: bool) -> Option<bool> {
+        let mode = crate::tuning::int4_act();
+        let ok = crate::tuning::quant_decode()
+            && self.vnni
+            && mode != 0
+            && !weights_on_input
+            && self.w13.int4_natural()
+            && self.w2.int4_natural()
+            && layout.groups.iter().all(|g| g.rows <= INT4_REG_ROWS);
+        ok.then_some(mode == 2)
+    }
+
+    /// The decode path (see the module docs); `out` `[T, H]` starts zeroed.
+    pub(super) fn run_int4_decode(
+        &mut self,
+        x: &HostData,
+        layout: &RowLayout,
+        k: usize,
+        weights: &[f32],
+        out: &mut [f32],
+        split: bool,
+    ) -> Result<()> {
+        let (h, inter) = (self.hidden, self.inter);
+        let tokens = out.len() / h.max(1);
+        let per = simd::i8_group_bytes(split);
+        let (gh, gi) = (h / 128, inter / 128);
+        let rows = layout.rows();
+        let b = &mut self.decode;
+        grow(&mut b.xq, tokens * gh * per);
+        grow(&mut b.xu, tokens * gh);
+        grow(&mut b.xs, tokens * gh);
+        grow(&mut b.mq, rows * gi * per);
+        grow(&mut b.mu, rows * gi);
+        grow(&mut b.ms, rows * gi);
+        let dst = TokenGroups {
+            q: Out::new(&mut b.xq),
+            unit: Out::new(&mut b.xu),
+            sum: Out::new(&mut b.xs),
+            per,
+            groups: gh,
+        };
+        // Each token's hidden state, once (every expert of a token reads the same bytes).
+        match x {
+            HostData::F32(v) => quantize_tokens(v, h, tokens, split, dst),
+            HostData::BF16(v) => quantize_tokens::<bf16>(v, h, tokens, split, dst),
+            HostData::F16(v) => quantize_tokens::<f16>(v, h, tokens, split, dst),
+            other => {
+                return Err(MoeError::DType {
+                    op: "cpu.run_moe",
+                    expected: "f32, bf16 or f16 activations".into(),
+                    got: other.dtype().to_string(),
+                })
+            }
+        }
+        let (xq, xu, xs) = (&b.xq[..], &b.xu[..], &b.xs[..]);
+        let (mq, mu, ms) = (Out::new(&mut b.mq), Out::new(&mut b.mu), Out::new(&mut b.ms));
+        let (w13, w2, act) = (&self.w13, &self.w2, self.act);
+        let (b13, b2) = (self.b13.as_deref(), self.b2.as_deref());
+        let groups = &layout.groups;
+        let token = |r: usize| layout.src[r] as usize / k;
+        let ahead = 128 * crate::tuning::gemv_prefetch();
+        let _gate_up = tracing::debug_span!("cpu.q.gate_up").entered();
+        pool::for_each(groups.len() * gi, |task, _| {
+            let (g, grp) = (groups[task / gi], task % gi);
+            let mut gu = [[[0.0f32; 128]; 2]; INT4_REG_ROWS];
+            // The task's rows in order: the group's 128 gate rows, then its 128 up rows.
+            let row_at = |i: usize| if i < 128 { 128 * grp + i } else { inter + 128 * grp + i - 128 };
+            let d13 = ahead.div_ceil(h / 2).max(1);
+            for (half, row0) in [(0, 0), (1, inter)] {
+                for j in 0..128 {
+                    let c = row0 + 128 * grp + j;
+                    let (bytes, s, zs) = w13.int4_row(g.expert, c).expect("int4 stack");
+                    // Prefetch along the task's order (the up rows lie elsewhere), so the jump
+                    // from gate to up rows does not restart the stream cold.
+                    if let Some((next, _, _)) = w13.int4_row(g.expert, row_at((128 * half + j + d13).min(255))) {
+                        super::prefetch_l1(next.as_ptr(), next.len());
+                    }
+                    let bias = b13.map_or(0.0, |b| b[g.expert * 2 * inter + c]);
+                    for (r, v) in gu.iter_mut().enumerate().take(g.rows) {
+                        let t = token(g.row0 + r);
+                        let (q, u, xsum) = (
+                            &xq[t * gh * per..(t + 1) * gh * per],
+                            &xu[t * gh..(t + 1) * gh],
+                            &xs[t * gh..(t + 1) * gh],
+                        );
+                        // SAFETY: `vnni` (AVX-512 VNNI detected); one full row of `gh` groups.
+                        v[half][j] = unsafe { dot(split, bytes, s, zs, q, u, xsum) } + bias;
+                    }
+                }
+            }
+            for (r, v) in gu.iter().enumerate().take(g.rows) {
+                let mut y = [0.0f32; 128];
+                for l0 in (0..128).step_by(16) {
+                    let lanes = |a: &[f32; 128]| -> [f32; 16] { std::array::from_fn(|l| a[l0 + l]) };
+                    let mut o = [0.0f32; 16];
+                    crate::act::apply16(act, &lanes(&v[0]), &lanes(&v[1]), &mut o);
+                    y[l0..l0 + 16].copy_from_slice(&o);
+                }
+                let mut p = [0.0f32; 128];
+                pair_order(|j| y[j], &mut p);
+                let row = g.row0 + r;
+                // SAFETY: (row, group) is this task's alone; `vnni` implies AVX-512F/BW.
+                unsafe {
+                    let at = (row * gi + grp) * per;
+                    let (q, u, s) = (mq.slice(at, per), mu.slice(row * gi + grp, 1), ms.slice(row * gi + grp, 1));
+                    if split {
+                        simd::quantize_i8_groups::<true>(&p, q, u, s)
+                    } else {
+                        simd::quantize_i8_groups::<false>(&p, q, u, s)
+                    }
+                }
+            }
+        });
+        drop(_gate_up);
+        let (mq, mu, ms) = (&b.mq[..], &b.mu[..], &b.ms[..]);
+        let _down = tracing::debug_span!("cpu.q.down").entered();
+        // Columns a task: about 8 tasks a thread, whole 16-column runs.
+        let cols = (h / (8 * pool::threads())).clamp(16, h.max(16)).next_multiple_of(16);
+        let dst = Out::new(out);
+        pool::for_each(h.div_ceil(cols), |task, _| {
+            let (c0, c1) = (task * cols, ((task + 1) * cols).min(h));
+            let d2 = ahead.div_ceil(inter / 2).max(1);
+            for (gn, g) in groups.iter().enumerate() {
+                for c in c0..c1 {
+                    let (bytes, s, zs) = w2.int4_row(g.expert, c).expect("int4 stack");
+                    // Prefetch along the task's order: past its last column, the next expert's
+                    // first ones (each expert's run of columns is a short separate stream).
+                    let (pe, pc) = if c + d2 < c1 {
+                        (Some(g.expert), c + d2)
+                    } else {
+                        (groups.get(gn + 1).map(|g| g.expert), (c0 + c + d2 - c1).min(c1 - 1))
+                    };
+                    if let Some((next, _, _)) = pe.and_then(|e| w2.int4_row(e, pc)) {
+                        super::prefetch_l1(next.as_ptr(), next.len());
+                    }
+                    let bias = b2.map_or(0.0, |b| b[g.expert * h + c]);
+                    for r in g.row0..g.row0 + g.rows {
+                        let (q, u, msum) = (
+                            &mq[r * gi * per..(r + 1) * gi * per],
+                            &mu[r * gi..(r + 1) * gi],
+                            &ms[r * gi..(r + 1) * gi],
+                        );
+                        // SAFETY: `vnni`; one full row of `gi` groups.
+                        let y = unsafe { dot(split, bytes, s, zs, q, u, msum) } + bias;
+                        // SAFETY: column c of the row's token belongs to this task alone.
+                        let o = unsafe { dst.slice(token(r) * h + c, 1) };
+                        o[0] += weights[layout.src[r] as usize] * y;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// [`simd::int4_dot_vnni`] in the forward's activation mode.
+///
+/// # Safety
+/// As [`simd::int4_dot_vnni`].
+#[inline(always)]
+unsafe fn dot(split: bool, bytes: &[u8], s: &[f32], zs: &[f32], q: &[i8], u: &[f32], xsum: &[f32]) -> f32 {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if split {
+            simd::int4_dot_vnni::<true>(bytes, s, zs, q, u, xsum)
+        } else {
+            simd::int4_dot_vnni::<false>(bytes, s, zs, q, u, xsum)
+        }
+    }
+}
