@@ -277,3 +277,56 @@ extern "C" __global__ void moe_fill_random_f32(FillParams p) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long long)gridDim.x * blockDim.x)
         ((float*)p.out)[i] = hash_uniform(i, p.seed) * p.scale;
 }
+
+// FP8 activations that arrive in the wire form of post-quant dispatch (moe_core's
+// quant::activation): e4m3 bytes [T, K] and f32 scales [T, K / 128], token-major.
+struct F8RowsParams {
+    u64 q_src;   // [src_rows, K] e4m3
+    u64 s_src;   // [src_rows, K / 128] f32
+    u64 dest;    // place: [src_rows * top_k] i32 layout rows (-1: none)
+    u64 q;       // place: [rows, K] e4m3 out
+    u64 scales;  // place: [K / 128, rows] f32 out (the FP8 GEMM's activation scales)
+    u64 x;       // dequantize: [src_rows, K] activation dtype out
+    int src_rows, K, top_k, rows;
+};
+
+// e4m3fn (no infinities; 0x7F / 0xFF are NaN) to f32, subnormals included.
+__device__ __forceinline__ float e4m3_to_f32(u32 b) {
+    const u32 sign = (b & 0x80u) << 24, e = (b >> 3) & 15u, m = b & 7u;
+    if (e == 15u && m == 7u) return __uint_as_float(0x7FC00000u | sign);
+    // Normal: exponent e - 7 (+ 127); subnormal: m * 2^-9.
+    const float v = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0.001953125f;
+    return __uint_as_float(__float_as_uint(v) | sign);
+}
+
+// A block per source row: its K bytes and K / 128 scales go to each of its layout rows, the
+// scales transposed into the GEMM's [K / 128, rows] order (the same rows moe_quant_rows fills
+// from 16-bit activations).
+extern "C" __global__ void moe_place_f8_rows(F8RowsParams p) {
+    const int src = blockIdx.x;
+    if (src >= p.src_rows) return;
+    const int groups = p.K / 128;
+    const uint4* s = (const uint4*)((const unsigned char*)p.q_src + (size_t)src * p.K);
+    const float* ss = (const float*)p.s_src + (size_t)src * groups;
+    for (int j = 0; j < p.top_k; ++j) {
+        const int row = ((const int*)p.dest)[(size_t)src * p.top_k + j];
+        if (row < 0) continue;
+        uint4* d = (uint4*)((unsigned char*)p.q + (size_t)row * p.K);
+        for (int c = threadIdx.x; c < p.K / 16; c += blockDim.x) d[c] = s[c];
+        for (int g = threadIdx.x; g < groups; g += blockDim.x) ((float*)p.scales)[(size_t)g * p.rows + row] = ss[g];
+    }
+}
+
+// A block per source row: q * scale in the activation dtype, for the paths that take 16-bit
+// activations (decode, masked, weight-only GEMMs).
+template <class Tag>
+__device__ void dequant_f8_rows(const F8RowsParams& p) {
+    const int src = blockIdx.x;
+    if (src >= p.src_rows) return;
+    const unsigned char* q = (const unsigned char*)p.q_src + (size_t)src * p.K;
+    const float* s = (const float*)p.s_src + (size_t)src * (p.K / 128);
+    u16* x = (u16*)p.x + (size_t)src * p.K;
+    for (int c = threadIdx.x; c < p.K; c += blockDim.x) x[c] = from_f32(e4m3_to_f32(q[c]) * s[c / 128], Tag());
+}
+extern "C" __global__ void moe_dequant_f8_rows_bf16(F8RowsParams p) { dequant_f8_rows<Bf16Tag>(p); }
+extern "C" __global__ void moe_dequant_f8_rows_f16(F8RowsParams p) { dequant_f8_rows<F16Tag>(p); }

@@ -455,7 +455,7 @@ struct QuantRowsParams {
     u64 tile_expert;  // [rows / tile_m] i32 or 0; with dest == 0, rows past their tile's end are skipped
     u64 tile_end;     // [rows / tile_m] i32: end of each tile's real rows
     int src_rows, K, k, tile_m;
-    int rows, pad;
+    int rows, flags;  // flags bit 0: scales token-major [rows, K / 128] (the dispatch wire form)
 };
 
 #define QR_ROWS 8   // source rows a block (one warp each): 8 scale words of a group are 32 bytes
@@ -513,7 +513,10 @@ __device__ __forceinline__ void quant_rows(const QuantRowsParams& p) {
             const int row = dest ? dest[j] : src;
             if (row < 0) continue;
             *(uint2*)((unsigned char*)p.q + (size_t)row * p.K + g * 128 + c8) = out;
-            if ((lane & 15) == 0) ((float*)p.scales)[(size_t)g * p.rows + row] = s;
+            if ((lane & 15) == 0) {
+                const size_t at = (p.flags & 1) ? (size_t)row * groups + g : (size_t)g * p.rows + row;
+                ((float*)p.scales)[at] = s;
+            }
         }
     }
 #endif

@@ -427,6 +427,93 @@ impl CudaBackend {
 
     /// The activations as a device 16-bit buffer address (uploading host data). The returned
     /// owner keeps an upload alive until the launches that use it are queued.
+    /// The FP8 kind whose rows `quantize_input` emits for post-quant dispatch, if any: FP8
+    /// experts on FP8 tensor cores under expert parallelism, where the payload crosses ranks at
+    /// half the bytes of 16-bit rows. On one rank the FP8 path quantizes token rows straight into
+    /// their layout rows instead (no separate pass).
+    fn fp8_dispatch_kind(&self) -> Option<QuantKind> {
+        let kind = match self.cfg.quant {
+            moe_core::QuantFormat::Fp8Block => QuantKind::Fp8Block,
+            moe_core::QuantFormat::Fp8Tensor => QuantKind::Fp8Tensor,
+            _ => return None,
+        };
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        (self.cfg.parallel.ep_size > 1 && crate::quant::fp8_mma_ok(self.dev.arch(), self.cfg.quant, h, i))
+            .then_some(kind)
+    }
+
+    /// `hidden` `[T, H]` in the FP8 wire form of `moe_core::quant::activation` (per token per 128
+    /// channels, `amax / 448`: the FP8 GEMM's own activation quantization), quantized on the
+    /// device and read back: the communication strategies move host bytes.
+    fn quantize_fp8(&mut self, hidden: &Tensor, kind: QuantKind) -> Result<BackendInput> {
+        let h = self.cfg.hidden_size;
+        let t = hidden.dim(0)?;
+        hidden.expect_shape("cuda.quantize_input", &[t, h])?;
+        let g = h / 128;
+        if t == 0 {
+            return Ok(BackendInput {
+                hidden: Tensor::from_host(vec![0, h], HostData::U8(Vec::new()))?,
+                scales: Some(Tensor::from_f32(vec![0, g], Vec::new())?),
+            });
+        }
+        let (x, _kx) = self.act_ptr(hidden, "cuda.quantize_input")?;
+        let q = self.dev.alloc::<u8>(t * h)?;
+        let sc = self.dev.alloc::<f32>(t * g)?;
+        let p = QuantRowsParams {
+            x,
+            q: self.dev.ptr(&q),
+            scales: self.dev.ptr(&sc),
+            src_rows: t as i32,
+            k: h as i32,
+            top_k: 1,
+            rows: t as i32,
+            flags: 1,
+            ..Default::default()
+        };
+        // QR_ROWS source rows and QR_PAIRS * 2 groups a block, as `QuantExperts::quant_rows`.
+        let grid = (t.div_ceil(8) as u32, g.div_ceil(8) as u32, 1);
+        if grid.0 > i32::MAX as u32 || grid.1 > 65535 {
+            return Err(MoeError::shape("cuda.quantize_input", "fewer than 2^31 x 2^16 blocks", format!("{grid:?}")));
+        }
+        self.dev.launch(KernelId::QuantRows(kind, self.elem), grid, 256, 0, &p)?;
+        Ok(BackendInput {
+            hidden: Tensor::from_host(vec![t, h], HostData::U8(self.dev.download(&q, t * h)?))?,
+            scales: Some(Tensor::from_f32(vec![t, g], self.dev.download(&sc, t * g)?)?),
+        })
+    }
+
+    /// Uploads FP8 wire-form rows (`hidden` u8 `[T, H]`, `scales` f32 `[T, H / 128]` or `[T, 1]`,
+    /// a per-token scale repeated over the groups) for this forward.
+    fn upload_fp8_rows(&self, hidden: &Tensor, scales: &Tensor, t: usize) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
+        let h = self.cfg.hidden_size;
+        if !h.is_multiple_of(128) {
+            return Err(MoeError::unsupported(
+                NAME,
+                format!("FP8 activations need a hidden size that is a multiple of 128 (got {h})"),
+            ));
+        }
+        let g = h / 128;
+        let host = hidden.to_host()?;
+        let q = host.as_u8().map_err(|_| MoeError::DType {
+            op: "cuda.run_moe",
+            expected: "u8 e4m3 bytes with scales".into(),
+            got: hidden.dtype().to_string(),
+        })?;
+        let s = scales.to_f32_vec()?;
+        let s = match scales.shape() {
+            [st, sg] if *st == t && *sg == g => s,
+            [st, 1] if *st == t => s.iter().flat_map(|&v| std::iter::repeat_n(v, g)).collect(),
+            other => {
+                return Err(MoeError::shape(
+                    "cuda.run_moe",
+                    format!("scales [{t}, {g}] or [{t}, 1]"),
+                    format!("{other:?}"),
+                ))
+            }
+        };
+        Ok((self.dev.upload(q)?, self.dev.upload(&s)?))
+    }
+
     fn act_ptr(&self, t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaSlice<u16>>)> {
         if let Some(b) = device_buffer(t) {
             if t.dtype() != self.cfg.act_dtype {
@@ -768,9 +855,12 @@ impl ExpertBackend for CudaBackend {
     }
 
     fn quantize_input(&mut self, hidden: &Tensor) -> Result<BackendInput> {
-        // Unquantized: keep the tensor as given (uploaded once inside run_moe when on the host, so
-        // host-side communication still sees host data).
-        Ok(BackendInput::plain(hidden.clone()))
+        match self.fp8_dispatch_kind() {
+            Some(kind) => self.quantize_fp8(hidden, kind),
+            // Keep the tensor as given (uploaded once inside run_moe when on the host, so
+            // host-side communication still sees host data).
+            None => Ok(BackendInput::plain(hidden.clone())),
+        }
     }
 
     fn run_moe(&mut self, input: &BackendInput, routing: &TopK<Physical>) -> Result<Tensor> {
@@ -793,7 +883,40 @@ impl ExpertBackend for CudaBackend {
         let n_local = slots.count;
         let plan = self.plan(t);
         let bm = plan.tile.block_m();
-        let (x, _kx) = self.act_ptr(&input.hidden, "cuda.run_moe")?;
+        // FP8 wire-form rows (post-quant dispatch): placed straight into the FP8 GEMM's rows
+        // where the forward takes that path, else dequantized to the activation dtype first.
+        let f8 = match &input.scales {
+            Some(s) => Some(self.upload_fp8_rows(&input.hidden, s, t)?),
+            None => None,
+        };
+        let f8_place = f8.is_some()
+            && plan.layout == Layout::Contiguous
+            && plan.tile == GemmTile::M128
+            && self.weights.as_ref().is_some_and(|w| w.quant.is_some())
+            && !routing.weights_on_input()
+            && self.gather;
+        let (x, _kx) = match &f8 {
+            None => self.act_ptr(&input.hidden, "cuda.run_moe")?,
+            // Unread: gather mode records token ids; the FP8 rows come from `f8_src`.
+            Some((q, _)) if f8_place => (self.dev.ptr(q), None),
+            Some((q, s)) => {
+                let xd = self.scratch("f8_x", t * h * 2)?;
+                let p = F8RowsParams {
+                    q_src: self.dev.ptr(q),
+                    s_src: self.dev.ptr(s),
+                    x: xd,
+                    src_rows: t as i32,
+                    k: h as i32,
+                    ..Default::default()
+                };
+                self.dev.launch(KernelId::DequantF8Rows(self.elem), (t as u32, 1, 1), 256, 0, &p)?;
+                (xd, None)
+            }
+        };
+        let f8_src = match &f8 {
+            Some((q, s)) if f8_place => Some((self.dev.ptr(q), self.dev.ptr(s))),
+            _ => None,
+        };
         let (ids, _ki) = self.i32_ptr(routing.ids())?;
         let (wts, _kw) = self.f32_ptr(routing.weights(), "cuda.run_moe")?;
         let flag = match device_buffer(routing.ids()).and_then(|b| b.flag()) {
@@ -961,6 +1084,7 @@ impl ExpertBackend for CudaBackend {
                 row_of: if gather { row_of } else { 0 },
                 top_k: k,
                 y16: self.y16,
+                f8_src,
             };
             match self.weights.as_mut().and_then(|w| w.quant.as_mut()) {
                 Some(q) => q.forward(&dev, &f)?,

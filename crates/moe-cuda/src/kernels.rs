@@ -268,6 +268,10 @@ pub enum KernelId {
     Finalize(Elem),
     /// `moe_fill_random_{dt}` (benchmarks).
     FillRandom(Elem),
+    /// `moe_place_f8_rows`: dispatched FP8 rows and scales into their layout rows.
+    PlaceF8Rows,
+    /// `moe_dequant_f8_rows_{dt}`: dispatched FP8 rows to 16-bit activations.
+    DequantF8Rows(Elem),
     /// `moe_fill_random_f32` (benchmarks).
     FillRandomF32,
     /// `gemm_gate_up_{dt}_{tile}`.
@@ -313,7 +317,9 @@ impl KernelId {
             | KernelId::SharedGate(_)
             | KernelId::Finalize(_)
             | KernelId::FillRandom(_)
-            | KernelId::FillRandomF32 => Module::Permute,
+            | KernelId::FillRandomF32
+            | KernelId::PlaceF8Rows
+            | KernelId::DequantF8Rows(_) => Module::Permute,
             KernelId::GemmGateUp(d, _) | KernelId::GemmDown(d, _) => Module::GroupedGemm(d),
             KernelId::QGemm(q, d, _, _)
             | KernelId::QAct(q, d)
@@ -341,6 +347,8 @@ impl KernelId {
             KernelId::Finalize(d) => format!("moe_finalize_{}", d.suffix()),
             KernelId::FillRandom(d) => format!("moe_fill_random_{}", d.suffix()),
             KernelId::FillRandomF32 => "moe_fill_random_f32".into(),
+            KernelId::PlaceF8Rows => "moe_place_f8_rows".into(),
+            KernelId::DequantF8Rows(d) => format!("moe_dequant_f8_rows_{}", d.suffix()),
             KernelId::GemmGateUp(d, t) => format!("gemm_gate_up_{}_{}", d.suffix(), t.name()),
             KernelId::GemmDown(d, t) => format!("gemm_down_{}_{}", d.suffix(), t.name()),
             KernelId::QGemm(_, d, t, proj) => format!("qgemm_{}_{}_{}", proj.name(), d.suffix(), t.name()),
@@ -365,6 +373,7 @@ impl KernelId {
             KernelId::Unpermute,
             KernelId::UnpermuteWide,
             KernelId::FillRandomF32,
+            KernelId::PlaceF8Rows,
         ];
         for d in [Elem::Bf16, Elem::F16] {
             v.extend([
@@ -374,6 +383,7 @@ impl KernelId {
                 KernelId::SharedGate(d),
                 KernelId::Finalize(d),
                 KernelId::FillRandom(d),
+                KernelId::DequantF8Rows(d),
                 KernelId::DecodeGateUp(d),
                 KernelId::DecodeDown(d),
                 KernelId::DecodeDownShort(d),
@@ -823,8 +833,34 @@ pub struct QuantRowsParams {
     pub tile_m: i32,
     /// Rows of `q` (the stride of the scale words).
     pub rows: i32,
-    pub pad: i32,
+    /// Bit 0: scales token-major `[rows, k / 128]` (the dispatch wire form) instead of
+    /// `[k / 128, rows]`.
+    pub flags: i32,
 }
+
+/// Dispatched FP8 rows (`F8RowsParams` in permute.cu): the wire form of post-quant dispatch,
+/// e4m3 bytes `[src_rows, k]` plus token-major f32 scales `[src_rows, k / 128]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct F8RowsParams {
+    pub q_src: u64,
+    pub s_src: u64,
+    /// Place: `[src_rows * top_k]` i32 layout rows (-1: none).
+    pub dest: u64,
+    /// Place: `[rows, k]` e4m3 out.
+    pub q: u64,
+    /// Place: `[k / 128, rows]` f32 out.
+    pub scales: u64,
+    /// Dequantize: `[src_rows, k]` 16-bit out.
+    pub x: u64,
+    pub src_rows: i32,
+    pub k: i32,
+    pub top_k: i32,
+    pub rows: i32,
+}
+
+// SAFETY: `#[repr(C)]` plain data matching the CUDA struct of the same name.
+unsafe impl DeviceRepr for F8RowsParams {}
 
 /// FP8 GEMM parameters (`Fp8GemmParams`): the quantized GEMM's plus the activation scales.
 #[repr(C)]
@@ -1093,6 +1129,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<QGemmParams>(), 128);
         assert_eq!(std::mem::size_of::<QActParams>(), 88);
         assert_eq!(std::mem::size_of::<QuantRowsParams>(), 72);
+        assert_eq!(std::mem::size_of::<F8RowsParams>(), 64);
         assert_eq!(std::mem::size_of::<Fp8GemmParams>(), 144);
     }
 

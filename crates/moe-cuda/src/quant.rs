@@ -18,8 +18,8 @@ use crate::device::{CudaDevice, Dep, Workspace};
 use crate::error::CudaError;
 use crate::heuristics::{self, Layout, Plan};
 use crate::kernels::{
-    fp8_tile, DecodeParams, Elem, Fp8GemmParams, GemmMode, GemmParams, GemmTile, KernelId, Proj, QActParams,
-    QDecodeParams, QGemmParams, QuantKind, QuantRowsParams, QuantTile, QDECODE_SMEM,
+    fp8_tile, DecodeParams, Elem, F8RowsParams, Fp8GemmParams, GemmMode, GemmParams, GemmTile, KernelId, Proj,
+    QActParams, QDecodeParams, QGemmParams, QuantKind, QuantRowsParams, QuantTile, QDECODE_SMEM,
 };
 
 /// Host-side parts of one expert projection in the device layout.
@@ -381,6 +381,9 @@ pub struct Forward {
     pub top_k: usize,
     /// Whether the down projection may write 16-bit outputs (one split, routed rows).
     pub y16: bool,
+    /// FP8 wire-form token rows (e4m3 `[pairs / top_k, hidden]`, token-major scales), placed
+    /// into the FP8 GEMM's rows through `row_of` instead of quantizing `g1.a`.
+    pub f8_src: Option<(u64, u64)>,
 }
 
 fn driver(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoeError {
@@ -609,7 +612,34 @@ impl QuantExperts {
             } else {
                 self.skip_padding(f)
             };
-            self.quant_rows(dev, QuantRowsParams { x: f.g1.base.a, q: qa, scales: sa, k: h as i32, ..src }, rows)?;
+            match f.f8_src {
+                Some((q_src, s_src)) if f.row_of != 0 => {
+                    let p = F8RowsParams {
+                        q_src,
+                        s_src,
+                        dest: f.row_of,
+                        q: qa,
+                        scales: sa,
+                        src_rows: src.src_rows,
+                        k: h as i32,
+                        top_k: f.top_k as i32,
+                        rows: rows as i32,
+                        ..Default::default()
+                    };
+                    dev.launch(KernelId::PlaceF8Rows, (src.src_rows.max(1) as u32, 1, 1), 128, 0, &p)?;
+                }
+                Some(_) => {
+                    return Err(MoeError::unsupported(
+                        "cuda",
+                        "internal: FP8 token rows reached the FP8 GEMM without their layout rows",
+                    ))
+                }
+                None => self.quant_rows(
+                    dev,
+                    QuantRowsParams { x: f.g1.base.a, q: qa, scales: sa, k: h as i32, ..src },
+                    rows,
+                )?,
+            }
             let g1 = QGemmParams { base: GemmParams { a: qa, ..f.g1.base }, ..f.g1 };
             self.fp8_gemm(dev, Proj::GateUp, f.plan.tiles, g1, sa, rows, inter, h, false)?;
             let qact = self.ws.get(dev, "f8_act", rows * inter)?;

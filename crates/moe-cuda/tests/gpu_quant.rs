@@ -222,3 +222,58 @@ fn can_implement_names_the_quant_limits() {
     let reason = CudaProvider.can_implement(&cfg, &hw).unwrap_err();
     assert!(reason.contains("f32") || reason.contains("GPU"), "{reason}");
 }
+
+#[test]
+fn fp8_post_quant_dispatch_payload_runs_on_both_paths() {
+    // Expert parallelism over 2 ranks, this one holding experts 0..4 of 8: `quantize_input`
+    // emits the FP8 wire form (e4m3 rows + per-128 scales) on FP8 tensor-core GPUs, and
+    // `run_moe` takes it, from the host (as a transport hands it over), on the decode path
+    // (dequantized to 16 bits) and on the FP8 GEMM path (rows placed without re-quantizing).
+    // Reference: the same payload dequantized, f32 compute.
+    let mut cfg = config(QuantFormat::Fp8Block, DType::BF16, false, 256, 256);
+    cfg.parallel = moe_core::ParallelConfig { ep_size: 2, ep_rank: 0 };
+    let Some(hw) = usable(&cfg, "fp8 post-quant dispatch") else { return };
+    let w = MoeWeights::random(&cfg, 21).unwrap();
+    let slots = SlotRange { start: 0, count: 4, total: 8 };
+    let lw = LocalWeights {
+        router: w.router.clone(),
+        experts: w.experts.select_experts(&[0, 1, 2, 3]).unwrap(),
+        shared: None,
+    };
+    let mut p = pair_with(&cfg, &lw, slots, &hw);
+    let fp8_cores = hw.gpus.first().is_some_and(|g| g.compute_capability >= (8, 9));
+    for (i, tokens) in [0usize, 1, 16, 600].into_iter().enumerate() {
+        let x = random_hidden(tokens, 256, DType::BF16, 70 + i as u64).unwrap();
+        let input = p.cuda.quantize_input(&x).unwrap();
+        assert_eq!(input.scales.is_some(), fp8_cores, "FP8 payload only where the FP8 GEMM runs");
+        if tokens > 0 && fp8_cores {
+            assert_eq!(input.hidden.dtype(), DType::U8);
+            assert_eq!(input.scales.as_ref().unwrap().shape(), &[tokens, 2]);
+            // The payload dequantizes to the input within e4m3's rounding.
+            let back = input.to_f32_vec().unwrap();
+            let err = rel_l2(&back, &x.to_f32_vec().unwrap());
+            assert!(err < 5e-2, "T={tokens}: payload rel err {err:e}");
+        }
+        let logits = p.reference.router_logits(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let r_cuda = p.cuda.route(&logits).unwrap().into_identity_slots();
+        let r_ref = p.reference.route(&logits).unwrap().into_identity_slots();
+        let got = p.cuda.run_moe(&input, &r_cuda).unwrap().to_f32_vec().unwrap();
+        let want = p.reference.run_moe(&input, &r_ref).unwrap().to_f32_vec().unwrap();
+        assert_eq!(got.len(), tokens * 256);
+        assert!(got.iter().all(|v| v.is_finite()), "T={tokens}: non-finite output");
+        let plan = p.cuda.plan(tokens);
+        let err = rel_l2(&got, &want);
+        let tol = if plan.tile == GemmTile::M128 { TOL_FP8 } else { TOL };
+        assert!(err < tol || tokens == 0, "T={tokens} {:?}/{:?}: rel err {err:e}", plan.layout, plan.tile);
+        eprintln!("fp8 dispatch T={tokens} {:?}/{:?}: rel err {err:.2e}", plan.layout, plan.tile);
+    }
+    // Wrong scale shape: a named error, not a crash.
+    if fp8_cores {
+        let x = random_hidden(4, 256, DType::BF16, 3).unwrap();
+        let mut input = p.cuda.quantize_input(&x).unwrap();
+        input.scales = Some(Tensor::from_f32(vec![4, 3], vec![1.0; 12]).unwrap());
+        let logits = p.reference.router_logits(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let r = p.cuda.route(&logits).unwrap().into_identity_slots();
+        assert!(p.cuda.run_moe(&input, &r).is_err());
+    }
+}
