@@ -425,8 +425,6 @@ impl CudaBackend {
         Ok(Arc::new(ErrorFlag { slice: self.dev.zeros::<i32>(1)? }))
     }
 
-    /// The activations as a device 16-bit buffer address (uploading host data). The returned
-    /// owner keeps an upload alive until the launches that use it are queued.
     /// The FP8 kind whose rows `quantize_input` emits for post-quant dispatch, if any: FP8
     /// experts on FP8 tensor cores under expert parallelism, where the payload crosses ranks at
     /// half the bytes of 16-bit rows. On one rank the FP8 path quantizes token rows straight into
@@ -514,6 +512,8 @@ impl CudaBackend {
         Ok((self.dev.upload(q)?, self.dev.upload(&s)?))
     }
 
+    /// The activations as a device 16-bit buffer address (uploading host data). The returned
+    /// owner keeps an upload alive until the launches that use it are queued.
     fn act_ptr(&self, t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaSlice<u16>>)> {
         if let Some(b) = device_buffer(t) {
             if t.dtype() != self.cfg.act_dtype {
