@@ -111,14 +111,25 @@ pub fn set_int4_act(mode: usize) {
 }
 
 /// Whether decode-sized int4 forwards with int8 activations take the two-step path of
-/// `quant::decode` (`MOE_CPU_QUANT_DECODE`, default on) instead of the general six-step one.
+/// `quant::decode` (`MOE_CPU_QUANT_DECODE` not 0; default on) instead of the general six-step one.
 pub fn quant_decode() -> bool {
     get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 1) != 0
 }
 
-/// Overrides [`quant_decode`].
-pub fn set_quant_decode(on: bool) {
-    QUANT_DECODE.store(on as usize, Ordering::Relaxed);
+/// Tasks each 128-wide intermediate group of an expert is split into in that path's gate_up step
+/// (`MOE_CPU_QUANT_DECODE` = 1, 2, 4 or 8; default 1, other values round down to those).
+pub fn quant_decode_splits() -> usize {
+    match get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 1) {
+        0 | 1 => 1,
+        2 | 3 => 2,
+        4..=7 => 4,
+        _ => 8,
+    }
+}
+
+/// Overrides [`quant_decode`] and [`quant_decode_splits`]: 0 off, else the split count.
+pub fn set_quant_decode(splits: usize) {
+    QUANT_DECODE.store(splits, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation

@@ -133,7 +133,7 @@ fn every_isa_with_bf16_activations_and_zero_points() {
                 // int4 rows at decode sizes: two-byte int8 activations through the two-step
                 // decode path and through the general one, and bf16 activations (the switches
                 // change speed and rounding only, so tests running meanwhile stay correct).
-                for (int4_act, decode) in [(2, true), (2, false), (0, true)] {
+                for (int4_act, decode) in [(2, 1), (2, 4), (2, 0), (0, 1)] {
                     moe_cpu::tuning::set_int4_act(int4_act);
                     moe_cpu::tuning::set_quant_decode(decode);
                     for tokens in [1, 9] {
@@ -145,7 +145,7 @@ fn every_isa_with_bf16_activations_and_zero_points() {
                     }
                 }
                 moe_cpu::tuning::set_int4_act(2);
-                moe_cpu::tuning::set_quant_decode(true);
+                moe_cpu::tuning::set_quant_decode(1);
             }
         }
     }

@@ -13,7 +13,8 @@
 //! e.g. to time a format against bf16 under the same noise.
 //! `--{a,b}-int4-act N`: how int4 rows take activations at decode sizes (0 bf16, 1 int8, 2 two
 //! int8 bytes; default 2; see `moe_cpu::tuning::int4_act`).
-//! `--{a,b}-qdecode 0|1`: the two-step int4 decode path (default 1; `moe_cpu::tuning::quant_decode`).
+//! `--{a,b}-qdecode N`: the two-step int4 decode path, 0 off, else its gate_up tasks per
+//! 128-wide group (1, 2, 4, 8; default 1; `moe_cpu::tuning::quant_decode_splits`).
 //! `--{a,b}-pool team|rayon`: where the backend's parallel steps run (default team, see
 //! `moe_cpu::pool`).
 //! `--gap-us N`: the calling thread sleeps N us between forwards (default 0), as a model's other
@@ -42,7 +43,7 @@ struct Variant {
     amx: usize,
     quant: QuantFormat,
     int4_act: usize,
-    qdecode: bool,
+    qdecode: usize,
     team: bool,
 }
 
@@ -69,7 +70,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             amx: opt(&format!("--{p}-amx"), "2").parse()?,
             quant: QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
             int4_act: opt(&format!("--{p}-int4-act"), "2").parse()?,
-            qdecode: opt(&format!("--{p}-qdecode"), "1").parse::<u8>()? != 0,
+            qdecode: opt(&format!("--{p}-qdecode"), "1").parse()?,
             team: match opt(&format!("--{p}-pool"), "team").as_str() {
                 "team" => true,
                 "rayon" => false,

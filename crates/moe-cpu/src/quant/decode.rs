@@ -13,6 +13,8 @@
 //! Same arithmetic as the register path of [`super::task`] (`simd::int4_dot_vnni`), so the
 //! results match it up to the order in which the experts' contributions are added.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use half::{bf16, f16};
 use moe_core::tensor::HostData;
 use moe_core::{MoeError, Result};
@@ -33,6 +35,10 @@ pub(super) struct DecodeBufs {
     mq: Vec<i8>,
     mu: Vec<f32>,
     ms: Vec<f32>,
+    /// Per layout row and intermediate group: gate then up outputs `[2][128]`, and per
+    /// (expert, group) how many of its sub-tasks have written theirs.
+    gu: Vec<f32>,
+    done: Vec<AtomicUsize>,
 }
 
 /// `x` (natural input order) in int4's pair order: per 32 inputs, the 16 even then the 16 odd.
@@ -146,23 +152,38 @@ impl QuantExperts {
         let token = |r: usize| layout.src[r] as usize / k;
         let ahead = 128 * crate::tuning::gemv_prefetch();
         let _gate_up = tracing::debug_span!("cpu.q.gate_up").entered();
-        pool::for_each(groups.len() * gi, |task, _| {
-            let (g, grp) = (groups[task / gi], task % gi);
-            let mut gu = [[[0.0f32; 128]; 2]; INT4_REG_ROWS];
-            // The task's rows in order: the group's 128 gate rows, then its 128 up rows.
-            let row_at = |i: usize| if i < 128 { 128 * grp + i } else { inter + 128 * grp + i - 128 };
+        // A task: `128 / subs` intermediate columns of one group of one expert (gate and up rows).
+        // The task that completes a group applies the activation and quantizes it: the int8
+        // groups need all 128 values, and finer tasks even out the threads (one late task
+        // holds up the step).
+        let subs = crate::tuning::quant_decode_splits();
+        let jn = 128 / subs;
+        let pending = groups.len() * gi;
+        if b.done.len() < pending {
+            b.done.resize_with(pending, || AtomicUsize::new(0));
+        }
+        b.done[..pending].iter().for_each(|d| d.store(0, Ordering::Relaxed));
+        grow(&mut b.gu, rows * gi * 256);
+        let (gu, done) = (Out::new(&mut b.gu), &b.done[..pending]);
+        pool::for_each(pending * subs, |task, _| {
+            let (gg, sub) = (task / subs, task % subs);
+            let (g, grp) = (groups[gg / gi], gg % gi);
+            let j0 = sub * jn;
+            // The task's rows in order: its gate rows, then its up rows.
+            let row_at = |i: usize| if i < jn { 128 * grp + j0 + i } else { inter + 128 * grp + j0 + i - jn };
             let d13 = ahead.div_ceil(h / 2).max(1);
             for (half, row0) in [(0, 0), (1, inter)] {
-                for j in 0..128 {
+                for j in j0..j0 + jn {
                     let c = row0 + 128 * grp + j;
                     let (bytes, s, zs) = w13.int4_row(g.expert, c).expect("int4 stack");
                     // Prefetch along the task's order (the up rows lie elsewhere), so the jump
                     // from gate to up rows does not restart the stream cold.
-                    if let Some((next, _, _)) = w13.int4_row(g.expert, row_at((128 * half + j + d13).min(255))) {
+                    let next = (jn * half + j - j0 + d13).min(2 * jn - 1);
+                    if let Some((next, _, _)) = w13.int4_row(g.expert, row_at(next)) {
                         super::prefetch_l1(next.as_ptr(), next.len());
                     }
                     let bias = b13.map_or(0.0, |b| b[g.expert * 2 * inter + c]);
-                    for (r, v) in gu.iter_mut().enumerate().take(g.rows) {
+                    for r in 0..g.rows {
                         let t = token(g.row0 + r);
                         let (q, u, xsum) = (
                             &xq[t * gh * per..(t + 1) * gh * per],
@@ -170,21 +191,31 @@ impl QuantExperts {
                             &xs[t * gh..(t + 1) * gh],
                         );
                         // SAFETY: `vnni` (AVX-512 VNNI detected); one full row of `gh` groups.
-                        v[half][j] = unsafe { dot(split, bytes, s, zs, q, u, xsum) } + bias;
+                        let y = unsafe { dot(split, bytes, s, zs, q, u, xsum) } + bias;
+                        // SAFETY: (row, group, half, j) belongs to this task alone.
+                        unsafe { gu.slice((((g.row0 + r) * gi + grp) * 2 + half) * 128 + j, 1)[0] = y };
                     }
                 }
             }
-            for (r, v) in gu.iter().enumerate().take(g.rows) {
+            // The release orders this task's writes before the count; the acquire of the task
+            // that completes the group makes every sub-task's writes visible to it.
+            if done[gg].fetch_add(1, Ordering::AcqRel) + 1 != subs {
+                return;
+            }
+            for r in 0..g.rows {
+                let row = g.row0 + r;
+                // SAFETY: every sub-task of this group has finished writing (counted above);
+                // only this task touches the group's values now.
+                let v = unsafe { gu.slice((row * gi + grp) * 256, 256) };
                 let mut y = [0.0f32; 128];
                 for l0 in (0..128).step_by(16) {
-                    let lanes = |a: &[f32; 128]| -> [f32; 16] { std::array::from_fn(|l| a[l0 + l]) };
+                    let lanes = |a: &[f32]| -> [f32; 16] { std::array::from_fn(|l| a[l0 + l]) };
                     let mut o = [0.0f32; 16];
-                    crate::act::apply16(act, &lanes(&v[0]), &lanes(&v[1]), &mut o);
+                    crate::act::apply16(act, &lanes(&v[..128]), &lanes(&v[128..]), &mut o);
                     y[l0..l0 + 16].copy_from_slice(&o);
                 }
                 let mut p = [0.0f32; 128];
                 pair_order(|j| y[j], &mut p);
-                let row = g.row0 + r;
                 // SAFETY: (row, group) is this task's alone; `vnni` implies AVX-512F/BW.
                 unsafe {
                     let at = (row * gi + grp) * per;
