@@ -75,11 +75,7 @@ fn quantize_tokens<S: WElem>(x: &[S], h: usize, tokens: usize, split: bool, dst:
             // AVX-512F/BW.
             unsafe {
                 let (q, u, s) = (dst.q.slice(t * g * per, g * per), dst.unit.slice(t * g, g), dst.sum.slice(t * g, g));
-                if split {
-                    simd::quantize_i8_groups::<true>(row, q, u, s)
-                } else {
-                    simd::quantize_i8_groups::<false>(row, q, u, s)
-                }
+                simd::quantize_i8_groups(split, row, q, u, s)
             }
         })
     });
@@ -191,7 +187,7 @@ impl QuantExperts {
                             &xs[t * gh..(t + 1) * gh],
                         );
                         // SAFETY: `vnni` (AVX-512 VNNI detected); one full row of `gh` groups.
-                        let y = unsafe { dot(split, bytes, s, zs, q, u, xsum) } + bias;
+                        let y = unsafe { simd::int4_dot_vnni(split, bytes, s, zs, q, u, xsum) } + bias;
                         // SAFETY: (row, group, half, j) belongs to this task alone.
                         unsafe { gu.slice((((g.row0 + r) * gi + grp) * 2 + half) * 128 + j, 1)[0] = y };
                     }
@@ -220,11 +216,7 @@ impl QuantExperts {
                 unsafe {
                     let at = (row * gi + grp) * per;
                     let (q, u, s) = (mq.slice(at, per), mu.slice(row * gi + grp, 1), ms.slice(row * gi + grp, 1));
-                    if split {
-                        simd::quantize_i8_groups::<true>(&p, q, u, s)
-                    } else {
-                        simd::quantize_i8_groups::<false>(&p, q, u, s)
-                    }
+                    simd::quantize_i8_groups(split, &p, q, u, s)
                 }
             }
         });
@@ -258,7 +250,7 @@ impl QuantExperts {
                             &ms[r * gi..(r + 1) * gi],
                         );
                         // SAFETY: `vnni`; one full row of `gi` groups.
-                        let y = unsafe { dot(split, bytes, s, zs, q, u, msum) } + bias;
+                        let y = unsafe { simd::int4_dot_vnni(split, bytes, s, zs, q, u, msum) } + bias;
                         // SAFETY: column c of the row's token belongs to this task alone.
                         let o = unsafe { dst.slice(token(r) * h + c, 1) };
                         o[0] += weights[layout.src[r] as usize] * y;
@@ -267,21 +259,5 @@ impl QuantExperts {
             }
         });
         Ok(())
-    }
-}
-
-/// [`simd::int4_dot_vnni`] in the forward's activation mode.
-///
-/// # Safety
-/// As [`simd::int4_dot_vnni`].
-#[inline(always)]
-unsafe fn dot(split: bool, bytes: &[u8], s: &[f32], zs: &[f32], q: &[i8], u: &[f32], xsum: &[f32]) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe {
-        if split {
-            simd::int4_dot_vnni::<true>(bytes, s, zs, q, u, xsum)
-        } else {
-            simd::int4_dot_vnni::<false>(bytes, s, zs, q, u, xsum)
-        }
     }
 }

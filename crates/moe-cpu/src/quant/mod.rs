@@ -506,6 +506,32 @@ fn bf16_bits(v: f32) -> u16 {
     }
 }
 
+/// `out[(c - c0) * rows + r] = dot(int4 row c, r) + bias[c]` over the task's weight rows `c` and
+/// the span's tokens `r`, the rows prefetched into L1 `gemv_prefetch` steps ahead when
+/// `prefetch` (`dot` gets the row's codes, group scales and zero * scale terms).
+#[inline(always)]
+fn int4_rows(
+    w: &QMat,
+    t: Task,
+    bias: Option<&[f32]>,
+    prefetch: bool,
+    out: &mut [f32],
+    dot: impl Fn(&[u8], &[f32], &[f32], usize) -> f32,
+) {
+    let (n, s) = (w.n, t.span);
+    let ahead = 128 * crate::tuning::gemv_prefetch();
+    for c in t.c0..t.c1 {
+        let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
+        let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+        if prefetch {
+            prefetch_l1(bytes.as_ptr().wrapping_add(ahead), bytes.len());
+        }
+        for r in 0..s.rows {
+            out[(c - t.c0) * s.rows + r] = dot(bytes, sc, zs, r) + b;
+        }
+    }
+}
+
 /// Decodes each row of the task once and dots it with every token of the span.
 #[inline(always)]
 fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, sc: &mut Scratch) {
@@ -540,33 +566,14 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                     );
                     // SAFETY: `vnni` is only set with `Isa::Avx512Bf16` (AVX-512F/BW detected)
                     // and AVX-512 VNNI detected; each slice is one row of `g` groups.
-                    unsafe {
-                        if split {
-                            simd::quantize_i8_groups::<true>(x, q, u, xs)
-                        } else {
-                            simd::quantize_i8_groups::<false>(x, q, u, xs)
-                        }
-                    }
+                    unsafe { simd::quantize_i8_groups(split, x, q, u, xs) }
                 }
-                let ahead = 128 * crate::tuning::gemv_prefetch();
-                for c in t.c0..t.c1 {
-                    let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
-                    let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-                    prefetch_l1(bytes.as_ptr().wrapping_add(ahead), bytes.len());
-                    for r in 0..s.rows {
-                        let (q, u, xs) =
-                            (&xq[r * g * per..(r + 1) * g * per], &unit[r * g..(r + 1) * g], &xs[r * g..(r + 1) * g]);
-                        // SAFETY: as above; the slices are one full row of `g` groups.
-                        let y = unsafe {
-                            if split {
-                                simd::int4_dot_vnni::<true>(bytes, sc, zs, q, u, xs)
-                            } else {
-                                simd::int4_dot_vnni::<false>(bytes, sc, zs, q, u, xs)
-                            }
-                        };
-                        out[(c - t.c0) * s.rows + r] = y + b;
-                    }
-                }
+                int4_rows(w, t, bias, true, out, |bytes, sc, zs, r| {
+                    let (q, u, xs) =
+                        (&xq[r * g * per..(r + 1) * g * per], &unit[r * g..(r + 1) * g], &xs[r * g..(r + 1) * g]);
+                    // SAFETY: as above; the slices are one full row of `g` groups.
+                    unsafe { simd::int4_dot_vnni(split, bytes, sc, zs, q, u, xs) }
+                });
                 return;
             }
             if mode.bf16_dot {
@@ -588,20 +595,11 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                         *v = lane_sum(xr[gi * 128..(gi + 1) * 128].iter().map(|&b| half::bf16::from_bits(b).to_f32()));
                     }
                 }
-                let ahead = 128 * crate::tuning::gemv_prefetch();
-                for c in t.c0..t.c1 {
-                    let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
-                    let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-                    prefetch_l1(bytes.as_ptr().wrapping_add(ahead), bytes.len());
-                    for r in 0..s.rows {
-                        // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, which was
-                        // detected at run time; the slices are one full row of `g` groups.
-                        let y = unsafe {
-                            simd::int4_dot_bf16(bytes, sc, zs, &xb[r * k..(r + 1) * k], &xs[r * g..(r + 1) * g])
-                        };
-                        out[(c - t.c0) * s.rows + r] = y + b;
-                    }
-                }
+                int4_rows(w, t, bias, true, out, |bytes, sc, zs, r| {
+                    // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, which was detected at
+                    // run time; the slices are one full row of `g` groups.
+                    unsafe { simd::int4_dot_bf16(bytes, sc, zs, &xb[r * k..(r + 1) * k], &xs[r * g..(r + 1) * g]) }
+                });
                 return;
             }
             for r in 0..s.rows {
@@ -610,17 +608,12 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                     *v = lane_sum(x[gi * 128..(gi + 1) * 128].iter().copied());
                 }
             }
-            for c in t.c0..t.c1 {
-                let (bytes, sc, zs) = w.int4_row(s.expert, c).expect("int4 stack");
-                let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-                for r in 0..s.rows {
-                    let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
-                    // SAFETY: AVX-512 was detected (the caller dispatched on `isa`); `bytes`,
-                    // `x`, `sc`, `zs` and this token's sums are one full row of `g` groups.
-                    let y = unsafe { simd::int4_dot_avx512(bytes, sc, zs, x, &xs[r * g..(r + 1) * g]) };
-                    out[(c - t.c0) * s.rows + r] = y + b;
-                }
-            }
+            int4_rows(w, t, bias, false, out, |bytes, sc, zs, r| {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                // SAFETY: AVX-512 was detected (the caller dispatched on `isa`); `bytes`, `x`,
+                // `sc`, `zs` and this token's sums are one full row of `g` groups.
+                unsafe { simd::int4_dot_avx512(bytes, sc, zs, x, &xs[r * g..(r + 1) * g]) }
+            });
             return;
         }
     }
@@ -761,13 +754,7 @@ mod tests {
             let per = simd::i8_group_bytes(split);
             let (mut q, mut unit, mut xsum) = (vec![0i8; per * g], vec![0.0f32; g], vec![0.0f32; g]);
             // SAFETY: AVX-512 F/BW/VNNI detected above; buffers sized per the contracts.
-            unsafe {
-                if split {
-                    simd::quantize_i8_groups::<true>(&x, &mut q, &mut unit, &mut xsum)
-                } else {
-                    simd::quantize_i8_groups::<false>(&x, &mut q, &mut unit, &mut xsum)
-                }
-            }
+            unsafe { simd::quantize_i8_groups(split, &x, &mut q, &mut unit, &mut xsum) }
             // The encoded activation of pair-order position p (group gi, chunk c, lane l).
             let value = |gi: usize, p: usize| -> f32 {
                 let (c, l) = (p / 32, p % 32);
@@ -787,13 +774,7 @@ mod tests {
                 let bytes = &codes[r * 64 * g..(r + 1) * 64 * g];
                 let (sr, zr) = (&s[r * g..(r + 1) * g], &zs[r * g..(r + 1) * g]);
                 // SAFETY: as above; one row of g groups.
-                let got = unsafe {
-                    if split {
-                        simd::int4_dot_vnni::<true>(bytes, sr, zr, &q, &unit, &xsum)
-                    } else {
-                        simd::int4_dot_vnni::<false>(bytes, sr, zr, &q, &unit, &xsum)
-                    }
-                };
+                let got = unsafe { simd::int4_dot_vnni(split, bytes, sr, zr, &q, &unit, &xsum) };
                 // Pair order: byte b of a group holds positions (b % 16) + 32 (b / 16) (low
                 // nibble) and that + 16 (high nibble).
                 let mut want = 0.0f64;
@@ -817,8 +798,8 @@ mod tests {
             bad[130] = f32::NAN;
             // SAFETY: as above.
             let nan = unsafe {
-                simd::quantize_i8_groups::<false>(&bad, &mut q[..128 * g], &mut unit, &mut xsum);
-                simd::int4_dot_vnni::<false>(&codes[..64 * g], &s[..g], &zs[..g], &q, &unit, &xsum)
+                simd::quantize_i8_groups(false, &bad, &mut q[..128 * g], &mut unit, &mut xsum);
+                simd::int4_dot_vnni(false, &codes[..64 * g], &s[..g], &zs[..g], &q, &unit, &xsum)
             };
             assert!(nan.is_nan());
         }

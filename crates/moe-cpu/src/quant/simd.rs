@@ -205,7 +205,7 @@ pub unsafe fn int4_dot_bf16(bytes: &[u8], s: &[f32], zs: &[f32], xb: &[u16], xsu
 }
 
 /// Bytes a 128-input group of int8 activations takes in [`int4_dot_vnni`]: the 64 even then
-/// the 64 odd inputs of the group, then (`SPLIT`) the same of the residual byte.
+/// the 64 odd inputs of the group, then (`split`) the same of the residual byte.
 pub const fn i8_group_bytes(split: bool) -> usize {
     if split {
         256
@@ -217,17 +217,42 @@ pub const fn i8_group_bytes(split: bool) -> usize {
 /// One int4 row times int8 activations with `vpdpbusd` (unsigned codes times signed bytes,
 /// four products a lane), 128 weights per step: the codes need only a mask and a shift, no
 /// widening. Each 128-input group `g` of the activations is `unit[g] * v` with `v` the group's
-/// integer: `v = h` (one byte a value) or, with `SPLIT`, `v = 256 h + l` (a residual byte `l`:
+/// integer: `v = h` (one byte a value) or, with `split`, `v = 256 h + l` (a residual byte `l`:
 /// finer than bf16's rounding). The group's integer dot is exact in i32; `xsum[g]` is the sum of
 /// the group's activation values `unit[g] * v`, for the zero-point term.
 ///
 /// # Safety
 /// AVX-512F, AVX-512BW and AVX-512 VNNI must be available; `bytes` holds `64 * s.len()` bytes,
-/// `xq` holds `i8_group_bytes(SPLIT) * s.len()` bytes, `zs`, `unit` and `xsum` hold `s.len()`
+/// `xq` holds `i8_group_bytes(split) * s.len()` bytes, `zs`, `unit` and `xsum` hold `s.len()`
 /// values.
 #[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn int4_dot_vnni(
+    split: bool,
+    bytes: &[u8],
+    s: &[f32],
+    zs: &[f32],
+    xq: &[i8],
+    unit: &[f32],
+    xsum: &[f32],
+) -> f32 {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if split {
+            int4_dot_vnni_as::<true>(bytes, s, zs, xq, unit, xsum)
+        } else {
+            int4_dot_vnni_as::<false>(bytes, s, zs, xq, unit, xsum)
+        }
+    }
+}
+
+/// [`int4_dot_vnni`] for one activation form.
+///
+/// # Safety
+/// As [`int4_dot_vnni`].
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-pub unsafe fn int4_dot_vnni<const SPLIT: bool>(
+unsafe fn int4_dot_vnni_as<const SPLIT: bool>(
     bytes: &[u8],
     s: &[f32],
     zs: &[f32],
@@ -272,16 +297,33 @@ pub unsafe fn int4_dot_vnni<const SPLIT: bool>(
 
 /// Quantizes one activation row (`x`: `128 * unit.len()` inputs in the int4 pair order of
 /// [`super::mats`]) into [`int4_dot_vnni`]'s groups: per 128 inputs `unit = amax / 127` (with
-/// `SPLIT`, `/ 256` more), `h = round(x / (amax / 127))`, and with `SPLIT` the residual byte
+/// `split`, `/ 256` more), `h = round(x / (amax / 127))`, and with `split` the residual byte
 /// `l = round(256 (x / (amax / 127) - h))`. A non-finite input makes its group's unit NaN, so
 /// the dot is NaN as with float activations.
 ///
 /// # Safety
-/// AVX-512F and AVX-512BW must be available; `out` holds `i8_group_bytes(SPLIT) * unit.len()`
+/// AVX-512F and AVX-512BW must be available; `out` holds `i8_group_bytes(split) * unit.len()`
 /// bytes, `x` `128 * unit.len()` values and `xsum` `unit.len()` values.
 #[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn quantize_i8_groups(split: bool, x: &[f32], out: &mut [i8], unit: &mut [f32], xsum: &mut [f32]) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if split {
+            quantize_i8_groups_as::<true>(x, out, unit, xsum)
+        } else {
+            quantize_i8_groups_as::<false>(x, out, unit, xsum)
+        }
+    }
+}
+
+/// [`quantize_i8_groups`] for one activation form.
+///
+/// # Safety
+/// As [`quantize_i8_groups`].
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-pub unsafe fn quantize_i8_groups<const SPLIT: bool>(x: &[f32], out: &mut [i8], unit: &mut [f32], xsum: &mut [f32]) {
+unsafe fn quantize_i8_groups_as<const SPLIT: bool>(x: &[f32], out: &mut [i8], unit: &mut [f32], xsum: &mut [f32]) {
     let g = unit.len();
     let per = i8_group_bytes(SPLIT);
     debug_assert!(x.len() >= 128 * g && out.len() >= per * g && xsum.len() >= g);
