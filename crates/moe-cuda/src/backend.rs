@@ -464,16 +464,10 @@ impl CudaBackend {
             src_rows: t as i32,
             k: h as i32,
             top_k: 1,
-            rows: t as i32,
             flags: 1,
             ..Default::default()
         };
-        // QR_ROWS source rows and QR_PAIRS * 2 groups a block, as `QuantExperts::quant_rows`.
-        let grid = (t.div_ceil(8) as u32, g.div_ceil(8) as u32, 1);
-        if grid.0 > i32::MAX as u32 || grid.1 > 65535 {
-            return Err(MoeError::shape("cuda.quantize_input", "fewer than 2^31 x 2^16 blocks", format!("{grid:?}")));
-        }
-        self.dev.launch(KernelId::QuantRows(kind, self.elem), grid, 256, 0, &p)?;
+        crate::quant::launch_quant_rows(&self.dev, KernelId::QuantRows(kind, self.elem), p, t)?;
         Ok(BackendInput {
             hidden: Tensor::from_host(vec![t, h], HostData::U8(self.dev.download(&q, t * h)?))?,
             scales: Some(Tensor::from_f32(vec![t, g], self.dev.download(&sc, t * g)?)?),
@@ -889,12 +883,11 @@ impl ExpertBackend for CudaBackend {
             Some(s) => Some(self.upload_fp8_rows(&input.hidden, s, t)?),
             None => None,
         };
-        let f8_place = f8.is_some()
-            && plan.layout == Layout::Contiguous
-            && plan.tile == GemmTile::M128
-            && self.weights.as_ref().is_some_and(|w| w.quant.is_some())
-            && !routing.weights_on_input()
-            && self.gather;
+        // The TMA tile gathers token rows itself, and FP8 experts quantize (or place) token rows
+        // straight into their layout rows (crate::quant); otherwise permute copies them into `a`.
+        let fp8_rows = plan.tile == GemmTile::M128 && self.weights.as_ref().is_some_and(|w| w.quant.is_some());
+        let gathers = plan.layout == Layout::Contiguous && !routing.weights_on_input() && self.gather;
+        let f8_place = f8.is_some() && fp8_rows && gathers;
         let (x, _kx) = match &f8 {
             None => self.act_ptr(&input.hidden, "cuda.run_moe")?,
             // Unread: gather mode records token ids; the FP8 rows come from `f8_src`.
@@ -985,14 +978,7 @@ impl ExpertBackend for CudaBackend {
         let offsets = self.scratch("offsets", (n_local + 1) * 4)?;
         let tile_expert = self.scratch("tile_expert", plan.tiles * 4)?;
         let tile_end = self.scratch("tile_end", plan.tiles * 4)?;
-        // The TMA tile gathers token rows itself, and FP8 experts quantize token rows straight
-        // into their layout rows (crate::quant); otherwise permute copies them into `a`.
-        let fp8_rows = plan.tile == GemmTile::M128 && self.weights.as_ref().is_some_and(|w| w.quant.is_some());
-        let gather = (plan.tile.uses_tma() || fp8_rows)
-            && plan.layout == Layout::Contiguous
-            && !routing.weights_on_input()
-            && x.is_multiple_of(16)
-            && self.gather;
+        let gather = (plan.tile.uses_tma() || fp8_rows) && gathers && x.is_multiple_of(16);
         let (a, token_of_row) = if gather {
             (x, self.scratch("token_of_row", plan.rows * 4)?)
         } else {

@@ -275,6 +275,30 @@ pub fn fp8_mma_ok(arch: &str, format: QuantFormat, hidden: usize, inter: usize) 
         && std::env::var("MOE_CUDA_FP8_MMA").as_deref() != Ok("0")
 }
 
+/// Launches `id` (a `moe_quant_rows` kernel) over `p`'s source rows into `rows` rows of `p.q`
+/// (`p.k` channels a row): the FP8 path's row pass, and `cuda`'s quantization for post-quant
+/// dispatch.
+pub(crate) fn launch_quant_rows(dev: &CudaDevice, id: KernelId, mut p: QuantRowsParams, rows: usize) -> Result<()> {
+    // QR_ROWS source rows a block; QR_PAIRS * 2 groups of 128 channels a block column.
+    const QR_ROWS: usize = 8;
+    const QR_GROUPS: usize = 8;
+    p.rows = rows as i32;
+    let (blocks, cols) =
+        ((p.src_rows.max(0) as usize).div_ceil(QR_ROWS), (p.k.max(0) as usize / 128).div_ceil(QR_GROUPS));
+    if blocks == 0 || cols == 0 {
+        return Ok(());
+    }
+    if blocks > i32::MAX as usize || cols > 65535 {
+        return Err(MoeError::shape(
+            "cuda.quant_rows",
+            "fewer than 2^31 row blocks and 2^16 column blocks",
+            format!("{blocks} x {cols}"),
+        ));
+    }
+    dev.launch(id, (blocks as u32, cols as u32, 1), 256, 0, &p)?;
+    Ok(())
+}
+
 /// Largest `T * k` of the packed-weight decode path; must match `QD_MAX_PAIRS` in
 /// quant_gemm.cu (its member scan keeps one expert's pairs in shared memory).
 pub const QDECODE_MAX_PAIRS: usize = 256;
@@ -727,26 +751,8 @@ impl QuantExperts {
     }
 
     /// `moe_quant_rows` over `p`'s source rows into `rows` layout rows (`p.k` channels a row).
-    fn quant_rows(&self, dev: &CudaDevice, mut p: QuantRowsParams, rows: usize) -> Result<()> {
-        // QR_ROWS source rows a block; QR_PAIRS * 2 groups of 128 channels a block column.
-        const QR_ROWS: usize = 8;
-        const QR_GROUPS: usize = 8;
-        p.rows = rows as i32;
-        let (blocks, cols) =
-            ((p.src_rows.max(0) as usize).div_ceil(QR_ROWS), (p.k.max(0) as usize / 128).div_ceil(QR_GROUPS));
-        if blocks == 0 || cols == 0 {
-            return Ok(());
-        }
-        if blocks > i32::MAX as usize || cols > 65535 {
-            return Err(MoeError::shape(
-                "cuda.quant_rows",
-                "fewer than 2^31 row blocks and 2^16 column blocks",
-                format!("{blocks} x {cols}"),
-            ));
-        }
-        let grid = (blocks as u32, cols as u32, 1);
-        dev.launch(KernelId::QuantRows(self.packer.kind(), self.elem), grid, 256, 0, &p)?;
-        Ok(())
+    fn quant_rows(&self, dev: &CudaDevice, p: QuantRowsParams, rows: usize) -> Result<()> {
+        launch_quant_rows(dev, KernelId::QuantRows(self.packer.kind(), self.elem), p, rows)
     }
 
     #[allow(clippy::too_many_arguments)]
