@@ -18,6 +18,7 @@ static QUANT_TILE_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 static AMX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 static INT4_ACT: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_DECODE: AtomicUsize = AtomicUsize::new(UNSET);
+static INT4_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -130,6 +131,22 @@ pub fn quant_decode_splits() -> usize {
 /// Overrides [`quant_decode`] and [`quant_decode_splits`]: 0 off, else the split count.
 pub fn set_quant_decode(splits: usize) {
     QUANT_DECODE.store(splits, Ordering::Relaxed);
+}
+
+/// Weight rows one int8-activation dot of the two-step int4 decode path takes together
+/// (`MOE_CPU_INT4_ROWS`: 4, the default, or 1): four rows share the activation loads and keep
+/// four independent chains in flight.
+pub fn int4_dot_rows() -> usize {
+    if get(&INT4_ROWS, "MOE_CPU_INT4_ROWS", 4) >= 4 {
+        4
+    } else {
+        1
+    }
+}
+
+/// Overrides [`int4_dot_rows`].
+pub fn set_int4_dot_rows(rows: usize) {
+    INT4_ROWS.store(rows, Ordering::Relaxed);
 }
 
 /// Asks Linux to back the 2 MiB-aligned interior of the not yet touched allocation

@@ -24,6 +24,39 @@ use crate::layout::RowLayout;
 use crate::pack::WElem;
 use crate::pool::{self, Out};
 
+/// Weight rows one dot call takes (both steps): independent chains for the vector ports.
+const ROWS: usize = 4;
+
+/// `ROWS` consecutive rows' dots, four at a time or (`one_row`, a measurement switch) one by one;
+/// the same bits either way.
+///
+/// # Safety
+/// As [`simd::int4_dot_rows_vnni`] for `ROWS` rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn dot_rows(
+    one_row: bool,
+    split: bool,
+    bytes: &[u8],
+    s: &[f32],
+    zs: &[f32],
+    xq: &[i8],
+    unit: &[f32],
+    xsum: &[f32],
+) -> [f32; ROWS] {
+    // SAFETY: forwarded contract; row i is `bytes[i * 64 g ..]`, `s[i * g ..]`, `zs[i * g ..]`.
+    unsafe {
+        if !one_row {
+            return simd::int4_dot_rows_vnni::<ROWS>(split, bytes, s, zs, xq, unit, xsum);
+        }
+        let g = unit.len();
+        std::array::from_fn(|i| {
+            let (b, s, zs) = (&bytes[i * 64 * g..(i + 1) * 64 * g], &s[i * g..(i + 1) * g], &zs[i * g..(i + 1) * g]);
+            simd::int4_dot_vnni(split, b, s, zs, xq, unit, xsum)
+        })
+    }
+}
+
 /// Reused buffers of the decode path.
 #[derive(Debug, Default)]
 pub(super) struct DecodeBufs {
@@ -147,6 +180,7 @@ impl QuantExperts {
         let groups = &layout.groups;
         let token = |r: usize| layout.src[r] as usize / k;
         let ahead = 128 * crate::tuning::gemv_prefetch();
+        let one_row = crate::tuning::int4_dot_rows() == 1;
         let _gate_up = tracing::debug_span!("cpu.q.gate_up").entered();
         // A task: `128 / subs` intermediate columns of one group of one expert (gate and up rows).
         // The task that completes a group applies the activation and quantizes it: the int8
@@ -169,16 +203,18 @@ impl QuantExperts {
             let row_at = |i: usize| if i < jn { 128 * grp + j0 + i } else { inter + 128 * grp + j0 + i - jn };
             let d13 = ahead.div_ceil(h / 2).max(1);
             for (half, row0) in [(0, 0), (1, inter)] {
-                for j in j0..j0 + jn {
+                // Four weight rows at a time (`jn` is a multiple of 4).
+                for j in (j0..j0 + jn).step_by(ROWS) {
                     let c = row0 + 128 * grp + j;
-                    let (bytes, s, zs) = w13.int4_row(g.expert, c).expect("int4 stack");
+                    let (bytes, s, zs) = w13.int4_rows(g.expert, c, ROWS).expect("int4 stack");
                     // Prefetch along the task's order (the up rows lie elsewhere), so the jump
                     // from gate to up rows does not restart the stream cold.
-                    let next = (jn * half + j - j0 + d13).min(2 * jn - 1);
-                    if let Some((next, _, _)) = w13.int4_row(g.expert, row_at(next)) {
-                        super::prefetch_l1(next.as_ptr(), next.len());
+                    for i in 0..ROWS {
+                        let next = (jn * half + j + i - j0 + d13).min(2 * jn - 1);
+                        if let Some((next, _, _)) = w13.int4_row(g.expert, row_at(next)) {
+                            super::prefetch_l1(next.as_ptr(), next.len());
+                        }
                     }
-                    let bias = b13.map_or(0.0, |b| b[g.expert * 2 * inter + c]);
                     for r in 0..g.rows {
                         let t = token(g.row0 + r);
                         let (q, u, xsum) = (
@@ -186,10 +222,13 @@ impl QuantExperts {
                             &xu[t * gh..(t + 1) * gh],
                             &xs[t * gh..(t + 1) * gh],
                         );
-                        // SAFETY: `vnni` (AVX-512 VNNI detected); one full row of `gh` groups.
-                        let y = unsafe { simd::int4_dot_vnni(split, bytes, s, zs, q, u, xsum) } + bias;
-                        // SAFETY: (row, group, half, j) belongs to this task alone.
-                        unsafe { gu.slice((((g.row0 + r) * gi + grp) * 2 + half) * 128 + j, 1)[0] = y };
+                        // SAFETY: `vnni` (AVX-512 VNNI detected); ROWS full rows of `gh` groups.
+                        let y = unsafe { dot_rows(one_row, split, bytes, s, zs, q, u, xsum) };
+                        // SAFETY: (row, group, half, j .. j + ROWS) belongs to this task alone.
+                        let dst = unsafe { gu.slice((((g.row0 + r) * gi + grp) * 2 + half) * 128 + j, ROWS) };
+                        for (i, (d, y)) in dst.iter_mut().zip(y).enumerate() {
+                            *d = y + b13.map_or(0.0, |b| b[g.expert * 2 * inter + c + i]);
+                        }
                     }
                 }
             }
@@ -230,30 +269,35 @@ impl QuantExperts {
             let (c0, c1) = (task * cols, ((task + 1) * cols).min(h));
             let d2 = ahead.div_ceil(inter / 2).max(1);
             for (gn, g) in groups.iter().enumerate() {
-                for c in c0..c1 {
-                    let (bytes, s, zs) = w2.int4_row(g.expert, c).expect("int4 stack");
+                // Four columns at a time (`cols` and `h` are multiples of 16).
+                for c in (c0..c1).step_by(ROWS) {
+                    let (bytes, s, zs) = w2.int4_rows(g.expert, c, ROWS).expect("int4 stack");
                     // Prefetch along the task's order: past its last column, the next expert's
                     // first ones (each expert's run of columns is a short separate stream).
-                    let (pe, pc) = if c + d2 < c1 {
-                        (Some(g.expert), c + d2)
-                    } else {
-                        (groups.get(gn + 1).map(|g| g.expert), (c0 + c + d2 - c1).min(c1 - 1))
-                    };
-                    if let Some((next, _, _)) = pe.and_then(|e| w2.int4_row(e, pc)) {
-                        super::prefetch_l1(next.as_ptr(), next.len());
+                    for c in c..c + ROWS {
+                        let (pe, pc) = if c + d2 < c1 {
+                            (Some(g.expert), c + d2)
+                        } else {
+                            (groups.get(gn + 1).map(|g| g.expert), (c0 + c + d2 - c1).min(c1 - 1))
+                        };
+                        if let Some((next, _, _)) = pe.and_then(|e| w2.int4_row(e, pc)) {
+                            super::prefetch_l1(next.as_ptr(), next.len());
+                        }
                     }
-                    let bias = b2.map_or(0.0, |b| b[g.expert * h + c]);
                     for r in g.row0..g.row0 + g.rows {
                         let (q, u, msum) = (
                             &mq[r * gi * per..(r + 1) * gi * per],
                             &mu[r * gi..(r + 1) * gi],
                             &ms[r * gi..(r + 1) * gi],
                         );
-                        // SAFETY: `vnni`; one full row of `gi` groups.
-                        let y = unsafe { simd::int4_dot_vnni(split, bytes, s, zs, q, u, msum) } + bias;
-                        // SAFETY: column c of the row's token belongs to this task alone.
-                        let o = unsafe { dst.slice(token(r) * h + c, 1) };
-                        o[0] += weights[layout.src[r] as usize] * y;
+                        // SAFETY: `vnni`; ROWS full rows of `gi` groups.
+                        let y = unsafe { dot_rows(one_row, split, bytes, s, zs, q, u, msum) };
+                        // SAFETY: columns c .. c + ROWS of the row's token belong to this task alone.
+                        let o = unsafe { dst.slice(token(r) * h + c, ROWS) };
+                        let wt = weights[layout.src[r] as usize];
+                        for (i, (o, y)) in o.iter_mut().zip(y).enumerate() {
+                            *o += wt * (y + b2.map_or(0.0, |b| b[g.expert * h + c + i]));
+                        }
                     }
                 }
             }

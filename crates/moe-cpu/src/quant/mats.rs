@@ -212,13 +212,20 @@ impl QMat {
     /// Row `r` of matrix `m` of an int4 stack: codes, scales and zero * scale per group.
     #[inline(always)]
     pub fn int4_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32], &[f32])> {
+        self.int4_rows(m, r, 1)
+    }
+
+    /// Rows `r .. r + n` of matrix `m` of an int4 stack, one after another in each part; `None`
+    /// for other formats or rows past the matrix.
+    #[inline(always)]
+    pub fn int4_rows(&self, m: usize, r: usize, n: usize) -> Option<(&[u8], &[f32], &[f32])> {
         match &self.data {
-            Data::Int4 { codes, scale, zs, .. } => {
+            Data::Int4 { codes, scale, zs, .. } if r + n <= self.n => {
                 let (row, k, g) = (m * self.n + r, self.k, self.k / 128);
                 Some((
-                    &codes[row * k / 2..(row + 1) * k / 2],
-                    &scale[row * g..(row + 1) * g],
-                    &zs[row * g..(row + 1) * g],
+                    codes.get(row * k / 2..(row + n) * k / 2)?,
+                    scale.get(row * g..(row + n) * g)?,
+                    zs.get(row * g..(row + n) * g)?,
                 ))
             }
             _ => None,

@@ -793,6 +793,20 @@ mod tests {
                     "split={split} row {r}: {got} vs {want}"
                 );
             }
+            // Four rows at a time: the same bits as one by one (rows 1 .. 4, so no row starts
+            // the buffers).
+            // SAFETY: as above; rows 1 .. 5 hold 4 full rows of g groups.
+            let four =
+                unsafe { simd::int4_dot_rows_vnni::<4>(split, &codes[64 * g..], &s[g..], &zs[g..], &q, &unit, &xsum) };
+            for (i, got) in four.into_iter().enumerate() {
+                let r = i + 1;
+                let bytes = &codes[r * 64 * g..(r + 1) * 64 * g];
+                // SAFETY: as above.
+                let one = unsafe {
+                    simd::int4_dot_vnni(split, bytes, &s[r * g..(r + 1) * g], &zs[r * g..(r + 1) * g], &q, &unit, &xsum)
+                };
+                assert_eq!(got.to_bits(), one.to_bits(), "split={split} row {r}");
+            }
             // A NaN input poisons its group and the dot.
             let mut bad = x.clone();
             bad[130] = f32::NAN;

@@ -295,6 +295,87 @@ unsafe fn int4_dot_vnni_as<const SPLIT: bool>(
     }
 }
 
+/// [`int4_dot_vnni`] of `N` consecutive rows (`bytes`, `s` and `zs` hold the rows one after
+/// another) against one activation row, with the same arithmetic per row (so the same bits):
+/// the activation bytes are loaded once per group for all rows, and the rows' independent
+/// chains keep the vector ports busy where one row waits on `vpdpbusd`'s latency.
+///
+/// # Safety
+/// As [`int4_dot_vnni`], for `N` rows: `bytes` holds `N * 64 * g` bytes, `s` and `zs` `N * g`
+/// values (`g = unit.len()`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn int4_dot_rows_vnni<const N: usize>(
+    split: bool,
+    bytes: &[u8],
+    s: &[f32],
+    zs: &[f32],
+    xq: &[i8],
+    unit: &[f32],
+    xsum: &[f32],
+) -> [f32; N] {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if split {
+            int4_dot_rows_vnni_as::<true, N>(bytes, s, zs, xq, unit, xsum)
+        } else {
+            int4_dot_rows_vnni_as::<false, N>(bytes, s, zs, xq, unit, xsum)
+        }
+    }
+}
+
+/// [`int4_dot_rows_vnni`] for one activation form.
+///
+/// # Safety
+/// As [`int4_dot_rows_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn int4_dot_rows_vnni_as<const SPLIT: bool, const N: usize>(
+    bytes: &[u8],
+    s: &[f32],
+    zs: &[f32],
+    xq: &[i8],
+    unit: &[f32],
+    xsum: &[f32],
+) -> [f32; N] {
+    let g = unit.len();
+    let per = i8_group_bytes(SPLIT);
+    debug_assert!(bytes.len() >= N * 64 * g && s.len() >= N * g && zs.len() >= N * g);
+    debug_assert!(xq.len() >= per * g && xsum.len() >= g);
+    // SAFETY: every load is inside row r's group gi, in bounds by the contract.
+    unsafe {
+        let mask = _mm512_set1_epi8(15);
+        let mut tot = [[_mm512_setzero_ps(); 2]; N];
+        for gi in 0..g {
+            let xp = xq.as_ptr().add(per * gi);
+            let x = |o: usize| _mm512_loadu_si512(xp.add(o) as *const _);
+            let (x0, x1) = (x(0), x(64));
+            let (x2, x3) = if SPLIT { (x(128), x(192)) } else { (x0, x1) };
+            for (r, t) in tot.iter_mut().enumerate() {
+                let v = _mm512_loadu_si512(bytes.as_ptr().add(64 * (r * g + gi)) as *const _);
+                let lo = _mm512_and_si512(v, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                let mut a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0);
+                a = _mm512_dpbusd_epi32(a, hi, x1);
+                if SPLIT {
+                    let mut b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x2);
+                    b = _mm512_dpbusd_epi32(b, hi, x3);
+                    a = _mm512_add_epi32(_mm512_slli_epi32::<8>(a), b);
+                }
+                let t = &mut t[gi & 1];
+                *t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s[r * g + gi] * unit[gi]), *t);
+            }
+        }
+        std::array::from_fn(|r| {
+            let mut zterm = [0.0f32; 4];
+            for gi in 0..g {
+                zterm[gi & 3] += zs[r * g + gi] * xsum[gi];
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(tot[r][0], tot[r][1])) - (zterm[0] + zterm[1]) - (zterm[2] + zterm[3])
+        })
+    }
+}
+
 /// Quantizes one activation row (`x`: `128 * unit.len()` inputs in the int4 pair order of
 /// [`super::mats`]) into [`int4_dot_vnni`]'s groups: per 128 inputs `unit = amax / 127` (with
 /// `split`, `/ 256` more), `h = round(x / (amax / 127))`, and with `split` the residual byte
