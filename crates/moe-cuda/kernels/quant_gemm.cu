@@ -796,6 +796,8 @@ struct QDecodeParams {
     u64 s2, c2, e2;               // the same for down
     u64 ypair;                    // [T*k, H] f32 scratch
     int rows_up, rows_down;       // member rows the dynamic shared memory holds (<= 16)
+    int ring;                     // 1: each warp streams its weights through QD_NS cp.async slots
+    int pad_;
 };
 
 #define QD_WARPS 8
@@ -805,6 +807,30 @@ struct QDecodeParams {
 // Shared row pitch: K + QD_PAD elements, so the two member rows of one 16-byte shared-load
 // phase start on different banks (4-bit chunks still pair up 2-way within a row).
 #define QD_PAD 8
+// Ring slots a warp cycles through (NS - 1 chunks in flight a lane): QD_NS when
+// QDecodeParams.ring is 1, 2 * QD_NS when it is 2; must match QD_RING_BYTES in src/quant.rs.
+#define QD_NS 8
+
+struct QdRing {
+    uint4* w;  // [slots][32] packed chunks of this warp, or null: registers
+    u32* s;    // [slots][32] scale words
+    int deep;  // slots: 2 * QD_NS when set, else QD_NS
+};
+
+// cp.async with a memory clobber: the ring's slots are read with plain loads, which must not move
+// across the copies that refill them or the waits that publish them.
+__device__ __forceinline__ void qd_cp_async16(void* smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void qd_cp_async4(void* smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes)
+                 : "memory");
+}
+template <int N>
+__device__ __forceinline__ void qd_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // Pair indices routed to slot `slot`, in pair order, into `members`; returns their count if
 // `pair` is the first of them, else 0. Warp 0 scans; every thread gets the result.
@@ -860,18 +886,100 @@ __device__ __forceinline__ void qd_row_words(const u16* row, bool ok, u32 (&w)[Q
     }
 }
 
+// acc += the MMAs of one packed chunk `qv` (chunk c of the lane's weight row, scale word `swv`)
+// against the staged rows `xa` / `xb` (0: none).
+template <class Tag>
+__device__ __forceinline__ void qd_chunk_mma(const uint4 qv, u32 swv, int c, int chunks, const u16* xa, const u16* xb,
+                                             float (&acc)[4]) {
+    const bool in = c < chunks;
+    const int k0 = c * QD_EPC;
+    u32 wa[QD_EPC / 2], wb[QD_EPC / 2];
+    qd_row_words(xa + k0, xa != nullptr && in, wa);
+    qd_row_words(xb + k0, xb != nullptr && in, wb);
+    __align__(16) u16 dq[QD_EPC];
+    qg_dequant_chunk<Tag>(qv, swv, (k0 % QG_BK) / QD_EPC, dq);
+    const u32* dw = (const u32*)dq;
+#pragma unroll
+    for (int s = 0; s < QD_EPC / 4; ++s) {
+        const u32 a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
+        mma_16816(acc, a, dw[2 * s], dw[2 * s + 1], Tag());
+    }
+}
+
+#if QG_KSPAN > 0
+// Address of the scale word of chunk c of a row whose first word is at `sp`.
+__device__ __forceinline__ const unsigned char* qd_scale_at(const unsigned char* sp, int c, int n_total) {
+    return sp + (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
+}
+#endif
+
+// The ring path of qd_mma_rows with NS slots a lane.
+template <class Tag, int NS>
+__device__ __forceinline__ void qd_ring_rows(const uint4* wp, u64 w, u64 sc, const unsigned char* sp, int n_total,
+                                             bool row_ok, int chunks, int blocks, const u16* xa, const u16* xb,
+                                             float (&acc)[4], QdRing ring) {
+    const int t = threadIdx.x & 3;
+    const int lane = threadIdx.x & 31;
+    // Slot s of the lane: ring.w[s * 32 + lane] (16 bytes), ring.s[s * 32 + lane] (a scale word,
+    // read as the aligned 4 bytes holding it: the scale buffers carry 16 bytes of tail slack).
+    auto issue = [&](int b, int slot) {
+        const int c = 4 * b + t;
+        const bool ok = row_ok && b < blocks && c < chunks;
+        qd_cp_async16(ring.w + slot * 32 + lane, ok ? (const void*)(wp + c) : (const void*)w, ok ? 16 : 0);
+#if QG_KSPAN > 0
+        const size_t a = (size_t)qd_scale_at(sp, c, n_total);
+        qd_cp_async4(ring.s + slot * 32 + lane, ok ? (const void*)(a & ~(size_t)3) : (const void*)sc, ok ? 4 : 0);
+#endif
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int b = 0; b < NS - 1; ++b) issue(b, b);  // empty groups past the end keep the count uniform
+    int slot = 0;
+    for (int b = 0; b < blocks; ++b) {
+        qd_cp_async_wait<NS - 2>();  // this lane's copies of block b have landed
+        const uint4 qv = ring.w[slot * 32 + lane];
+        u32 swv = 0;
+#if QG_KSPAN > 0
+        swv = ring.s[slot * 32 + lane];
+#if QG_SW == 2
+        swv = (swv >> (((size_t)qd_scale_at(sp, 4 * b + t, n_total) & 2) * 8)) & 0xFFFFu;
+#endif
+#endif
+        // The slot read one iteration ago takes block b + NS - 1 (each lane owns its entries).
+        issue(b + NS - 1, slot == 0 ? NS - 1 : slot - 1);
+        if (4 * b < chunks) qd_chunk_mma<Tag>(qv, swv, 4 * b + t, chunks, xa, xb, acc);
+        slot = slot == NS - 1 ? 0 : slot + 1;
+    }
+    qd_cp_async_wait<0>();  // the trailing (empty) groups, before the ring is reused
+}
+
 // acc (mma C layout: rows = member rows g / g + 8 of the staged tile, columns = the warp's 8
 // weight rows) += A(staged rows) x dequant(W rows)^T over K. `wrow` is this lane's weight row
-// (n_total rows of expert l); `xa` / `xb` its staged rows (0: none).
+// (n_total rows of expert l); `xa` / `xb` its staged rows (0: none). Lane (g, t) takes chunks
+// 4 b + t of row g. With `ring` (this warp's QD_NS slots in shared memory), each lane keeps
+// QD_NS - 1 chunks and their scale words in flight by cp.async, which costs no registers;
+// otherwise QD_U chunks ride in registers.
 template <class Tag>
 __device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, int wrow, bool row_ok, int K,
-                                            const u16* xa, const u16* xb, float (&acc)[4]) {
+                                            const u16* xa, const u16* xb, float (&acc)[4], QdRing ring) {
     const int t = threadIdx.x & 3, chunks = K / QD_EPC, blocks = (chunks + 3) / 4;
     const uint4* wp = (const uint4*)w + ((size_t)l * n_total + wrow) * (size_t)chunks;
 #if QG_KSPAN > 0
     const size_t spans = (size_t)((K + QG_KSPAN - 1) / QG_KSPAN);
     const unsigned char* sp = (const unsigned char*)sc + ((size_t)l * spans * n_total + wrow) * QG_SW;
 #endif
+    if (ring.w != nullptr) {
+#if QG_KSPAN > 0
+        const unsigned char* spp = sp;
+#else
+        const unsigned char* spp = nullptr;
+#endif
+        if (ring.deep)
+            qd_ring_rows<Tag, 2 * QD_NS>(wp, w, sc, spp, n_total, row_ok, chunks, blocks, xa, xb, acc, ring);
+        else
+            qd_ring_rows<Tag, QD_NS>(wp, w, sc, spp, n_total, row_ok, chunks, blocks, xa, xb, acc, ring);
+        return;
+    }
     uint4 q[QD_U];
     u32 sw[QD_U];
     auto load = [&](int b0) {
@@ -883,7 +991,7 @@ __device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, i
             sw[u] = 0;
 #if QG_KSPAN > 0
             if (ok) {
-                const unsigned char* s = sp + (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
+                const unsigned char* s = qd_scale_at(sp, c, n_total);
 #if QG_SW == 2
                 sw[u] = __ldg((const unsigned short*)s);
 #else
@@ -906,22 +1014,17 @@ __device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, i
 #pragma unroll
         for (int u = 0; u < QD_U; ++u) {
             if (4 * (b0 + u) >= chunks) break;  // warp-uniform: past the last block
-            const int c = 4 * (b0 + u) + t;
-            const bool in = c < chunks;
-            const int k0 = c * QD_EPC;
-            u32 wa[QD_EPC / 2], wb[QD_EPC / 2];
-            qd_row_words(xa + k0, xa != nullptr && in, wa);
-            qd_row_words(xb + k0, xb != nullptr && in, wb);
-            __align__(16) u16 dq[QD_EPC];
-            qg_dequant_chunk<Tag>(qc[u], swc[u], (k0 % QG_BK) / QD_EPC, dq);
-            const u32* dw = (const u32*)dq;
-#pragma unroll
-            for (int s = 0; s < QD_EPC / 4; ++s) {
-                const u32 a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
-                mma_16816(acc, a, dw[2 * s], dw[2 * s + 1], Tag());
-            }
+            qd_chunk_mma<Tag>(qc[u], swc[u], 4 * (b0 + u) + t, chunks, xa, xb, acc);
         }
     }
+}
+
+// This warp's ring slots, after the `staged` elements of staged rows in the dynamic shared memory.
+__device__ __forceinline__ QdRing qd_ring(const QDecodeParams& q, u16* xs, int staged, int warp) {
+    if (!q.ring) return QdRing{nullptr, nullptr, 0};
+    const int ns = q.ring == 2 ? 2 * QD_NS : QD_NS;
+    unsigned char* base = (unsigned char*)(xs + staged);  // 16-byte aligned: K % 8 == 0
+    return QdRing{(uint4*)base + warp * ns * 32, (u32*)(base + QD_WARPS * ns * 32 * 16) + warp * ns * 32, q.ring == 2};
 }
 
 template <class Tag>
@@ -958,7 +1061,7 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
         if (c0 >= I) continue;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         qd_mma_rows<Tag>(p.w13, q.s13, l, n_total, wrow, bcol < I, H, g < rows ? qd_xs + g * ld : nullptr,
-                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
+                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc, qd_ring(q, qd_xs, R * ld, warp));
         // acc[0] / acc[1]: gate / up of column c0 + t for staged row g; acc[2] / acc[3]: row g + 8.
         const int col = c0 + t;
         if (col >= I) continue;
@@ -1016,7 +1119,7 @@ __device__ void qdecode_down(const QDecodeParams& q) {
         if (c0 >= H) continue;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         qd_mma_rows<Tag>(p.w2, q.s2, l, H, c0 + g, c0 + g < H, I, g < rows ? qd_xs + g * ld : nullptr,
-                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc);
+                         g + 8 < rows ? qd_xs + (g + 8) * ld : nullptr, acc, qd_ring(q, qd_xs, R * ld, warp));
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
             const int col = c0 + 2 * t + c;

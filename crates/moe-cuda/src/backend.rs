@@ -269,6 +269,17 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Tests and benchmarks: how the packed-weight decode kernels stream their rows (0
+    /// registers, 1 / 2 a cp.async ring of 8 / 16 slots a lane; `MOE_CUDA_QD_RING`). Applies to
+    /// the loaded weights; cached graphs pick the change up (their parameters are compared).
+    pub fn set_decode_ring(&mut self, mode: usize) -> Result<()> {
+        let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        if let Some(q) = w.quant.as_mut() {
+            q.set_decode_ring(mode);
+        }
+        Ok(())
+    }
+
     /// Overrides the largest token count of the matrix-vector decode path (`Some(0)` turns it
     /// off, `None` restores the automatic choice [`heuristics::decode_auto`]).
     pub fn set_decode_max_tokens(&mut self, t: Option<usize>) {

@@ -911,6 +911,10 @@ pub struct QDecodeParams {
     pub rows_up: i32,
     /// The same for the down launch.
     pub rows_down: i32,
+    /// 1 / 2: each warp streams its packed rows through 8 / 16 cp.async slots a lane in shared
+    /// memory (after the staged rows); 0: through registers.
+    pub ring: i32,
+    pub pad_: i32,
 }
 
 /// Dynamic shared memory the packed-weight decode kernels may use for staged activation rows.
@@ -1122,7 +1126,7 @@ mod tests {
         // 2 x 128-byte maps, GemmParams at 256, 4 + 4 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
         assert_eq!(std::mem::size_of::<TmaGemmParams>(), 448);
         assert_eq!(std::mem::size_of::<DecodeParams>(), 128);
-        assert_eq!(std::mem::size_of::<QDecodeParams>(), 192);
+        assert_eq!(std::mem::size_of::<QDecodeParams>(), 200);
         // Maps, GemmParams at 256, then 4 + 4 + 8 + 8 + 8 + 4 + 4 bytes, rounded up to 64.
         assert_eq!(std::mem::size_of::<F8TmaParams>(), 448);
         assert_eq!(std::mem::offset_of!(TmaGemmParams, p), 256);

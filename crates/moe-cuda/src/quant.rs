@@ -304,6 +304,24 @@ pub(crate) fn launch_quant_rows(dev: &CudaDevice, id: KernelId, mut p: QuantRows
 pub const QDECODE_MAX_PAIRS: usize = 256;
 /// Row padding of the staged activation rows (`QD_PAD` in quant_gemm.cu).
 const QD_PAD: usize = 8;
+/// Shared memory of a decode kernel's cp.async rings: 8 warps x `QD_NS` (8) slots x 32 lanes x
+/// (16 weight + 4 scale bytes); twice that for the deep ring.
+const QD_RING_BYTES: usize = 8 * 8 * 32 * 20;
+
+/// How the packed decode rows stream (`MOE_CUDA_QD_RING`): 0 (default) through registers, 1 a
+/// cp.async ring of 8 slots a lane, 2 one of 16. The rings are opt-in until they have run on a
+/// GPU: session 9 built them but got no lent machine (docs/perf/quant.md).
+fn decode_ring() -> usize {
+    static MODE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| std::env::var("MOE_CUDA_QD_RING").ok().and_then(|v| v.parse().ok()).unwrap_or(0).min(2))
+}
+
+/// Shared memory a ring decode block may take (`MOE_CUDA_QD_SMEM_KB`, default 72 KiB: three
+/// blocks an SM on sm_90).
+fn decode_smem_budget() -> usize {
+    static KB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KB.get_or_init(|| std::env::var("MOE_CUDA_QD_SMEM_KB").ok().and_then(|v| v.parse().ok()).unwrap_or(72)) * 1024
+}
 
 /// Whether a quantized forward of `tokens` takes the grouped matrix-vector decode path by
 /// default: up to 8 rows an expert on average (its MMAs take 16 rows at once, and it reads each
@@ -374,6 +392,8 @@ pub struct QuantExperts {
     ws: Workspace,
     /// FP8 block on sm_90a: the wgmma tile (default; `MOE_CUDA_F8_TILE=0` keeps mma.sync).
     use_f8_tile: bool,
+    /// Streaming of the packed decode rows: 0 registers, 1 / 2 a cp.async ring of 8 / 16 slots.
+    decode_ring: usize,
 }
 
 /// What one quantized forward takes from the backend: the plan, the permuted activations and
@@ -419,7 +439,8 @@ fn alloc_proj(dev: &CudaDevice, n: usize, rows: usize, cols: usize, z: Sizes) ->
         rows,
         cols,
         w: dev.alloc::<u8>(n * z.w)?,
-        scales: if z.s > 0 { Some(dev.alloc::<u8>(n * z.s)?) } else { None },
+        // 16 bytes of tail slack: the decode ring reads 2-byte scale words as their aligned 4 bytes.
+        scales: if z.s > 0 { Some(dev.alloc::<u8>(n * z.s + 16)?) } else { None },
         col: if z.col > 0 { Some(dev.alloc::<f32>(n * z.col)?) } else { None },
         exp: if z.exp { Some(dev.alloc::<f32>(n)?) } else { None },
     })
@@ -498,7 +519,16 @@ impl QuantExperts {
             }
         }
         dev.synchronize()?;
-        Ok(QuantExperts { format, packer, elem, w13, w2, ws: Workspace::default(), use_f8_tile: f8_tile_default() })
+        Ok(QuantExperts {
+            format,
+            packer,
+            elem,
+            w13,
+            w2,
+            ws: Workspace::default(),
+            use_f8_tile: f8_tile_default(),
+            decode_ring: decode_ring(),
+        })
     }
 
     /// Benchmarks: `n` slots of `format` from `distinct` random experts quantized on the host and
@@ -548,7 +578,20 @@ impl QuantExperts {
         let opt32 = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| dev.ptr(s));
         // An expert's pairs come from distinct tokens, so at most T of them share the staged rows;
         // more (or longer rows than fit) run in several rounds over the expert's weights.
-        let rows = |k: usize| (p.tokens as usize).min(16).min(QDECODE_SMEM as usize / ((k + QD_PAD) * 2)).max(1);
+        // The cp.async ring (8 or 16 slots of 16 + 4 bytes a lane, 8 warps) sits after the staged
+        // rows; the default budget keeps three blocks an SM on Hopper.
+        let row_bytes = |k: usize| (k + QD_PAD) * 2;
+        let mut ring = self.decode_ring;
+        if ring * QD_RING_BYTES + row_bytes(h.max(i)) > QDECODE_SMEM as usize {
+            ring = 0; // rows too long for a ring beside one staged row
+        }
+        let ring_bytes = ring * QD_RING_BYTES;
+        let budget = if ring > 0 {
+            decode_smem_budget().clamp(ring_bytes, QDECODE_SMEM as usize)
+        } else {
+            QDECODE_SMEM as usize
+        };
+        let rows = |k: usize| (p.tokens as usize).min(16).min((budget - ring_bytes) / row_bytes(k)).max(1);
         let (ru, rd) = (rows(h), rows(i));
         let q = QDecodeParams {
             d: DecodeParams { w13: dev.ptr(&w13.w), w2: dev.ptr(&w2.w), ..*p },
@@ -561,8 +604,10 @@ impl QuantExperts {
             ypair,
             rows_up: ru as i32,
             rows_down: rd as i32,
+            ring: ring as i32,
+            pad_: 0,
         };
-        let smem = |r: usize, k: usize| (r * (k + QD_PAD) * 2) as u32;
+        let smem = |r: usize, k: usize| (r * row_bytes(k) + ring_bytes) as u32;
         const WARPS: usize = 8; // QD_WARPS: 4 intermediate / 8 hidden columns a warp
         let kind = self.packer.kind();
         let grid_up = (i.div_ceil(4 * WARPS) as u32, pairs as u32, 1);
@@ -578,6 +623,12 @@ impl QuantExperts {
     /// Benchmarks and tests: FP8 block on sm_90a through the wgmma tile (default) or mma.sync.
     pub fn set_f8_tile(&mut self, on: bool) {
         self.use_f8_tile = on;
+    }
+
+    /// Tests and benchmarks: how the packed decode kernels stream their weight rows (0 registers,
+    /// 1 / 2 a cp.async ring of 8 / 16 slots a lane; larger values mean 2).
+    pub fn set_decode_ring(&mut self, mode: usize) {
+        self.decode_ring = mode.min(2);
     }
 
     /// The format held.

@@ -119,14 +119,17 @@ fn every_format_matches_the_dequantized_reference() {
         // mma.sync GEMM, and once the unfused FP8 path (permuted 16-bit copy, row pass, f32
         // down outputs); and the decode path forced at T = 100 (about 25 pairs an expert: two
         // 16-row MMA tiles per expert).
+        // The last two: the packed decode kernels with their cp.async rings (8 and 16 slots).
         let runs = [
-            (0usize, true, None, true),
-            (1 << 20, true, Some(0), true),
-            (0, false, None, true),
-            (0, true, None, false),
-            (0, true, Some(128), true),
+            (0usize, true, None, true, 0usize),
+            (1 << 20, true, Some(0), true, 0),
+            (0, false, None, true, 0),
+            (0, true, None, false, 0),
+            (0, true, Some(128), true, 0),
+            (0, true, Some(128), true, 1),
+            (0, true, Some(128), true, 2),
         ];
-        for (masked_max, f8_tile, decode, fused) in runs {
+        for (masked_max, f8_tile, decode, fused, ring) in runs {
             if (!f8_tile || !fused) && cfg.quant != QuantFormat::Fp8Block {
                 continue;
             }
@@ -135,9 +138,11 @@ fn every_format_matches_the_dequantized_reference() {
             p.cuda.set_decode_max_tokens(decode);
             p.cuda.set_gather(fused);
             p.cuda.set_y16(fused);
+            p.cuda.set_decode_ring(ring).unwrap();
             let fp8 = matches!(cfg.quant, QuantFormat::Fp8Block | QuantFormat::Fp8Tensor);
             // T = 600: 150 rows per expert, 128-row tiles (the FP8 tensor-core GEMM on sm_89+).
             let tokens_list: &[usize] = match (decode, fp8) {
+                (Some(128), _) if ring > 0 => &[1, 16, 100],
                 (Some(128), _) => &[100],
                 (_, true) => &[1, 16, 200, 600],
                 _ => &[1, 16, 200],
@@ -145,8 +150,10 @@ fn every_format_matches_the_dequantized_reference() {
             for (i, &tokens) in tokens_list.iter().enumerate() {
                 let err = forward(&mut p, &cfg, tokens, 50 + i as u64);
                 let plan = p.cuda.plan(tokens);
-                let label =
-                    format!("{name} T={tokens} {:?}/{:?} f8_tile={f8_tile} fused={fused}", plan.layout, plan.tile);
+                let label = format!(
+                    "{name} T={tokens} {:?}/{:?} f8_tile={f8_tile} fused={fused} ring={ring}",
+                    plan.layout, plan.tile
+                );
                 // The FP8 tensor-core path also quantizes activations (per token per 128): FP8's
                 // tolerance; the weight-only paths only round to 16 bits.
                 let tol = if plan.tile == GemmTile::M128 { TOL_FP8 } else { TOL };
