@@ -236,67 +236,13 @@ pub unsafe fn int4_dot_vnni(
     unit: &[f32],
     xsum: &[f32],
 ) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe {
-        if split {
-            int4_dot_vnni_as::<true>(bytes, s, zs, xq, unit, xsum)
-        } else {
-            int4_dot_vnni_as::<false>(bytes, s, zs, xq, unit, xsum)
-        }
-    }
-}
-
-/// [`int4_dot_vnni`] for one activation form.
-///
-/// # Safety
-/// As [`int4_dot_vnni`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-unsafe fn int4_dot_vnni_as<const SPLIT: bool>(
-    bytes: &[u8],
-    s: &[f32],
-    zs: &[f32],
-    xq: &[i8],
-    unit: &[f32],
-    xsum: &[f32],
-) -> f32 {
-    let g = s.len();
-    let per = i8_group_bytes(SPLIT);
-    debug_assert!(bytes.len() >= 64 * g && xq.len() >= per * g && zs.len() >= g && unit.len() >= g);
-    debug_assert!(xsum.len() >= g);
-    // SAFETY: every load is inside group gi's bytes, in bounds by the contract.
-    unsafe {
-        let mask = _mm512_set1_epi8(15);
-        // Two running sums: one chain of dependent FMAs would wait on their latency.
-        let mut tot = [_mm512_setzero_ps(); 2];
-        for gi in 0..g {
-            // Byte j holds inputs 2j (low nibble) and 2j + 1 (high nibble) of the group.
-            let v = _mm512_loadu_si512(bytes.as_ptr().add(64 * gi) as *const _);
-            let lo = _mm512_and_si512(v, mask);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-            let xp = xq.as_ptr().add(per * gi);
-            let x = |o: usize| _mm512_loadu_si512(xp.add(o) as *const _);
-            let mut a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x(0));
-            a = _mm512_dpbusd_epi32(a, hi, x(64));
-            if SPLIT {
-                let mut b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x(128));
-                b = _mm512_dpbusd_epi32(b, hi, x(192));
-                // |a| <= 8 * 15 * 127 a lane: 256 a + b stays far inside i32.
-                a = _mm512_add_epi32(_mm512_slli_epi32::<8>(a), b);
-            }
-            let t = &mut tot[gi & 1];
-            *t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s[gi] * unit[gi]), *t);
-        }
-        let mut zterm = [0.0f32; 4];
-        for gi in 0..g {
-            zterm[gi & 3] += zs[gi] * xsum[gi];
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(tot[0], tot[1])) - (zterm[0] + zterm[1]) - (zterm[2] + zterm[3])
-    }
+    // SAFETY: forwarded contract (one row; `s` gives the group count).
+    unsafe { int4_dot_rows_vnni::<1>(split, bytes, s, zs, xq, &unit[..s.len()], xsum)[0] }
 }
 
 /// [`int4_dot_vnni`] of `N` consecutive rows (`bytes`, `s` and `zs` hold the rows one after
-/// another) against one activation row, with the same arithmetic per row (so the same bits):
+/// another) against one activation row, with the same arithmetic per row (so the same bits;
+/// `int4_dot_vnni` is this with `N = 1`):
 /// the activation bytes are loaded once per group for all rows, and the rows' independent
 /// chains keep the vector ports busy where one row waits on `vpdpbusd`'s latency.
 ///
@@ -345,6 +291,7 @@ unsafe fn int4_dot_rows_vnni_as<const SPLIT: bool, const N: usize>(
     // SAFETY: every load is inside row r's group gi, in bounds by the contract.
     unsafe {
         let mask = _mm512_set1_epi8(15);
+        // Two running sums a row: one chain of dependent FMAs would wait on their latency.
         let mut tot = [[_mm512_setzero_ps(); 2]; N];
         for gi in 0..g {
             let xp = xq.as_ptr().add(per * gi);
@@ -352,6 +299,7 @@ unsafe fn int4_dot_rows_vnni_as<const SPLIT: bool, const N: usize>(
             let (x0, x1) = (x(0), x(64));
             let (x2, x3) = if SPLIT { (x(128), x(192)) } else { (x0, x1) };
             for (r, t) in tot.iter_mut().enumerate() {
+                // Byte j holds inputs 2j (low nibble) and 2j + 1 (high nibble) of the group.
                 let v = _mm512_loadu_si512(bytes.as_ptr().add(64 * (r * g + gi)) as *const _);
                 let lo = _mm512_and_si512(v, mask);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
@@ -360,6 +308,7 @@ unsafe fn int4_dot_rows_vnni_as<const SPLIT: bool, const N: usize>(
                 if SPLIT {
                     let mut b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x2);
                     b = _mm512_dpbusd_epi32(b, hi, x3);
+                    // |a| <= 8 * 15 * 127 a lane: 256 a + b stays far inside i32.
                     a = _mm512_add_epi32(_mm512_slli_epi32::<8>(a), b);
                 }
                 let t = &mut t[gi & 1];
