@@ -28,6 +28,11 @@ pub trait WElem: Copy + Default + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     /// The host data as a slice of this type, when it is stored as this type.
     fn host_slice(h: &HostData) -> Option<&[Self]>;
+    /// `s` itself when this type is f32 (no widening copy needed).
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl WElem for f32 {
@@ -43,6 +48,9 @@ impl WElem for f32 {
             HostData::F32(v) => Some(v),
             _ => None,
         }
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

@@ -7,6 +7,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
+use super::ROUTER_LANES as RL;
 use crate::pack::NB;
 
 #[inline]
@@ -105,44 +106,82 @@ kernels!(tile_f32, tile_f32_mr, gemv_f32, f32, load_f32);
 kernels!(tile_bf16, tile_bf16_mr, gemv_bf16, bf16, load_bf16);
 kernels!(tile_f16, tile_f16_mr, gemv_f16, f16, load_f16);
 
-/// Router tile: like [`tile_f32`] but with a separate multiply and add per step, in input order,
-/// so every lane is bit-identical to a scalar sequential dot product (top-k must not flip on
-/// near-ties against `reference`).
-///
-/// # Safety
-/// As [`tile_f32`], with `m` in 1..=8.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn tile_f32_exact(a: *const f32, lda: usize, m: usize, b: *const f32, k: usize, c: *mut [f32; NB]) {
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn go<const MR: usize>(a: *const f32, lda: usize, b: *const f32, k: usize, c: *mut [f32; NB]) {
-        let mut acc = [[_mm512_set1_ps(-0.0); 2]; MR];
-        for kk in 0..k {
-            let bp = b.add(kk * NB);
-            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
-            for (m, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(m * lda + kk));
-                acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(b0, av));
-                acc[1] = _mm512_add_ps(acc[1], _mm512_mul_ps(b1, av));
+macro_rules! exact {
+    ($entry:ident, $tile:ident, $t:ty, $load:ident) => {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $tile<const MR: usize, const NBK: usize>(
+            a: *const f32,
+            lda: usize,
+            b: *const $t,
+            bstride: usize,
+            k: usize,
+            c: *mut [f32; RL],
+        ) {
+            let mut acc = [[_mm512_set1_ps(-0.0); NBK]; MR];
+            for kk in 0..k {
+                let mut w = [_mm512_setzero_ps(); NBK];
+                for (j, w) in w.iter_mut().enumerate() {
+                    *w = $load(b.add(j * bstride + kk * RL));
+                }
+                for (m, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(m * lda + kk));
+                    for (acc, w) in acc.iter_mut().zip(&w) {
+                        *acc = _mm512_add_ps(*acc, _mm512_mul_ps(*w, av));
+                    }
+                }
+            }
+            for (m, acc) in acc.iter().enumerate() {
+                for (j, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps((*c.add(m * NBK + j)).as_mut_ptr(), *acc);
+                }
             }
         }
-        for (m, acc) in acc.iter().enumerate() {
-            let row = (*c.add(m)).as_mut_ptr();
-            _mm512_storeu_ps(row, acc[0]);
-            _mm512_storeu_ps(row.add(16), acc[1]);
+
+        /// Router tile of `m` rows (1..=8) against `nblk` 16-lane blocks (up to 4 for one row,
+        /// 2 otherwise: enough independent add chains to cover the add latency): a separate multiply and add per step, in input order, so each lane is
+        /// bit-identical to the reference's scalar loop (top-k never flips on near-ties against
+        /// `reference`). The weights widen exactly. Row `r` of block `j` goes to `c[r * nblk + j]`.
+        ///
+        /// # Safety
+        /// AVX-512F must be available; `a` holds `m` rows of `k` f32 at stride `lda`, `b` `nblk`
+        /// blocks of `k * 16` elements at stride `bstride`, `c` room for `m * nblk` rows.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn $entry(
+            a: *const f32,
+            lda: usize,
+            m: usize,
+            (b, nblk, bstride): (*const $t, usize, usize),
+            k: usize,
+            c: *mut [f32; RL],
+        ) {
+            match (m, nblk) {
+                (1, 1) => $tile::<1, 1>(a, lda, b, bstride, k, c),
+                (1, 2) => $tile::<1, 2>(a, lda, b, bstride, k, c),
+                (1, 3) => $tile::<1, 3>(a, lda, b, bstride, k, c),
+                (1, _) => $tile::<1, 4>(a, lda, b, bstride, k, c),
+                (2, 1) => $tile::<2, 1>(a, lda, b, bstride, k, c),
+                (2, _) => $tile::<2, 2>(a, lda, b, bstride, k, c),
+                (3, 1) => $tile::<3, 1>(a, lda, b, bstride, k, c),
+                (3, _) => $tile::<3, 2>(a, lda, b, bstride, k, c),
+                (4, 1) => $tile::<4, 1>(a, lda, b, bstride, k, c),
+                (4, _) => $tile::<4, 2>(a, lda, b, bstride, k, c),
+                (5, 1) => $tile::<5, 1>(a, lda, b, bstride, k, c),
+                (5, _) => $tile::<5, 2>(a, lda, b, bstride, k, c),
+                (6, 1) => $tile::<6, 1>(a, lda, b, bstride, k, c),
+                (6, _) => $tile::<6, 2>(a, lda, b, bstride, k, c),
+                (7, 1) => $tile::<7, 1>(a, lda, b, bstride, k, c),
+                (7, _) => $tile::<7, 2>(a, lda, b, bstride, k, c),
+                (_, 1) => $tile::<8, 1>(a, lda, b, bstride, k, c),
+                _ => $tile::<8, 2>(a, lda, b, bstride, k, c),
+            }
         }
-    }
-    match m {
-        1 => go::<1>(a, lda, b, k, c),
-        2 => go::<2>(a, lda, b, k, c),
-        3 => go::<3>(a, lda, b, k, c),
-        4 => go::<4>(a, lda, b, k, c),
-        5 => go::<5>(a, lda, b, k, c),
-        6 => go::<6>(a, lda, b, k, c),
-        7 => go::<7>(a, lda, b, k, c),
-        _ => go::<8>(a, lda, b, k, c),
-    }
+    };
 }
+
+exact!(exact_f32, exact_f32_mr, f32, load_f32);
+exact!(exact_bf16, exact_bf16_mr, bf16, load_bf16);
+exact!(exact_f16, exact_f16_mr, f16, load_f16);
 
 /// Wrapping sum of `n` u64 words with 64-byte loads and four independent accumulators: a
 /// streaming read as fast as the core can issue it (the bandwidth probe of `moe bench`).

@@ -287,30 +287,106 @@ impl<W: WidenElem + fmt::Debug> Family for Widen<W> {
     }
 }
 
-/// Router tile: `c[r][l] = sum_kk a[r, kk] * b[kk][l]` with one rounding per multiply and per add,
-/// in `kk` order (bit-identical to the reference's scalar loop), f32 weights in the plain layout.
+/// Lanes (experts) of one router block: `k x 16` weights, an expert per lane. Narrower than
+/// [`NB`] so that a decode step's router splits over twice as many threads (the sum per expert
+/// must stay sequential over the inputs, so experts are the only axis to split).
+pub const ROUTER_LANES: usize = 16;
+
+/// Results of [`tile_exact`]: row `r` of block `j` at `r * nblk + j`.
+pub type RouterTile = [[f32; ROUTER_LANES]; 2 * MR_REG];
+
+/// Blocks one [`tile_exact`] call takes for `m` rows: enough independent add chains (one per row
+/// and block) that the add latency (4 cycles a step) does not bound a tile.
+pub fn router_blocks_per_call(m: usize) -> usize {
+    if m == 1 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Router weight elements: stored as the checkpoint gives them (every one widens to f32 exactly,
+/// so the products are those of the f32 reference while the bytes read shrink).
+pub trait ExactElem: WElem {
+    /// The AVX-512 tile.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `a` holds `m <= 8` rows of `k` f32 at stride `lda`, `b.0`
+    /// `b.1` blocks of `k * 16` elements at stride `b.2`, `c` room for `m * b.1` rows (at most 16).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn exact_avx512(
+        a: *const f32,
+        lda: usize,
+        m: usize,
+        b: (*const Self, usize, usize),
+        k: usize,
+        c: *mut [f32; ROUTER_LANES],
+    );
+}
+
+macro_rules! exact_elem {
+    ($t:ty, $f:ident) => {
+        impl ExactElem for $t {
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn exact_avx512(
+                a: *const f32,
+                lda: usize,
+                m: usize,
+                b: (*const Self, usize, usize),
+                k: usize,
+                c: *mut [f32; ROUTER_LANES],
+            ) {
+                avx512::$f(a, lda, m, b, k, c)
+            }
+        }
+    };
+}
+
+exact_elem!(f32, exact_f32);
+exact_elem!(bf16, exact_bf16);
+exact_elem!(f16, exact_f16);
+
+/// Router tile: `c[r * nblk + j][l] = sum_kk a[r, kk] * b_j[kk][l]` with one rounding per
+/// multiply and per add, in `kk` order (bit-identical to the reference's scalar loop, which widens
+/// the weights to f32), for `nblk` consecutive blocks of [`ROUTER_LANES`] lanes in `b` (at most
+/// [`router_blocks_per_call`]`(m)`).
 ///
 /// # Panics
-/// As [`Family::tile`].
-pub fn tile_exact_f32(isa: Isa, a: &[f32], lda: usize, m: usize, b: &[f32], k: usize, c: &mut Tile) {
-    check(m, MR_REG, a.len(), lda, b.len(), k);
+/// If `m` or `nblk` is out of range or the operands are shorter than their shapes (a caller bug).
+#[allow(clippy::too_many_arguments)]
+pub fn tile_exact<W: ExactElem>(
+    isa: Isa,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[W],
+    nblk: usize,
+    k: usize,
+    c: &mut RouterTile,
+) {
+    let bstride = k * ROUTER_LANES;
+    assert!((1..=MR_REG).contains(&m) && lda >= k, "router tile of {m} rows (max {MR_REG}), lda {lda} < k {k}");
+    assert!((1..=router_blocks_per_call(m)).contains(&nblk), "router tile of {nblk} blocks for {m} rows");
+    assert!(a.len() >= (m - 1) * lda + k && b.len() >= nblk * bstride, "router operands shorter than their shapes");
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx512Bf16 | Isa::Avx512) && isa.available() {
-        // SAFETY: AVX-512F was detected at run time (`isa.available()`); `check` verified the
-        // operand lengths, the row stride and that `c` holds `m <= 8` rows.
-        unsafe { avx512::tile_f32_exact(a.as_ptr(), lda, m, b.as_ptr(), k, c.as_mut_ptr()) };
+        // SAFETY: AVX-512F was detected at run time (`isa.available()`); the asserts above
+        // verified the operand lengths, the row stride and that `c` holds `m * nblk <= 16` rows.
+        unsafe { W::exact_avx512(a.as_ptr(), lda, m, (b.as_ptr(), nblk, bstride), k, c.as_mut_ptr()) };
         return;
     }
     let _ = isa;
-    for (r, c) in c.iter_mut().enumerate().take(m) {
-        let mut acc = [-0.0f32; NB];
-        for (kk, &av) in a[r * lda..r * lda + k].iter().enumerate() {
-            let w: &[f32; NB] = b[kk * NB..(kk + 1) * NB].try_into().unwrap_or(&[0.0; NB]);
-            for l in 0..NB {
-                acc[l] += w[l] * av;
+    for r in 0..m {
+        for j in 0..nblk {
+            let blk = &b[j * bstride..(j + 1) * bstride];
+            let mut acc = [-0.0f32; ROUTER_LANES];
+            for (kk, &av) in a[r * lda..r * lda + k].iter().enumerate() {
+                for (acc, w) in acc.iter_mut().zip(&blk[kk * ROUTER_LANES..(kk + 1) * ROUTER_LANES]) {
+                    *acc += w.to_f32() * av;
+                }
             }
+            c[r * nblk + j] = acc;
         }
-        *c = acc;
     }
 }
 
@@ -381,25 +457,40 @@ mod tests {
 
     #[test]
     fn exact_router_tile_is_bit_identical_to_a_sequential_sum() {
-        let (n, k) = (40, 333);
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 997) as f32).sin()).collect();
-        let mut p = PackedMats::<f32>::new(1, n, k, ColumnMap::Plain, false);
-        p.pack_one(0, &w);
-        let a: Vec<f32> = (0..3 * k).map(|i| ((i * 31 % 101) as f32).cos()).collect();
-        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-            for b in 0..p.blocks {
-                let mut c = [[f32::NAN; NB]; MR_MAX];
-                tile_exact_f32(isa, &a, k, 3, p.block(0, b), k, &mut c);
-                for r in 0..3 {
-                    for l in 0..NB.min(n - b * NB) {
-                        let j = b * NB + l;
-                        let want: f32 =
-                            w[j * k..(j + 1) * k].iter().zip(&a[r * k..(r + 1) * k]).map(|(x, y)| x * y).sum();
-                        assert_eq!(c[r][l].to_bits(), want.to_bits(), "{isa:?} r={r} j={j}");
+        fn check<W: ExactElem>(from: fn(f32) -> W) {
+            let (n, k, rows) = (64, 333, 8);
+            let w: Vec<W> = (0..n * k).map(|i| from(((i * 7919 % 997) as f32).sin())).collect();
+            // the router block layout: blocks of 16 experts, input-major, an expert per lane
+            let l = ROUTER_LANES;
+            let blocks: Vec<W> = (0..n * k).map(|i| w[(i / (k * l) * l + i % l) * k + i / l % k]).collect();
+            let a: Vec<f32> = (0..rows * k).map(|i| ((i * 31 % 101) as f32).cos()).collect();
+            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                for m in 1..=rows {
+                    for nblk in 1..=router_blocks_per_call(m) {
+                        let mut c = [[f32::NAN; ROUTER_LANES]; 2 * MR_REG];
+                        tile_exact(isa, &a, k, m, &blocks, nblk, k, &mut c);
+                        for r in 0..m {
+                            for j in 0..nblk * l {
+                                let want = w[j * k..(j + 1) * k]
+                                    .iter()
+                                    .zip(&a[r * k..(r + 1) * k])
+                                    .fold(-0.0f32, |s, (x, y)| s + x.to_f32() * y);
+                                let got = c[r * nblk + j / l][j % l];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{} {isa:?} m={m} nblk={nblk} r={r} j={j}",
+                                    W::NAME
+                                );
+                            }
+                        }
                     }
                 }
             }
         }
+        check::<f32>(|x| x);
+        check::<bf16>(bf16::from_f32);
+        check::<f16>(f16::from_f32);
     }
 
     #[test]
