@@ -303,6 +303,15 @@ impl Tensor {
         }
     }
 
+    /// The host elements, without a copy when no other clone shares them (device data is copied
+    /// to the host).
+    pub fn into_host_data(self) -> Result<HostData> {
+        match self.storage {
+            Storage::Host(h) => Ok(Arc::try_unwrap(h).unwrap_or_else(|shared| (*shared).clone())),
+            Storage::Device(d) => d.to_host(),
+        }
+    }
+
     /// Converts float elements to an f32 vector (copies device data to the host first).
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         let owned;

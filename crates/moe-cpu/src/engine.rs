@@ -112,7 +112,7 @@ pub fn run<F: Family>(
     let mr = fam.mr();
     // Row tile: a k-chunk of its activations (about 256 KiB) shares L2 with a chunk of one block;
     // an expert's rows are split into equal tiles, so no tile re-reads the weights for a few rows.
-    let mtile = ((256usize << 10) / (kph.min(KC) * std::mem::size_of::<F::A>()).max(1)).clamp(mr, MT) / mr * mr;
+    let mtile = ((256usize << 10) / (kph.min(TILE_KC) * std::mem::size_of::<F::A>()).max(1)).clamp(mr, MT) / mr * mr;
     let fused_tasks: usize = groups.iter().map(|g| g.rows.div_ceil(mtile)).sum();
     let yo = Out::new(y);
     ws.tasks.clear();
@@ -183,9 +183,9 @@ fn push_split_tasks(tasks: &mut Vec<Task>, groups: &[Group], mtile: usize, block
     }
 }
 
-/// Inputs per k-chunk: a chunk of a weight block (`KC x 32`) stays in L1/L2 while every row tile
-/// of the task sweeps it, whatever the model's k.
-const KC: usize = 1024;
+/// Inputs per k-chunk the row-tile size is planned for (about 256 KiB of activations per chunk).
+/// The chunk the block products take is [`crate::tuning::k_chunk`] (the same by default).
+const TILE_KC: usize = 1024;
 
 /// Rows per task at most (the per-task accumulator lives on the stack).
 const MT: usize = 128;
@@ -206,8 +206,9 @@ fn block_product<F: Family>(
     let mr = fam.mr();
     let mut c: Tile = [[0.0; NB]; MR_MAX];
     let tiles = m.div_ceil(mr);
-    for k0 in (0..kp).step_by(KC) {
-        let kl = KC.min(kp - k0);
+    let kc = crate::tuning::k_chunk();
+    for k0 in (0..kp).step_by(kc) {
+        let kl = kc.min(kp - k0);
         for rb in (0..m).step_by(mr) {
             let mm = mr.min(m - rb);
             let pf = match next {

@@ -19,6 +19,7 @@ static AMX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 static INT4_ACT: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_DECODE: AtomicUsize = AtomicUsize::new(UNSET);
 static INT4_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
+static K_CHUNK: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -69,6 +70,18 @@ pub fn set_split_tasks_per_thread(tasks: usize) {
     SPLIT_TASKS.store(tasks, Ordering::Relaxed);
 }
 
+/// Inputs per k-chunk of the dense engine's block products (`MOE_CPU_KC`, default 1024; rounded
+/// down to a multiple of 256, at least 256): a chunk of a weight block stays in L1/L2 while every
+/// row tile of the task sweeps it. The row-tile size does not follow it.
+pub fn k_chunk() -> usize {
+    (get(&K_CHUNK, "MOE_CPU_KC", 1024) / 256).max(1) * 256
+}
+
+/// Overrides [`k_chunk`].
+pub fn set_k_chunk(inputs: usize) {
+    K_CHUNK.store(inputs, Ordering::Relaxed);
+}
+
 /// Rows an expert from which quantized experts run the dense bf16 tile on dequantized panels
 /// (`MOE_CPU_QUANT_TILE_ROWS`; AVX-512 BF16 with bf16 activations only); `default` (the
 /// format's measured switch point) unless set.
@@ -114,13 +127,14 @@ pub fn set_int4_act(mode: usize) {
 /// Whether decode-sized int4 forwards with int8 activations take the two-step path of
 /// `quant::decode` (`MOE_CPU_QUANT_DECODE` not 0; default on) instead of the general six-step one.
 pub fn quant_decode() -> bool {
-    get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 1) != 0
+    get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 4) != 0
 }
 
 /// Tasks each 128-wide intermediate group of an expert is split into in that path's gate_up step
-/// (`MOE_CPU_QUANT_DECODE` = 1, 2, 4 or 8; default 1, other values round down to those).
+/// (`MOE_CPU_QUANT_DECODE` = 1, 2, 4 or 8; other values round down to those). Default 4: on the
+/// 16-core host (session 11) 4 took 0.92-0.96x the time of 1 and 8 1.03x that of 4; neutral on 2 cores.
 pub fn quant_decode_splits() -> usize {
-    match get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 1) {
+    match get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 4) {
         0 | 1 => 1,
         2 | 3 => 2,
         4..=7 => 4,

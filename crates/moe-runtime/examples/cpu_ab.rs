@@ -14,8 +14,9 @@
 //! `--{a,b}-int4-act N`: how int4 rows take activations at decode sizes (0 bf16, 1 int8, 2 two
 //! int8 bytes; default 2; see `moe_cpu::tuning::int4_act`).
 //! `--{a,b}-qdecode N`: the two-step int4 decode path, 0 off, else its gate_up tasks per
-//! 128-wide group (1, 2, 4, 8; default 1; `moe_cpu::tuning::quant_decode_splits`).
+//! 128-wide group (1, 2, 4, 8; default 4; `moe_cpu::tuning::quant_decode_splits`).
 //! `--{a,b}-int4-rows N`: weight rows a dot of that path takes together (4 or 1; default 4).
+//! `--{a,b}-kc N`: inputs per k-chunk of the dense engine (default 1024; `moe_cpu::tuning::k_chunk`).
 //! `--{a,b}-pool team|rayon`: where the backend's parallel steps run (default team, see
 //! `moe_cpu::pool`).
 //! `--gap-us N`: the calling thread sleeps N us between forwards (default 0), as a model's other
@@ -46,6 +47,7 @@ struct Variant {
     int4_act: usize,
     qdecode: usize,
     int4_rows: usize,
+    kc: usize,
     team: bool,
 }
 
@@ -72,8 +74,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             amx: opt(&format!("--{p}-amx"), "2").parse()?,
             quant: QuantFormat::parse(&opt(&format!("--{p}-quant"), "none"))?,
             int4_act: opt(&format!("--{p}-int4-act"), "2").parse()?,
-            qdecode: opt(&format!("--{p}-qdecode"), "1").parse()?,
+            qdecode: opt(&format!("--{p}-qdecode"), "4").parse()?,
             int4_rows: opt(&format!("--{p}-int4-rows"), "4").parse()?,
+            kc: opt(&format!("--{p}-kc"), "1024").parse()?,
             team: match opt(&format!("--{p}-pool"), "team").as_str() {
                 "team" => true,
                 "rayon" => false,
@@ -120,6 +123,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 moe_cpu::tuning::set_int4_act(var.int4_act);
                 moe_cpu::tuning::set_quant_decode(var.qdecode);
                 moe_cpu::tuning::set_int4_dot_rows(var.int4_rows);
+                moe_cpu::tuning::set_k_chunk(var.kc);
                 moe_cpu::pool::set_use_team(var.team);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
@@ -138,11 +142,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, int4_rows, team }) in variants.iter().enumerate() {
+        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, int4_rows, kc, team }) in variants.iter().enumerate() {
             let pool = if *team { "team" } else { "rayon" };
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, int4 rows {int4_rows}, pool {pool}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, int4 rows {int4_rows}, k chunk {kc}, pool {pool}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()

@@ -189,12 +189,53 @@ pub fn routing_method(cfg: &RoutingConfig) -> Box<dyn RoutingMethod> {
     }
 }
 
-/// Routes host f32 logits `[T, E]` with the config's method on the host (the reference path).
+/// What a [`ChunkRunner`] calls per chunk: `(chunk index, its ids, its weights)`.
+pub type RouteChunk<'a> = dyn Fn(usize, &mut [i32], &mut [f32]) + Sync + 'a;
+
+/// Runs the routing of row chunks in parallel: `f(c, ids, weights)` once for every chunk `c` of
+/// `chunk` ids of `ids` and the same range of `weights` (the last chunk may be shorter), and
+/// returns when all have run. A backend with its own worker threads passes itself, so routing
+/// does not start a second pool next to its workers.
+pub trait ChunkRunner: Sync {
+    /// Calls `f` for every chunk.
+    fn for_each_chunk(&self, ids: &mut [i32], weights: &mut [f32], chunk: usize, f: &RouteChunk<'_>);
+}
+
+/// [`ChunkRunner`] on rayon's current pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RayonChunks;
+
+impl ChunkRunner for RayonChunks {
+    fn for_each_chunk(&self, ids: &mut [i32], weights: &mut [f32], chunk: usize, f: &RouteChunk<'_>) {
+        use rayon::prelude::*;
+        ids.par_chunks_mut(chunk).zip(weights.par_chunks_mut(chunk)).enumerate().for_each(|(c, (i, w))| f(c, i, w));
+    }
+}
+
+/// Routes host f32 logits `[T, E]` with the config's method on the host (the reference path),
+/// spreading rows over rayon's pool.
 pub fn route_host(cfg: &MoeConfig, logits: &Tensor, correction_bias: Option<&[f32]>) -> Result<TopK<Logical>> {
+    route_host_on(cfg, logits, correction_bias, &RayonChunks)
+}
+
+/// [`route_host`] with the rows' parallel chunks run by `runner`.
+pub fn route_host_on(
+    cfg: &MoeConfig,
+    logits: &Tensor,
+    correction_bias: Option<&[f32]>,
+    runner: &dyn ChunkRunner,
+) -> Result<TopK<Logical>> {
     let e = cfg.num_experts;
     let t = logits.dim(0)?;
     logits.expect_shape("route", &[t, e])?;
-    let logits = logits.to_f32_vec()?;
+    let owned;
+    let logits = match logits.as_f32() {
+        Ok(v) => v,
+        Err(_) => {
+            owned = logits.to_f32_vec()?;
+            &owned[..]
+        }
+    };
     if let Some(pos) = logits.iter().position(|x| !x.is_finite()) {
         return Err(MoeError::NonFinite {
             op: "route",
@@ -229,32 +270,62 @@ pub fn route_host(cfg: &MoeConfig, logits: &Tensor, correction_bias: Option<&[f3
     // Rows are independent: 64 a task (a 1024-token prefill routed on one thread took ~2.6 ms of
     // the forward on a 16-core host; a decode step stays on the caller's thread).
     const ROWS: usize = 64;
-    let route = |(c, (ids, weights)): (usize, (&mut [i32], &mut [f32]))| {
+    let route = |c: usize, ids: &mut [i32], weights: &mut [f32]| {
         for (r, (ids, weights)) in ids.chunks_mut(k).zip(weights.chunks_mut(k)).enumerate() {
             let row = c * ROWS + r;
             method.route_rows(&logits[row * e..(row + 1) * e], e, k, bias, ids, weights);
         }
     };
     if k > 0 && t <= ROWS {
-        ids.chunks_mut(ROWS * k).zip(weights.chunks_mut(ROWS * k)).enumerate().for_each(route);
+        route(0, &mut ids, &mut weights);
     } else if k > 0 {
-        use rayon::prelude::*;
-        ids.par_chunks_mut(ROWS * k).zip(weights.par_chunks_mut(ROWS * k)).enumerate().for_each(route);
+        runner.for_each_chunk(&mut ids, &mut weights, ROWS * k, &route);
     }
     TopK::from_vecs(t, k, ids, weights, method.weights_on_input())
 }
 
-/// Indices of the `k` largest `scores`, largest first; ties go to the lower index.
+/// Indices of the `k` largest `scores`, largest first; ties go to the lower index. Writes
+/// `min(k, scores.len(), out.len())` entries. No allocation: an insertion into the sorted prefix
+/// of `out`, which for the small k of routing rejects most scores with one compare.
 pub fn topk_indices(scores: &[f32], k: usize, out: &mut [i32]) {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let cmp = |&a: &usize, &b: &usize| scores[b].total_cmp(&scores[a]).then(a.cmp(&b));
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, cmp);
-        idx.truncate(k);
+    let k = k.min(scores.len()).min(out.len());
+    if k == 0 {
+        return;
     }
-    idx.sort_by(cmp);
-    for (o, &i) in out.iter_mut().zip(&idx) {
-        *o = i as i32;
+    // Whether score index `a` ranks before `b` (a total order: `total_cmp`, then the index).
+    let before = |a: usize, b: usize| match scores[a].total_cmp(&scores[b]) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => a < b,
+    };
+    let mut n = 0;
+    for i in 0..scores.len() {
+        if n == k {
+            if !before(i, out[k - 1] as usize) {
+                continue;
+            }
+            n -= 1;
+        }
+        let mut j = n;
+        while j > 0 && before(i, out[j - 1] as usize) {
+            out[j] = out[j - 1];
+            j -= 1;
+        }
+        out[j] = i as i32;
+        n += 1;
+    }
+}
+
+/// `f` on a scratch copy of `v`: on the stack up to 512 values (every routing config of
+/// DESIGN.md), so routing a token allocates nothing.
+pub(crate) fn with_scratch_copy<R>(v: &[f32], f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut stack = [0f32; 512];
+    match stack.get_mut(..v.len()) {
+        Some(s) => {
+            s.copy_from_slice(v);
+            f(s)
+        }
+        None => f(&mut v.to_vec()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Softmax top-k (Mixtral, Qwen2/3-MoE, OLMoE): `p = softmax(logits)`, top-k of `p`,
 //! renormalized to sum 1 when `renormalize` (Mixtral always; Qwen by `norm_topk_prob`).
 
-use super::{softmax_in_place, topk_indices, RoutingMethod};
+use super::{softmax_in_place, topk_indices, with_scratch_copy, RoutingMethod};
 
 /// Softmax then top-k.
 #[derive(Debug, Clone, Copy)]
@@ -24,12 +24,13 @@ impl RoutingMethod for SoftmaxTopk {
         ids: &mut [i32],
         weights: &mut [f32],
     ) {
-        let mut p = logits.to_vec();
-        softmax_in_place(&mut p);
-        topk_indices(&p, k, ids);
-        for (w, &i) in weights.iter_mut().zip(ids.iter()) {
-            *w = p[i as usize];
-        }
+        with_scratch_copy(logits, |p| {
+            softmax_in_place(p);
+            topk_indices(p, k, ids);
+            for (w, &i) in weights.iter_mut().zip(ids.iter()) {
+                *w = p[i as usize];
+            }
+        });
         if self.renormalize {
             let s: f32 = weights.iter().sum();
             weights.iter_mut().for_each(|w| *w /= s);

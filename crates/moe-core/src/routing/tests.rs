@@ -176,3 +176,61 @@ fn prefill_sized_routing_matches_row_by_row_routing() {
         assert_eq!(&w[row * 8..(row + 1) * 8], one.weights_host().unwrap(), "row {row}");
     }
 }
+
+// ---------- top-k selection ----------
+
+/// The selection as first written: sort every index by (score descending, index ascending).
+fn topk_by_sort(scores: &[f32], k: usize, out_len: usize) -> Vec<i32> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.iter().take(k.min(out_len)).map(|&i| i as i32).collect()
+}
+
+proptest::proptest! {
+    #[test]
+    fn topk_indices_matches_a_full_sort(
+        // Few distinct values, so ties (and -0.0 against 0.0) are common.
+        scores in proptest::collection::vec(proptest::sample::select(vec![-2.0f32, -0.0, 0.0, 0.5, 1.0, 3.0, f32::MIN, f32::MAX]), 0..80),
+        k in 0usize..90,
+        out_len in 0usize..90,
+    ) {
+        let mut out = vec![-7i32; out_len];
+        topk_indices(&scores, k, &mut out);
+        let want = topk_by_sort(&scores, k, out_len);
+        proptest::prop_assert_eq!(&out[..want.len()], &want[..]);
+        proptest::prop_assert!(out[want.len()..].iter().all(|&v| v == -7), "wrote past min(k, n, out)");
+    }
+
+    #[test]
+    fn topk_indices_matches_a_full_sort_on_random_scores(
+        scores in proptest::collection::vec(-1e3f32..1e3, 1..300),
+        k in 1usize..12,
+    ) {
+        let mut out = vec![0i32; k];
+        topk_indices(&scores, k, &mut out);
+        let want = topk_by_sort(&scores, k, k);
+        proptest::prop_assert_eq!(&out[..want.len()], &want[..]);
+    }
+}
+
+#[test]
+fn a_custom_chunk_runner_routes_the_same() {
+    // Runs chunks in reverse order on one thread: the result must not depend on the order.
+    struct Backwards;
+    impl ChunkRunner for Backwards {
+        fn for_each_chunk(&self, ids: &mut [i32], weights: &mut [f32], chunk: usize, f: &RouteChunk<'_>) {
+            let parts: Vec<_> = ids.chunks_mut(chunk).zip(weights.chunks_mut(chunk)).enumerate().collect();
+            for (c, (i, w)) in parts.into_iter().rev() {
+                f(c, i, w);
+            }
+        }
+    }
+    let c = cfg(16, 4, RoutingConfig::SoftmaxTopk { renormalize: true });
+    let t = 200;
+    let logits: Vec<f32> = (0..t * 16).map(|i| ((i * 7919) % 1009) as f32 / 101.0 - 5.0).collect();
+    let x = Tensor::from_f32(vec![t, 16], logits).unwrap();
+    let a = route_host(&c, &x, None).unwrap();
+    let b = route_host_on(&c, &x, None, &Backwards).unwrap();
+    assert_eq!(a.ids_host().unwrap(), b.ids_host().unwrap());
+    assert_eq!(a.weights_host().unwrap(), b.weights_host().unwrap());
+}

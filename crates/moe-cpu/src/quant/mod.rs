@@ -496,7 +496,7 @@ fn bf16_rows<'b>(a: &[f32], s: Span, k: usize, buf: &'b mut Vec<u16>) -> &'b [u1
 /// `half::bf16::from_f32(v).to_bits()` (round to nearest even, NaN stays NaN) without branches
 /// on the value, so row conversions vectorize: every task of a decode step converts its rows.
 #[inline(always)]
-fn bf16_bits(v: f32) -> u16 {
+pub(crate) fn bf16_bits(v: f32) -> u16 {
     let b = v.to_bits();
     let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
     if v.is_nan() {
