@@ -341,3 +341,60 @@ impl ExpertBackend for CpuBackend {
         with_experts!(packed, e => e.replace(slot, weights, src))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_rounding_matches_the_serial_conversion_bit_for_bit() {
+        // Ties to even, overflow to infinity, subnormals, signed zeros, NaN payloads.
+        let mut v = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+            f32::from_bits(0x3F80_8001),
+            65504.0,
+            65520.0,
+            6.0e-8,
+            1.0e-40,
+        ];
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        while v.len() < 96 * 257 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            v.push(f32::from_bits(s as u32));
+        }
+        let (t, h) = (96, 257);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let got = pool.install(|| rows_to_dtype(&v, t, h, dtype)).unwrap();
+            let want = Tensor::from_f32_as(vec![t, h], &v, dtype).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.shape(), want.shape());
+            // Bit patterns: NaN never equals itself as a float.
+            let bits = |t: &Tensor| -> Vec<u32> {
+                match t.host().unwrap() {
+                    HostData::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+                    HostData::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+                    HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+                    other => panic!("unexpected {:?}", other.dtype()),
+                }
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype}");
+        }
+    }
+}

@@ -357,3 +357,35 @@ fn using_the_backend_before_loading_is_an_error() {
         })
         .is_err());
 }
+
+#[test]
+fn one_instance_across_token_counts_gives_the_bits_of_fresh_ones() {
+    // run_moe reuses its output buffer (handed back by finalize) and finalize rounds in parallel:
+    // a long-lived instance must give exactly what a fresh one gives, whatever ran before.
+    let hw = Hardware::cpu_only();
+    let mut registry = BackendRegistry::with_reference();
+    registry.register(Box::new(PinnedCpu(Isa::best())));
+    let opts = || BuildOptions { backend: "cpu".into(), ..Default::default() };
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for shared in [false, true] {
+            let mut cfg = config(RoutingConfig::SoftmaxTopk { renormalize: true }, Activation::Swiglu, dt, dt, 64, 32);
+            if shared {
+                cfg.shared_expert = Some(SharedExpertConfig { intermediate_size: 40, gated: true });
+            }
+            let w = MoeWeights::random(&cfg, 5).unwrap();
+            let mut long_lived = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts()).unwrap();
+            long_lived.load_weights(&w).unwrap();
+            for (i, tokens) in [70, 3, 0, 70, 129, 1].into_iter().enumerate() {
+                let x = random_hidden(tokens, cfg.hidden_size, dt, 40 + i as u64).unwrap();
+                let mut fresh = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts()).unwrap();
+                fresh.load_weights(&w).unwrap();
+                let want = fresh.forward(&x).unwrap();
+                let got = long_lived.forward(&x).unwrap();
+                assert_eq!(got.dtype(), dt);
+                assert_eq!(got.shape(), want.shape());
+                let bits = |t: &Tensor| -> Vec<u32> { t.to_f32_vec().unwrap().iter().map(|v| v.to_bits()).collect() };
+                assert_eq!(bits(&got), bits(&want), "{dt} shared {shared} T = {tokens} (forward {i})");
+            }
+        }
+    }
+}
