@@ -296,3 +296,29 @@ fn fp8_dispatched_activations_match_reference_on_the_same_payload() {
         }
     }
 }
+
+#[test]
+fn one_instance_across_token_counts_gives_the_bits_of_fresh_ones() {
+    // run_moe hands its kernels a reused output buffer (the previous forward's values still in
+    // it): every path, the int4 decode path that adds into its output included, must overwrite it.
+    let hw = Hardware::cpu_only();
+    let mut registry = BackendRegistry::with_reference();
+    registry.register(Box::new(PinnedCpu(Isa::best())));
+    let opts = || BuildOptions { backend: "cpu".into(), ..Default::default() };
+    for f in formats() {
+        for (name, cfg) in families(256, 256, DType::BF16) {
+            let (cfg, w) = quantized(&cfg, quant_method(f, cfg.weight_dtype).unwrap().as_ref(), 3);
+            let mut long_lived = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts()).unwrap();
+            long_lived.load_weights(&w).unwrap();
+            for (i, tokens) in [1, 2, 1, 5, 0, 1, 40, 1].into_iter().enumerate() {
+                let x = random_hidden(tokens, cfg.hidden_size, cfg.act_dtype, 60 + i as u64).unwrap();
+                let mut fresh = ConfigurableMoe::build(cfg.clone(), &registry, &hw, opts()).unwrap();
+                fresh.load_weights(&w).unwrap();
+                let want = fresh.forward(&x).unwrap().to_f32_vec().unwrap();
+                let got = long_lived.forward(&x).unwrap().to_f32_vec().unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{f} {name} T = {tokens} (forward {i})");
+            }
+        }
+    }
+}

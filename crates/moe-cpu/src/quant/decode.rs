@@ -131,7 +131,8 @@ impl QuantExperts {
         ok.then_some(mode == 2)
     }
 
-    /// The decode path (see the module docs); `out` `[T, H]` starts zeroed.
+    /// The decode path (see the module docs); overwrites `out` `[T, H]` (the caller may pass a
+    /// reused buffer).
     pub(super) fn run_int4_decode(
         &mut self,
         x: &HostData,
@@ -267,6 +268,10 @@ impl QuantExperts {
         let dst = Out::new(out);
         pool::for_each(h.div_ceil(cols), |task, _| {
             let (c0, c1) = (task * cols, ((task + 1) * cols).min(h));
+            for t in 0..tokens {
+                // SAFETY: columns c0 .. c1 of every token belong to this task alone.
+                unsafe { dst.slice(t * h + c0, c1 - c0) }.fill(0.0);
+            }
             let d2 = ahead.div_ceil(inter / 2).max(1);
             for (gn, g) in groups.iter().enumerate() {
                 // Four columns at a time (`cols` and `h` are multiples of 16).
