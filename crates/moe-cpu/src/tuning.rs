@@ -70,11 +70,11 @@ pub fn set_split_tasks_per_thread(tasks: usize) {
     SPLIT_TASKS.store(tasks, Ordering::Relaxed);
 }
 
-/// Inputs per k-chunk of the dense engine's block products (`MOE_CPU_KC`, default 1024; rounded
+/// Inputs per k-chunk of the dense engine's block products (`MOE_CPU_KC`, default 2048; rounded
 /// down to a multiple of 256, at least 256): a chunk of a weight block stays in L1/L2 while every
 /// row tile of the task sweeps it. The row-tile size does not follow it.
 pub fn k_chunk() -> usize {
-    (get(&K_CHUNK, "MOE_CPU_KC", 1024) / 256).max(1) * 256
+    (get(&K_CHUNK, "MOE_CPU_KC", 2048) / 256).max(1) * 256
 }
 
 /// Overrides [`k_chunk`].

@@ -16,7 +16,7 @@
 //! `--{a,b}-qdecode N`: the two-step int4 decode path, 0 off, else its gate_up tasks per
 //! 128-wide group (1, 2, 4, 8; default 4; `moe_cpu::tuning::quant_decode_splits`).
 //! `--{a,b}-int4-rows N`: weight rows a dot of that path takes together (4 or 1; default 4).
-//! `--{a,b}-kc N`: inputs per k-chunk of the dense engine (default 1024; `moe_cpu::tuning::k_chunk`).
+//! `--{a,b}-kc N`: inputs per k-chunk of the dense engine (default 2048; `moe_cpu::tuning::k_chunk`).
 //! `--{a,b}-pool team|rayon`: where the backend's parallel steps run (default team, see
 //! `moe_cpu::pool`).
 //! `--gap-us N`: the calling thread sleeps N us between forwards (default 0), as a model's other
@@ -76,7 +76,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             int4_act: opt(&format!("--{p}-int4-act"), "2").parse()?,
             qdecode: opt(&format!("--{p}-qdecode"), "4").parse()?,
             int4_rows: opt(&format!("--{p}-int4-rows"), "4").parse()?,
-            kc: opt(&format!("--{p}-kc"), "1024").parse()?,
+            kc: opt(&format!("--{p}-kc"), "2048").parse()?,
             team: match opt(&format!("--{p}-pool"), "team").as_str() {
                 "team" => true,
                 "rayon" => false,
