@@ -797,7 +797,7 @@ struct QDecodeParams {
     u64 ypair;                    // [T*k, H] f32 scratch
     int rows_up, rows_down;       // member rows the dynamic shared memory holds (<= 16)
     int ring;                     // 1: each warp streams its weights through QD_NS cp.async slots
-    int pad_;
+    int ksplit;                   // qdecode2: warps sharing one row group's reduction
 };
 
 #define QD_WARPS 8
@@ -1155,12 +1155,315 @@ __device__ void qdecode_sum(const QDecodeParams& q) {
     ((float*)p.out)[i] = acc;
 }
 
+// ---- Decode-sized forwards, v2: the packed weights as the A operand ----
+// A row group of 16 weight rows of one expert (gate_up: the gate rows of 8 intermediate columns,
+// then their up rows; down: 16 hidden rows) is multiplied on the tensor cores (mma.sync
+// m16n8k16) against up to 8 member rows a pass (more members: more passes), by `ksplit` warps that
+// take consecutive ranges of the reduction; the range-0 warp adds the others' partial sums in
+// range order and runs the epilogue. Lane (g, t) loads chunk 4 b + t of its rows g and g + 8
+// (16 bytes each, EPC elements, one MXFP4 scale group), so every weight byte is loaded and
+// dequantized once, by one lane, straight into its A fragments: mma step s takes the chunk's
+// words 2 s / 2 s + 1 (elements 4 s .. 4 s + 3, in the reduction order the lane's k slots
+// {2t, 2t + 1, 2t + 8, 2t + 9} stand for), and the B fragment of member row g is the same four
+// elements of its staged activations (one 8-byte shared load). Against v1 (weights as B, 8 rows
+// a warp) this halves the MMAs and shared loads a weight and keeps the dequantization
+// branch-free: MXFP4 folds its E8M0 scale and the bit-placement constant into one 16-bit
+// multiply whenever the product is a normal 16-bit number, and takes two multiplies only when
+// some lane of the warp needs them (warp-uniform).
+#define QD2_U 3  // 4-chunk blocks a lane keeps in flight, both rows
+// The scale word of a chunk past the end of a row (its bytes load as zeros): one that decodes
+// zeros and keeps MXFP4 on its one-multiply path.
+#if QFMT == QFMT_MXFP4
+#define QD2_SW_NONE 0x7F7F7F7Fu
+#else
+#define QD2_SW_NONE 0u
+#endif
+
+#if QFMT == QFMT_MXFP4
+// The one-multiply factor 2^(code - 127) * 2^126 (bf16) or * 2^14 (f16), as a 16-bit pair,
+// when it is a normal number of the type; `ok` false otherwise.
+__device__ __forceinline__ u32 qd2_fp4_factor(u32 code, bool& ok, Bf16Tag) {
+    ok = code <= 128u;  // code 0 (2^-127) folds too: 2^-127 * 2^126 = 0.5
+    return (code + 126u) * 0x00800080u;
+}
+__device__ __forceinline__ u32 qd2_fp4_factor(u32 code, bool& ok, F16Tag) {
+    ok = code >= 99u && code <= 128u;
+    return (code - 98u) * 0x04000400u;
+}
+#endif
+
+// The EPC / 2 16-bit pair words of one packed chunk (chunk j of its k-tile, scale word `sw`).
+// `wide`: some lane of the warp holds an MXFP4 scale outside the one-multiply range.
+template <class Tag>
+__device__ __forceinline__ void qd2_dequant(const uint4 q, u32 sw, int j, bool wide, u32 (&out)[QD_EPC / 2]) {
+#if QFMT == QFMT_MXFP4
+    const u32 code = (sw >> (8 * j)) & 0xFFu;
+    bool ok;
+    u32 f = qd2_fp4_factor(code, ok, Tag());
+    if (!ok) f = fp4_unscale(Tag());
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[4 * i + k] = mul2(fp4_bits(words[i] >> (4 * k), Tag()), f, Tag());
+    if (wide) {  // warp-uniform: the rare second multiply by the scale itself
+        const float s = __uint_as_float(code == 0 ? 0x00400000u : (code << 23));
+        const u32 s2 = ok ? one2(Tag()) : pack2(s, s, Tag());
+#pragma unroll
+        for (int w = 0; w < 16; ++w) out[w] = mul2(out[w], s2, Tag());
+    }
+#else
+    (void)wide;
+    __align__(16) u16 dq[QD_EPC];
+    qg_dequant_chunk<Tag>(q, sw, j, dq);
+#pragma unroll
+    for (int w = 0; w < QD_EPC / 2; ++w) out[w] = ((const u32*)dq)[w];
+#endif
+}
+
+// Whether chunk scale word `sw` (chunk j) needs MXFP4's two-multiply path.
+template <class Tag>
+__device__ __forceinline__ bool qd2_wide(u32 sw, int j) {
+#if QFMT == QFMT_MXFP4
+    bool ok;
+    qd2_fp4_factor((sw >> (8 * j)) & 0xFFu, ok, Tag());
+    return !ok;
+#else
+    (void)sw;
+    (void)j;
+    return false;
+#endif
+}
+
+// acc (C layout: rows g / g + 8 = the lane's two weight rows, columns 2t / 2t + 1 = member rows
+// 2t / 2t + 1 of the staged tile) += dequant(W rows) x staged rows^T over the 4-chunk blocks
+// kb0 .. kb1 - 1. `row_a` / `row_b`: this lane's two weight rows of expert l (n_total rows);
+// `xs`: the staged rows (pitch ld), `rows` (<= 8) of them.
+template <class Tag>
+__device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int row_a, int row_b, bool row_ok, int K,
+                                         int kb0, int kb1, const u16* xs, int ld, int rows, float (&acc)[4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int chunks = K / QD_EPC;
+    const uint4* wa = (const uint4*)w + ((size_t)l * n_total + row_a) * (size_t)chunks;
+    const uint4* wb = (const uint4*)w + ((size_t)l * n_total + row_b) * (size_t)chunks;
+#if QG_KSPAN > 0
+    const size_t spans = (size_t)((K + QG_KSPAN - 1) / QG_KSPAN);
+    const unsigned char* sa = (const unsigned char*)sc + ((size_t)l * spans * n_total + row_a) * QG_SW;
+    const unsigned char* sb = (const unsigned char*)sc + ((size_t)l * spans * n_total + row_b) * QG_SW;
+#endif
+    const u16* xr = g < rows ? xs + (size_t)g * ld : nullptr;  // this lane's staged member row, or none
+
+    uint4 qa[QD2_U], qb[QD2_U];
+    u32 sa_w[QD2_U], sb_w[QD2_U];
+    auto load = [&](int u, int b) {
+        const int c = 4 * b + t;
+        const bool ok = row_ok && b < kb1 && c < chunks;
+        qa[u] = ok ? __ldg(wa + c) : make_uint4(0, 0, 0, 0);
+        qb[u] = ok ? __ldg(wb + c) : make_uint4(0, 0, 0, 0);
+        sa_w[u] = QD2_SW_NONE;
+        sb_w[u] = QD2_SW_NONE;
+#if QG_KSPAN > 0
+        if (ok) {
+            const size_t off = (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
+#if QG_SW == 2
+            sa_w[u] = __ldg((const unsigned short*)(sa + off));
+            sb_w[u] = __ldg((const unsigned short*)(sb + off));
+#else
+            sa_w[u] = __ldg((const u32*)(sa + off));
+            sb_w[u] = __ldg((const u32*)(sb + off));
+#endif
+        }
+#endif
+    };
+#pragma unroll
+    for (int u = 0; u < QD2_U; ++u) load(u, kb0 + u);
+    const int j = (t * QD_EPC % QG_BK) / QD_EPC;  // chunk 4 b + t's place in its k-tile (4 | QG_BK / EPC)
+    for (int b0 = kb0; b0 < kb1; b0 += QD2_U) {
+#pragma unroll
+        for (int u = 0; u < QD2_U; ++u) {
+            const int b = b0 + u;
+            if (b >= kb1) break;  // warp-uniform
+            const uint4 ca = qa[u], cb = qb[u];
+            const u32 swa = sa_w[u], swb = sb_w[u];
+            load(u, b + QD2_U);  // the bytes of 4 blocks ahead fly during these MMAs
+            const int c = 4 * b + t;
+            const bool wide = __any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j));
+            u32 da[QD_EPC / 2], db[QD_EPC / 2];
+            qd2_dequant<Tag>(ca, swa, j, wide, da);
+            qd2_dequant<Tag>(cb, swb, j, wide, db);
+            const bool in = c < chunks;
+#pragma unroll
+            for (int s = 0; s < QD_EPC / 4; s += 2) {
+                const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
+                const u32 a1[4] = {da[2 * s + 2], db[2 * s + 2], da[2 * s + 3], db[2 * s + 3]};
+                uint4 x = make_uint4(0, 0, 0, 0);
+                if (xr != nullptr && in) x = *(const uint4*)(xr + c * QD_EPC + 4 * s);
+                mma_16816(acc, a0, x.x, x.y, Tag());
+                mma_16816(acc, a1, x.z, x.w, Tag());
+            }
+        }
+    }
+}
+
+// The block's warps: groups = warps / ksplit row groups, each reduced by ksplit warps over
+// consecutive ranges of 4-chunk blocks. Warp w takes row group w % groups and range w / groups.
+struct Qd2Split {
+    int groups, grp, kb0, kb1;
+};
+__device__ __forceinline__ Qd2Split qd2_split(int ksplit, int K) {
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    const int groups = warps / ksplit, part = warp / groups;
+    const int blocks = (K / QD_EPC + 3) / 4, per = (blocks + ksplit - 1) / ksplit;
+    return Qd2Split{groups, warp % groups, min(blocks, part * per), min(blocks, (part + 1) * per)};
+}
+
+// acc of the range-0 warp of each row group += the other ranges' partial sums, in range order
+// (the same order every forward). Every thread of the block calls it.
+__device__ __forceinline__ void qd2_reduce(float (&acc)[4], float (*red)[32][4], int ksplit, const Qd2Split& sp) {
+    if (ksplit == 1) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();  // the previous round's reads are done
+    if (warp >= sp.groups) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
+    }
+    __syncthreads();
+    if (warp < sp.groups) {
+        for (int r = 1; r < ksplit; ++r)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i] += red[warp + r * sp.groups][lane][i];
+    }
+}
+
+template <class Tag>
+__device__ void qdecode2_gate_up(const QDecodeParams& q) {
+    const DecodeParams& p = q.d;
+    extern __shared__ __align__(16) u16 qd_xs[];
+    __shared__ int members[QD_MAX_PAIRS];
+    __shared__ float mscale[16];
+    __shared__ float red[QD_WARPS][32][4];
+    __shared__ int count;
+    pdl_launch_dependents();
+    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
+    if (slot < 0 || slot >= p.slot_total) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
+        return;
+    }
+    const int l = slot - p.slot_start;
+    if (l < 0 || l >= p.n_local) return;
+    const int n = qd_members(p, pair, slot, members, &count);
+    if (n == 0) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int I = p.inter, H = p.hidden, n_total = 2 * I, R = q.rows_up, ld = H + QD_PAD;
+    const Qd2Split sp = qd2_split(q.ksplit, H);
+    const int c0 = (blockIdx.x * sp.groups + sp.grp) * 8;
+    const int col = c0 + g;  // A rows g / g + 8: the gate and up rows of this column
+    const bool scale_v = p.scale_input != 0;
+    for (int mt = 0; mt < n; mt += R) {
+        const int rows = min(R, n - mt);
+        if (mt > 0) __syncthreads();  // every warp is done with the previous rows
+        if (scale_v && threadIdx.x < rows) mscale[threadIdx.x] = ((const float*)p.weights)[members[mt + threadIdx.x]];
+        __syncthreads();
+        qd_stage<Tag>(qd_xs, (const u16*)p.x, H, rows, [&](int r) { return members[mt + r] / p.k; },
+                      scale_v ? mscale : nullptr);
+        __syncthreads();
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        if (c0 < I) {
+            const int ca = col < I ? col : I - 1;  // lanes past the end read a real row and drop it
+            qd2_rows<Tag>(p.w13, q.s13, l, n_total, ca, I + ca, col < I, H, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
+        }
+        qd2_reduce(acc, red, q.ksplit, sp);
+        if (warp >= sp.groups || col >= I) continue;
+        float fg = 1.f, fu = 1.f, bg = 0.f, bu = 0.f;
+        if (q.c13) {
+            fg = ((const float*)q.c13)[(size_t)l * n_total + col];
+            fu = ((const float*)q.c13)[(size_t)l * n_total + I + col];
+        }
+        if (q.e13) {
+            const float es = ((const float*)q.e13)[l];
+            fg *= es;
+            fu *= es;
+        }
+        if (p.b13) {
+            bg = ((const float*)p.b13)[(size_t)l * n_total + col];
+            bu = ((const float*)p.b13)[(size_t)l * n_total + I + col];
+        }
+        // acc[h] / acc[2 + h]: gate / up of `col` for member row 2 t + h.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = 2 * t + h;
+            if (r >= rows) continue;
+            const float v = apply_act(p.act_kind, acc[h] * fg + bg, acc[2 + h] * fu + bu, p.alpha, p.limit);
+            ((u16*)p.act)[(size_t)members[mt + r] * I + col] = from_f32(v, Tag());
+        }
+    }
+}
+
+template <class Tag>
+__device__ void qdecode2_down(const QDecodeParams& q) {
+    const DecodeParams& p = q.d;
+    extern __shared__ __align__(16) u16 qd_xs[];
+    __shared__ int members[QD_MAX_PAIRS];
+    __shared__ float red[QD_WARPS][32][4];
+    __shared__ int count;
+    pdl_launch_dependents();
+    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
+    const int l = slot - p.slot_start;
+    if (slot < 0 || slot >= p.slot_total || l < 0 || l >= p.n_local) return;  // flagged by gate_up
+    const int n = qd_members(p, pair, slot, members, &count);
+    if (n == 0) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
+    const Qd2Split sp = qd2_split(q.ksplit, I);
+    const int c0 = (blockIdx.x * sp.groups + sp.grp) * 16;
+    const int ra = min(c0 + g, H - 1), rb = min(c0 + 8 + g, H - 1);
+    // Launched programmatically after gate_up (sm_90): the warp's packed weight rows depend only
+    // on the routing, so L2 fetches them while gate_up finishes; its activations come after the wait.
+    if (t < 2 && c0 < H && sp.kb0 < sp.kb1) {
+        const int chunks = I / QD_EPC, c_lo = 4 * sp.kb0, c_hi = min(chunks, 4 * sp.kb1);
+        prefetch_l2((const uint4*)p.w2 + ((size_t)l * H + (t == 0 ? ra : rb)) * (size_t)chunks + c_lo,
+                    (u32)(c_hi - c_lo) * 16);
+    }
+    pdl_wait();
+    for (int mt = 0; mt < n; mt += R) {
+        const int rows = min(R, n - mt);
+        if (mt > 0) __syncthreads();
+        qd_stage<Tag>(qd_xs, (const u16*)p.act, I, rows, [&](int r) { return members[mt + r]; }, nullptr);
+        __syncthreads();
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        if (c0 < H) qd2_rows<Tag>(p.w2, q.s2, l, H, ra, rb, true, I, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
+        qd2_reduce(acc, red, q.ksplit, sp);
+        if (warp >= sp.groups) continue;
+        // acc[h] / acc[2 + h]: hidden row c0 + g / c0 + 8 + g for member row 2 t + h.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int col = c0 + 8 * half + g;
+            if (col >= H) continue;
+            float f = q.c2 ? ((const float*)q.c2)[(size_t)l * H + col] : 1.f;
+            if (q.e2) f *= ((const float*)q.e2)[l];
+            const float b = p.b2 ? ((const float*)p.b2)[(size_t)l * H + col] : 0.f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = 2 * t + h;
+                if (r >= rows) continue;
+                const int pr = members[mt + r];
+                const float wt = p.scale_input ? 1.f : ((const float*)p.weights)[pr];
+                ((float*)q.ypair)[(size_t)pr * H + col] = wt * (acc[2 * half + h] * f + b);
+            }
+        }
+    }
+}
+
 #define QDECODE_ENTRY(DT, TAG)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) qdecode_gate_up_##DT(QDecodeParams p) {               \
         qdecode_gate_up<TAG>(p);                                                                          \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) qdecode_down_##DT(QDecodeParams p) { qdecode_down<TAG>(p); } \
-    extern "C" __global__ void __launch_bounds__(256) qdecode_sum_##DT(QDecodeParams p) { qdecode_sum<TAG>(p); }
+    extern "C" __global__ void __launch_bounds__(256) qdecode_sum_##DT(QDecodeParams p) { qdecode_sum<TAG>(p); } \
+    extern "C" __global__ void __launch_bounds__(256, 2) qdecode2_gate_up_##DT(QDecodeParams p) {          \
+        qdecode2_gate_up<TAG>(p);                                                                         \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, 2) qdecode2_down_##DT(QDecodeParams p) { qdecode2_down<TAG>(p); }
 #ifdef MOE_QGEMM_BF16
 QDECODE_ENTRY(bf16, Bf16Tag)
 #endif

@@ -269,13 +269,14 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Tests and benchmarks: how the packed-weight decode kernels stream their rows (0
-    /// registers, 1 / 2 a cp.async ring of 8 / 16 slots a lane; `MOE_CUDA_QD_RING`). Applies to
-    /// the loaded weights; cached graphs pick the change up (their parameters are compared).
-    pub fn set_decode_ring(&mut self, mode: usize) -> Result<()> {
+    /// Tests and benchmarks: which packed-weight decode kernels run (0 `qdecode2_*`, the packed
+    /// weights as the mma A operand; the older `qdecode_*` with a cp.async ring of 8 (1) or 16 (2)
+    /// slots a lane, or through registers (3); `MOE_CUDA_QD_MODE`). Applies to the loaded
+    /// weights; cached graphs pick the change up (their parameters are compared).
+    pub fn set_decode_mode(&mut self, mode: usize) -> Result<()> {
         let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
         if let Some(q) = w.quant.as_mut() {
-            q.set_decode_ring(mode);
+            q.set_decode_mode(mode);
         }
         Ok(())
     }

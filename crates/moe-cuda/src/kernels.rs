@@ -292,6 +292,10 @@ pub enum KernelId {
     QDecodeDown(QuantKind, Elem),
     /// `qdecode_sum_{dt}`: each token's pair rows added in choice order (decode sizes).
     QDecodeSum(QuantKind, Elem),
+    /// `qdecode2_gate_up_{dt}`: the decode gate_up with the packed weights as the A operand.
+    QDecode2GateUp(QuantKind, Elem),
+    /// `qdecode2_down_{dt}`: the decode down with the packed weights as the A operand.
+    QDecode2Down(QuantKind, Elem),
     /// `moe_decode_gate_up_{dt}`.
     DecodeGateUp(Elem),
     /// `moe_decode_down_{dt}`.
@@ -327,7 +331,9 @@ impl KernelId {
             | KernelId::F8Gemm(q, d, _)
             | KernelId::QDecodeGateUp(q, d)
             | KernelId::QDecodeDown(q, d)
-            | KernelId::QDecodeSum(q, d) => Module::QuantGemm(q, d),
+            | KernelId::QDecodeSum(q, d)
+            | KernelId::QDecode2GateUp(q, d)
+            | KernelId::QDecode2Down(q, d) => Module::QuantGemm(q, d),
             KernelId::DecodeGateUp(_) | KernelId::DecodeDown(_) | KernelId::DecodeDownShort(_) => Module::Decode,
         }
     }
@@ -358,6 +364,8 @@ impl KernelId {
             KernelId::QDecodeGateUp(_, d) => format!("qdecode_gate_up_{}", d.suffix()),
             KernelId::QDecodeDown(_, d) => format!("qdecode_down_{}", d.suffix()),
             KernelId::QDecodeSum(_, d) => format!("qdecode_sum_{}", d.suffix()),
+            KernelId::QDecode2GateUp(_, d) => format!("qdecode2_gate_up_{}", d.suffix()),
+            KernelId::QDecode2Down(_, d) => format!("qdecode2_down_{}", d.suffix()),
             KernelId::DecodeGateUp(d) => format!("moe_decode_gate_up_{}", d.suffix()),
             KernelId::DecodeDown(d) => format!("moe_decode_down_{}", d.suffix()),
             KernelId::DecodeDownShort(d) => format!("moe_decode_down_short_{}", d.suffix()),
@@ -400,6 +408,8 @@ impl KernelId {
                     KernelId::QDecodeGateUp(q, d),
                     KernelId::QDecodeDown(q, d),
                     KernelId::QDecodeSum(q, d),
+                    KernelId::QDecode2GateUp(q, d),
+                    KernelId::QDecode2Down(q, d),
                 ]);
                 if q.is_fp8() {
                     v.extend([
@@ -788,7 +798,10 @@ impl KernelId {
         match self {
             KernelId::QGemm(q, _, t, _) => Some(t.smem_bytes(q)),
             KernelId::F8Gemm(..) => Some(fp8_tile::SMEM),
-            KernelId::QDecodeGateUp(..) | KernelId::QDecodeDown(..) => Some(QDECODE_SMEM),
+            KernelId::QDecodeGateUp(..)
+            | KernelId::QDecodeDown(..)
+            | KernelId::QDecode2GateUp(..)
+            | KernelId::QDecode2Down(..) => Some(QDECODE_SMEM),
             _ => None,
         }
     }
@@ -914,7 +927,9 @@ pub struct QDecodeParams {
     /// 1 / 2: each warp streams its packed rows through 8 / 16 cp.async slots a lane in shared
     /// memory (after the staged rows); 0: through registers.
     pub ring: i32,
-    pub pad_: i32,
+    /// `qdecode2_*`: warps that split one row group's reduction (a divisor of the block's warps;
+    /// their partial sums are added in warp order).
+    pub ksplit: i32,
 }
 
 /// Dynamic shared memory the packed-weight decode kernels may use for staged activation rows.
@@ -1097,7 +1112,11 @@ mod tests {
                     }
                     KernelId::QGemm(_, d, t, _) => src.contains(&format!("QGEMM_ENTRY({}, {},", t.name(), d.suffix())),
                     KernelId::QAct(_, d) => src.contains(&format!("QACT_ENTRY({},", d.suffix())),
-                    KernelId::QDecodeGateUp(_, d) | KernelId::QDecodeDown(_, d) | KernelId::QDecodeSum(_, d) => {
+                    KernelId::QDecodeGateUp(_, d)
+                    | KernelId::QDecodeDown(_, d)
+                    | KernelId::QDecodeSum(_, d)
+                    | KernelId::QDecode2GateUp(_, d)
+                    | KernelId::QDecode2Down(_, d) => {
                         src.contains(&format!("QDECODE_ENTRY({},", d.suffix()))
                     }
                     KernelId::QuantRows(_, d) | KernelId::F8Gemm(_, d, _) => {

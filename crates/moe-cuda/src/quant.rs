@@ -308,12 +308,45 @@ const QD_PAD: usize = 8;
 /// (16 weight + 4 scale bytes); twice that for the deep ring.
 const QD_RING_BYTES: usize = 8 * 8 * 32 * 20;
 
-/// How the packed decode rows stream (`MOE_CUDA_QD_RING`): 0 (default) through registers, 1 a
-/// cp.async ring of 8 slots a lane, 2 one of 16. The rings are opt-in until they have run on a
-/// GPU: session 9 built them but got no lent machine (docs/perf/quant.md).
-fn decode_ring() -> usize {
-    static MODE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| std::env::var("MOE_CUDA_QD_RING").ok().and_then(|v| v.parse().ok()).unwrap_or(0).min(2))
+/// Which packed decode kernels run: `MOE_CUDA_QD_MODE` when set, else the format's measured
+/// default ([`default_decode_mode`]). 0 `qdecode2_*`, the packed weights as the mma A operand
+/// (16 rows a row group); the older `qdecode_*` (weights as B, 8 rows a warp) with its rows
+/// streamed through a cp.async ring of 8 (1) or 16 (2) slots a lane, or through registers (3).
+/// `MOE_CUDA_QD_RING=1` / `2` (session 9's switch) still picks the rings.
+fn decode_mode(format: QuantFormat) -> usize {
+    static MODE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *MODE.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+        var("MOE_CUDA_QD_MODE").or_else(|| var("MOE_CUDA_QD_RING").filter(|&r| r > 0)).map(|m| m.min(3))
+    });
+    forced.unwrap_or_else(|| default_decode_mode(format))
+}
+
+/// The packed decode kernels each format runs by default, from same-run H100 A/Bs (session 12,
+/// docs/perf/quant.md): `qdecode2_*` for the 4-bit formats (MXFP4 -9 to -10%, NVFP4 -15 to
+/// -27%, int4 -27 to -34% at T = 1 and 16), `qdecode_*` for the 8-bit ones, where `qdecode2_*`
+/// measured 4-33% (int8) and 30% (FP8 block) slower.
+pub fn default_decode_mode(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Mxfp4 | QuantFormat::Nvfp4 | QuantFormat::Int4Group => 0,
+        QuantFormat::None | QuantFormat::Int8Channel | QuantFormat::Fp8Block | QuantFormat::Fp8Tensor => 3,
+    }
+}
+
+/// `qdecode2_*` launch shape (`MOE_CUDA_QD2_WARPS`, `MOE_CUDA_QD2_KSPLIT`): warps a block (4 or
+/// 8, default 8) and warps that split one row group's reduction (1, 2 or 4, default 2).
+fn decode2_shape() -> (usize, usize) {
+    static SHAPE: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *SHAPE.get_or_init(|| {
+        let var = |name: &str, d: usize| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(d);
+        let warps = if var("MOE_CUDA_QD2_WARPS", 8) >= 8 { 8 } else { 4 };
+        let ksplit = match var("MOE_CUDA_QD2_KSPLIT", 2) {
+            0 | 1 => 1,
+            2 | 3 => 2,
+            _ => 4,
+        };
+        (warps, ksplit.min(warps))
+    })
 }
 
 /// Shared memory a ring decode block may take (`MOE_CUDA_QD_SMEM_KB`, default 72 KiB: three
@@ -392,8 +425,9 @@ pub struct QuantExperts {
     ws: Workspace,
     /// FP8 block on sm_90a: the wgmma tile (default; `MOE_CUDA_F8_TILE=0` keeps mma.sync).
     use_f8_tile: bool,
-    /// Streaming of the packed decode rows: 0 registers, 1 / 2 a cp.async ring of 8 / 16 slots.
-    decode_ring: usize,
+    /// The packed decode kernels: 0 `qdecode2_*`; `qdecode_*` with a cp.async ring of 8 (1) or
+    /// 16 (2) slots, or through registers (3).
+    decode_mode: usize,
 }
 
 /// What one quantized forward takes from the backend: the plan, the permuted activations and
@@ -527,7 +561,7 @@ impl QuantExperts {
             w2,
             ws: Workspace::default(),
             use_f8_tile: f8_tile_default(),
-            decode_ring: decode_ring(),
+            decode_mode: decode_mode(format),
         })
     }
 
@@ -581,7 +615,8 @@ impl QuantExperts {
         // The cp.async ring (8 or 16 slots of 16 + 4 bytes a lane, 8 warps) sits after the staged
         // rows; the default budget keeps three blocks an SM on Hopper.
         let row_bytes = |k: usize| (k + QD_PAD) * 2;
-        let mut ring = self.decode_ring;
+        let v2 = self.decode_mode == 0;
+        let mut ring = if self.decode_mode == 1 || self.decode_mode == 2 { self.decode_mode } else { 0 };
         if ring * QD_RING_BYTES + row_bytes(h.max(i)) > QDECODE_SMEM as usize {
             ring = 0; // rows too long for a ring beside one staged row
         }
@@ -591,7 +626,9 @@ impl QuantExperts {
         } else {
             QDECODE_SMEM as usize
         };
-        let rows = |k: usize| (p.tokens as usize).min(16).min((budget - ring_bytes) / row_bytes(k)).max(1);
+        // v2 stages at most 8 rows (one mma column block): more members take more passes.
+        let most = if v2 { 8 } else { 16 };
+        let rows = |k: usize| (p.tokens as usize).min(most).min((budget - ring_bytes) / row_bytes(k)).max(1);
         let (ru, rd) = (rows(h), rows(i));
         let q = QDecodeParams {
             d: DecodeParams { w13: dev.ptr(&w13.w), w2: dev.ptr(&w2.w), ..*p },
@@ -605,15 +642,30 @@ impl QuantExperts {
             rows_up: ru as i32,
             rows_down: rd as i32,
             ring: ring as i32,
-            pad_: 0,
+            ksplit: if v2 { decode2_shape().1 as i32 } else { 1 },
         };
         let smem = |r: usize, k: usize| (r * row_bytes(k) + ring_bytes) as u32;
-        const WARPS: usize = 8; // QD_WARPS: 4 intermediate / 8 hidden columns a warp
         let kind = self.packer.kind();
-        let grid_up = (i.div_ceil(4 * WARPS) as u32, pairs as u32, 1);
-        dev.launch(KernelId::QDecodeGateUp(kind, self.elem), grid_up, 256, smem(ru, h), &q)?;
-        let grid_down = (h.div_ceil(8 * WARPS) as u32, pairs as u32, 1);
-        dev.launch_dep(KernelId::QDecodeDown(kind, self.elem), grid_down, 256, smem(rd, i), &q, Dep::Programmatic)?;
+        // v1: 8 warps of 4 intermediate / 8 hidden columns. v2: `warps / ksplit` row groups a
+        // block of 8 intermediate / 16 hidden columns, each reduced by `ksplit` warps.
+        let (up_cols, down_cols, warps, up_id, down_id) = if v2 {
+            let (warps, ksplit) = decode2_shape();
+            let groups = warps / ksplit;
+            (
+                8 * groups,
+                16 * groups,
+                warps,
+                KernelId::QDecode2GateUp(kind, self.elem),
+                KernelId::QDecode2Down(kind, self.elem),
+            )
+        } else {
+            (32, 64, 8, KernelId::QDecodeGateUp(kind, self.elem), KernelId::QDecodeDown(kind, self.elem))
+        };
+        let threads = 32 * warps as u32;
+        let grid_up = (i.div_ceil(up_cols) as u32, pairs as u32, 1);
+        dev.launch(up_id, grid_up, threads, smem(ru, h), &q)?;
+        let grid_down = (h.div_ceil(down_cols) as u32, pairs as u32, 1);
+        dev.launch_dep(down_id, grid_down, threads, smem(rd, i), &q, Dep::Programmatic)?;
         let n = p.tokens as usize * h;
         let grid_sum = (n.div_ceil(256) as u32, 1, 1);
         dev.launch_dep(KernelId::QDecodeSum(kind, self.elem), grid_sum, 256, 0, &q, Dep::Programmatic)?;
@@ -625,10 +677,10 @@ impl QuantExperts {
         self.use_f8_tile = on;
     }
 
-    /// Tests and benchmarks: how the packed decode kernels stream their weight rows (0 registers,
-    /// 1 / 2 a cp.async ring of 8 / 16 slots a lane; larger values mean 2).
-    pub fn set_decode_ring(&mut self, mode: usize) {
-        self.decode_ring = mode.min(2);
+    /// Tests and benchmarks: which packed decode kernels run (0 `qdecode2_*`; `qdecode_*` with
+    /// a ring of 8 (1) or 16 (2) slots a lane, or registers (3); larger values mean 3).
+    pub fn set_decode_mode(&mut self, mode: usize) {
+        self.decode_mode = mode.min(3);
     }
 
     /// The format held.

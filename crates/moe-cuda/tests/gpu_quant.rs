@@ -75,6 +75,26 @@ fn with_zero_points(cfg: &MoeConfig, w: &mut MoeWeights) {
     assert!(w.experts.w13.parts.contains_key("weight_zero_point"));
 }
 
+/// MXFP4 with some E8M0 codes moved out of the decode kernels' one-multiply range (bf16: codes
+/// 0..=128; f16: 99..=128): bf16 raises every 7th by 12 (scales above 2), f16 sets it to 90
+/// (below f16's normal range after the bit-placement constant); both set every 7th + 3 to 0.
+fn with_wide_scales(w: &mut MoeWeights, dtype: DType) {
+    for t in [&mut w.experts.w13, &mut w.experts.w2] {
+        let s = t.parts.remove("scales").unwrap();
+        let shape = s.shape().to_vec();
+        let mut codes = s.as_u8().unwrap().to_vec();
+        for (i, c) in codes.iter_mut().enumerate() {
+            match (i % 7, dtype) {
+                (0, DType::F16) => *c = 90,
+                (0, _) => *c = c.saturating_add(12).min(200),
+                (3, _) => *c = 0,
+                _ => {}
+            }
+        }
+        t.parts.insert("scales".into(), Tensor::from_host(shape, HostData::U8(codes)).unwrap());
+    }
+}
+
 fn cases() -> Vec<(String, MoeConfig, bool)> {
     let mut v = Vec::new();
     for q in [
@@ -94,6 +114,8 @@ fn cases() -> Vec<(String, MoeConfig, bool)> {
         }
     }
     v.push(("int4-group zero points".into(), config(QuantFormat::Int4Group, DType::BF16, true, 256, 128), true));
+    v.push(("mxfp4 wide scales".into(), config(QuantFormat::Mxfp4, DType::BF16, false, 320, 192), true));
+    v.push(("mxfp4 wide scales f16".into(), config(QuantFormat::Mxfp4, DType::F16, false, 256, 128), true));
     for q in [QuantFormat::Mxfp4, QuantFormat::Int4Group, QuantFormat::Int8Channel] {
         v.push((format!("{q} f16"), config(q, DType::F16, false, 256, 128), false));
     }
@@ -110,7 +132,9 @@ fn every_format_matches_the_dequantized_reference() {
     for (name, cfg, zp) in cases() {
         let Some(hw) = usable(&cfg, &name) else { continue };
         let mut w = MoeWeights::random(&cfg, 11).unwrap();
-        if zp {
+        if zp && cfg.quant == QuantFormat::Mxfp4 {
+            with_wide_scales(&mut w, cfg.weight_dtype);
+        } else if zp {
             with_zero_points(&cfg, &mut w);
         }
         let mut p = pair(&cfg, &w, &hw);
@@ -119,7 +143,8 @@ fn every_format_matches_the_dequantized_reference() {
         // mma.sync GEMM, and once the unfused FP8 path (permuted 16-bit copy, row pass, f32
         // down outputs); and the decode path forced at T = 100 (about 25 pairs an expert: two
         // 16-row MMA tiles per expert).
-        // The last two: the packed decode kernels with their cp.async rings (8 and 16 slots).
+        // The last three: the older packed decode kernels (`qdecode_*`) with their cp.async rings
+        // (8 and 16 slots) and through registers.
         let runs = [
             (0usize, true, None, true, 0usize),
             (1 << 20, true, Some(0), true, 0),
@@ -128,6 +153,7 @@ fn every_format_matches_the_dequantized_reference() {
             (0, true, Some(128), true, 0),
             (0, true, Some(128), true, 1),
             (0, true, Some(128), true, 2),
+            (0, true, Some(128), true, 3),
         ];
         for (masked_max, f8_tile, decode, fused, ring) in runs {
             if (!f8_tile || !fused) && cfg.quant != QuantFormat::Fp8Block {
@@ -138,12 +164,11 @@ fn every_format_matches_the_dequantized_reference() {
             p.cuda.set_decode_max_tokens(decode);
             p.cuda.set_gather(fused);
             p.cuda.set_y16(fused);
-            p.cuda.set_decode_ring(ring).unwrap();
+            p.cuda.set_decode_mode(ring).unwrap();
             let fp8 = matches!(cfg.quant, QuantFormat::Fp8Block | QuantFormat::Fp8Tensor);
             // T = 600: 150 rows per expert, 128-row tiles (the FP8 tensor-core GEMM on sm_89+).
             let tokens_list: &[usize] = match (decode, fp8) {
-                (Some(128), _) if ring > 0 => &[1, 16, 100],
-                (Some(128), _) => &[100],
+                (Some(128), _) => &[1, 16, 100],
                 (_, true) => &[1, 16, 200, 600],
                 _ => &[1, 16, 200],
             };
