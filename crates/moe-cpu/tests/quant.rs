@@ -36,6 +36,14 @@ impl BackendProvider for PinnedCpu {
     }
 }
 
+/// Held by the tests that flip the process-wide `moe_cpu::tuning` switches and by the one that
+/// compares bits across instances: a switch flipped between its two forwards changes rounding.
+static TUNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn tuning_lock() -> std::sync::MutexGuard<'static, ()> {
+    TUNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn formats() -> Vec<QuantFormat> {
     QuantFormat::ALL.into_iter().filter(|f| *f != QuantFormat::None).collect()
 }
@@ -119,6 +127,9 @@ fn every_format_and_family_matches_reference() {
 
 #[test]
 fn every_isa_with_bf16_activations_and_zero_points() {
+    let _tuning = tuning_lock();
+    let act0 = moe_cpu::tuning::int4_act();
+    let decode0 = if moe_cpu::tuning::quant_decode() { moe_cpu::tuning::quant_decode_splits() } else { 0 };
     for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
         for (m, label) in [
             (Box::new(Int4Group::with_zero_points()) as Box<dyn QuantMethod>, "int4 zero points"),
@@ -144,8 +155,8 @@ fn every_isa_with_bf16_activations_and_zero_points() {
                         );
                     }
                 }
-                moe_cpu::tuning::set_int4_act(2);
-                moe_cpu::tuning::set_quant_decode(1);
+                moe_cpu::tuning::set_int4_act(act0);
+                moe_cpu::tuning::set_quant_decode(decode0);
             }
         }
     }
@@ -252,6 +263,7 @@ fn dequantized_bf16_tiles_on_both_sides_of_the_switch() {
         if label == "nvfp4" {
             // Unfolded E2M1 (16-input panels, scaled per group) only runs when forced; the
             // switch changes speed only, so other tests running meanwhile stay correct.
+            let _tuning = tuning_lock();
             moe_cpu::tuning::set_quant_tile_rows(2);
             let err = compare(&c, &w, Isa::best(), 45, 3);
             moe_cpu::tuning::set_quant_tile_rows(0);
@@ -301,6 +313,7 @@ fn fp8_dispatched_activations_match_reference_on_the_same_payload() {
 fn one_instance_across_token_counts_gives_the_bits_of_fresh_ones() {
     // run_moe hands its kernels a reused output buffer (the previous forward's values still in
     // it): every path, the int4 decode path that adds into its output included, must overwrite it.
+    let _tuning = tuning_lock();
     let hw = Hardware::cpu_only();
     let mut registry = BackendRegistry::with_reference();
     registry.register(Box::new(PinnedCpu(Isa::best())));
