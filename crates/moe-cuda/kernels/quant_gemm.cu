@@ -1170,7 +1170,14 @@ __device__ void qdecode_sum(const QDecodeParams& q) {
 // branch-free: MXFP4 folds its E8M0 scale and the bit-placement constant into one 16-bit
 // multiply whenever the product is a normal 16-bit number, and takes two multiplies only when
 // some lane of the warp needs them (warp-uniform).
-#define QD2_U 3  // 4-chunk blocks a lane keeps in flight, both rows
+// 4-chunk blocks a lane keeps in flight (both rows), and the blocks of 256 threads an SM the
+// register budget is sized for; src/kernels.rs may set both (MOE_CUDA_QD2_U / _MINB).
+#ifndef QD2_U
+#define QD2_U 3
+#endif
+#ifndef QD2_MINB
+#define QD2_MINB 2
+#endif
 // The scale word of a chunk past the end of a row (its bytes load as zeros): one that decodes
 // zeros and keeps MXFP4 on its one-multiply path.
 #if QFMT == QFMT_MXFP4
@@ -1235,6 +1242,53 @@ __device__ __forceinline__ bool qd2_wide(u32 sw, int j) {
 #endif
 }
 
+#if QG_BITS == 4
+// What the four pair words of each 32-bit word of a 4-bit chunk multiply by (chunk j of its
+// k-tile, scale word `sw`), so a chunk can be dequantized one word at a time: MXFP4 the folded
+// factor and (wide) the second one; NVFP4 the scales of its two 16-element halves; int4 the
+// scale and -(magic + zero).
+struct Qd2Scale {
+    u32 a, b;
+};
+template <class Tag>
+__device__ __forceinline__ Qd2Scale qd2_scale(u32 sw, int j) {
+#if QFMT == QFMT_MXFP4
+    const u32 code = (sw >> (8 * j)) & 0xFFu;
+    bool ok;
+    const u32 f = qd2_fp4_factor(code, ok, Tag());
+    const float s = __uint_as_float(code == 0 ? 0x00400000u : (code << 23));
+    return ok ? Qd2Scale{f, one2(Tag())} : Qd2Scale{fp4_unscale(Tag()), pack2(s, s, Tag())};
+#elif QFMT == QFMT_NVFP4
+    const float lo = e4m3_f32((sw >> (16 * j)) & 0xFFu), hi = e4m3_f32((sw >> (16 * j + 8)) & 0xFFu);
+    return Qd2Scale{pack2(lo, lo, Tag()), pack2(hi, hi, Tag())};
+#else
+    (void)j;
+    return Qd2Scale{(sw & 0xFFFFu) * 0x10001u, (sw >> 16) * 0x10001u};
+#endif
+}
+// The four pair words (elements 8 i .. 8 i + 7 of the chunk) of word i, `w`, of a 4-bit chunk,
+// with the same arithmetic as qg_dequant_chunk. `wide`: MXFP4's warp-uniform second multiply.
+template <class Tag>
+__device__ __forceinline__ void qd2_word(u32 w, int i, const Qd2Scale& sc, bool wide, u32 (&o)[4]) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const u32 t = w >> (4 * k);
+#if QFMT == QFMT_MXFP4
+        o[k] = mul2(fp4_bits(t, Tag()), sc.a, Tag());
+        if (wide) o[k] = mul2(o[k], sc.b, Tag());
+#elif QFMT == QFMT_NVFP4
+        (void)wide;
+        o[k] = mul2(mul2(fp4_bits(t, Tag()), fp4_unscale(Tag()), Tag()), i < 2 ? sc.a : sc.b, Tag());
+#else
+        (void)wide;
+        (void)i;
+        const u32 v = (t & 0x000F000Fu) | int4_magic(Tag());
+        o[k] = mul2(fma2(v, one2(Tag()), sc.b, Tag()), sc.a, Tag());
+#endif
+    }
+}
+#endif
+
 // acc (C layout: rows g / g + 8 = the lane's two weight rows, columns 2t / 2t + 1 = member rows
 // 2t / 2t + 1 of the staged tile) += dequant(W rows) x staged rows^T over the 4-chunk blocks
 // kb0 .. kb1 - 1. `row_a` / `row_b`: this lane's two weight rows of expert l (n_total rows);
@@ -1288,10 +1342,27 @@ __device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int 
             load(u, b + QD2_U);  // the bytes of 4 blocks ahead fly during these MMAs
             const int c = 4 * b + t;
             const bool wide = __any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j));
+            const bool in = c < chunks;
+#if QG_BITS == 4
+            // One 32-bit word of each row at a time: its 4 pair words are mma steps 2 i and 2 i + 1.
+            const Qd2Scale sca = qd2_scale<Tag>(swa, j), scb = qd2_scale<Tag>(swb, j);
+            const u32 wa_w[4] = {ca.x, ca.y, ca.z, ca.w}, wb_w[4] = {cb.x, cb.y, cb.z, cb.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                u32 da[4], db[4];
+                qd2_word<Tag>(wa_w[i], i, sca, wide, da);
+                qd2_word<Tag>(wb_w[i], i, scb, wide, db);
+                const u32 a0[4] = {da[0], db[0], da[1], db[1]};
+                const u32 a1[4] = {da[2], db[2], da[3], db[3]};
+                uint4 x = make_uint4(0, 0, 0, 0);
+                if (xr != nullptr && in) x = *(const uint4*)(xr + c * QD_EPC + 8 * i);
+                mma_16816(acc, a0, x.x, x.y, Tag());
+                mma_16816(acc, a1, x.z, x.w, Tag());
+            }
+#else
             u32 da[QD_EPC / 2], db[QD_EPC / 2];
             qd2_dequant<Tag>(ca, swa, j, wide, da);
             qd2_dequant<Tag>(cb, swb, j, wide, db);
-            const bool in = c < chunks;
 #pragma unroll
             for (int s = 0; s < QD_EPC / 4; s += 2) {
                 const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
@@ -1301,6 +1372,7 @@ __device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int 
                 mma_16816(acc, a0, x.x, x.y, Tag());
                 mma_16816(acc, a1, x.z, x.w, Tag());
             }
+#endif
         }
     }
 }
@@ -1460,10 +1532,12 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) qdecode_down_##DT(QDecodeParams p) { qdecode_down<TAG>(p); } \
     extern "C" __global__ void __launch_bounds__(256) qdecode_sum_##DT(QDecodeParams p) { qdecode_sum<TAG>(p); } \
-    extern "C" __global__ void __launch_bounds__(256, 2) qdecode2_gate_up_##DT(QDecodeParams p) {          \
+    extern "C" __global__ void __launch_bounds__(256, QD2_MINB) qdecode2_gate_up_##DT(QDecodeParams p) {   \
         qdecode2_gate_up<TAG>(p);                                                                         \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256, 2) qdecode2_down_##DT(QDecodeParams p) { qdecode2_down<TAG>(p); }
+    extern "C" __global__ void __launch_bounds__(256, QD2_MINB) qdecode2_down_##DT(QDecodeParams p) {      \
+        qdecode2_down<TAG>(p);                                                                            \
+    }
 #ifdef MOE_QGEMM_BF16
 QDECODE_ENTRY(bf16, Bf16Tag)
 #endif

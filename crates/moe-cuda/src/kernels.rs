@@ -63,8 +63,9 @@ impl Module {
             Module::QuantGemm(q, d) => {
                 let dt = if d == Elem::Bf16 { "BF16" } else { "F16" };
                 return format!(
-                    "#define QFMT {}\n#define MOE_QGEMM_{dt} 1\n{COMMON_SRC}\n{}",
+                    "#define QFMT {}\n#define MOE_QGEMM_{dt} 1\n{}{COMMON_SRC}\n{}",
                     q as i32,
+                    qd2_defines(),
                     include_str!("../kernels/quant_gemm.cu")
                 );
             }
@@ -77,6 +78,24 @@ impl Module {
         };
         format!("{select}{COMMON_SRC}\n{body}")
     }
+}
+
+/// `qdecode2_*` build switches for measurements (`MOE_CUDA_QD2_U`: 4-chunk blocks in flight,
+/// 1-4; `MOE_CUDA_QD2_MINB`: blocks of 256 threads an SM the registers are sized for, 1-4):
+/// defines ahead of quant_gemm.cu when set, so the kernel cache keys them.
+fn qd2_defines() -> &'static str {
+    static DEFS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DEFS.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok()).map(|v| v.clamp(1, 4));
+        let mut d = String::new();
+        if let Some(u) = var("MOE_CUDA_QD2_U") {
+            d.push_str(&format!("#define QD2_U {u}\n"));
+        }
+        if let Some(m) = var("MOE_CUDA_QD2_MINB") {
+            d.push_str(&format!("#define QD2_MINB {m}\n"));
+        }
+        d
+    })
 }
 
 /// The 16-bit element type of activations and expert weights on the device.
