@@ -1199,33 +1199,15 @@ __device__ __forceinline__ u32 qd2_fp4_factor(u32 code, bool& ok, F16Tag) {
 }
 #endif
 
-// The EPC / 2 16-bit pair words of one packed chunk (chunk j of its k-tile, scale word `sw`).
-// `wide`: some lane of the warp holds an MXFP4 scale outside the one-multiply range.
+// The EPC / 2 16-bit pair words of one packed 8-bit chunk (chunk j of its k-tile, scale word
+// `sw`); 4-bit chunks go a word at a time through qd2_word. `wide` is unused here.
 template <class Tag>
 __device__ __forceinline__ void qd2_dequant(const uint4 q, u32 sw, int j, bool wide, u32 (&out)[QD_EPC / 2]) {
-#if QFMT == QFMT_MXFP4
-    const u32 code = (sw >> (8 * j)) & 0xFFu;
-    bool ok;
-    u32 f = qd2_fp4_factor(code, ok, Tag());
-    if (!ok) f = fp4_unscale(Tag());
-    const u32 words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) out[4 * i + k] = mul2(fp4_bits(words[i] >> (4 * k), Tag()), f, Tag());
-    if (wide) {  // warp-uniform: the rare second multiply by the scale itself
-        const float s = __uint_as_float(code == 0 ? 0x00400000u : (code << 23));
-        const u32 s2 = ok ? one2(Tag()) : pack2(s, s, Tag());
-#pragma unroll
-        for (int w = 0; w < 16; ++w) out[w] = mul2(out[w], s2, Tag());
-    }
-#else
     (void)wide;
     __align__(16) u16 dq[QD_EPC];
     qg_dequant_chunk<Tag>(q, sw, j, dq);
 #pragma unroll
     for (int w = 0; w < QD_EPC / 2; ++w) out[w] = ((const u32*)dq)[w];
-#endif
 }
 
 // Whether chunk scale word `sw` (chunk j) needs MXFP4's two-multiply path.
