@@ -1027,6 +1027,55 @@ __device__ __forceinline__ QdRing qd_ring(const QDecodeParams& q, u16* xs, int s
     return QdRing{(uint4*)base + warp * ns * 32, (u32*)(base + QD_WARPS * ns * 32 * 16) + warp * ns * 32, q.ring == 2};
 }
 
+// The expert of this block's pair (grid y) as a local slot `l`, and its member count; 0 when the
+// block has nothing to do: a bad id (flagged when FLAG, by the gate_up launch), another rank's
+// expert, or a pair that is not its expert's first. Every thread of the block calls it.
+template <bool FLAG>
+__device__ __forceinline__ int qd_expert(const DecodeParams& p, int* members, int* count, int& l) {
+    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
+    if (slot < 0 || slot >= p.slot_total) {
+        if (FLAG && blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
+        return 0;
+    }
+    l = slot - p.slot_start;
+    if (l < 0 || l >= p.n_local) return 0;
+    return qd_members(p, pair, slot, members, count);
+}
+
+// The epilogue factors of gate_up column `col` of expert l: the gate and up rows' column and
+// expert scales, and their biases.
+struct QdGateUpCol {
+    float fg, fu, bg, bu;
+};
+__device__ __forceinline__ QdGateUpCol qd_gate_up_col(const QDecodeParams& q, int l, int col) {
+    const DecodeParams& p = q.d;
+    const int I = p.inter, n_total = 2 * I;
+    QdGateUpCol c{1.f, 1.f, 0.f, 0.f};
+    if (q.c13) {
+        c.fg = ((const float*)q.c13)[(size_t)l * n_total + col];
+        c.fu = ((const float*)q.c13)[(size_t)l * n_total + I + col];
+    }
+    if (q.e13) {
+        const float es = ((const float*)q.e13)[l];
+        c.fg *= es;
+        c.fu *= es;
+    }
+    if (p.b13) {
+        c.bg = ((const float*)p.b13)[(size_t)l * n_total + col];
+        c.bu = ((const float*)p.b13)[(size_t)l * n_total + I + col];
+    }
+    return c;
+}
+
+// The epilogue factor and bias of down column (hidden row) `col` of expert l.
+__device__ __forceinline__ float2 qd_down_col(const QDecodeParams& q, int l, int col) {
+    const DecodeParams& p = q.d;
+    const int H = p.hidden;
+    float f = q.c2 ? ((const float*)q.c2)[(size_t)l * H + col] : 1.f;
+    if (q.e2) f *= ((const float*)q.e2)[l];
+    return make_float2(f, p.b2 ? ((const float*)p.b2)[(size_t)l * H + col] : 0.f);
+}
+
 template <class Tag>
 __device__ void qdecode_gate_up(const QDecodeParams& q) {
     const DecodeParams& p = q.d;
@@ -1035,14 +1084,8 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
     __shared__ float mscale[16];
     __shared__ int count;
     pdl_launch_dependents();
-    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
-    if (slot < 0 || slot >= p.slot_total) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
-        return;
-    }
-    const int l = slot - p.slot_start;
-    if (l < 0 || l >= p.n_local) return;
-    const int n = qd_members(p, pair, slot, members, &count);
+    int l = 0;
+    const int n = qd_expert<true>(p, members, &count, l);
     if (n == 0) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int I = p.inter, H = p.hidden, n_total = 2 * I, R = q.rows_up, ld = H + QD_PAD;
@@ -1065,25 +1108,12 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
         // acc[0] / acc[1]: gate / up of column c0 + t for staged row g; acc[2] / acc[3]: row g + 8.
         const int col = c0 + t;
         if (col >= I) continue;
-        float fg = 1.f, fu = 1.f, bg = 0.f, bu = 0.f;
-        if (q.c13) {
-            fg = ((const float*)q.c13)[(size_t)l * n_total + col];
-            fu = ((const float*)q.c13)[(size_t)l * n_total + I + col];
-        }
-        if (q.e13) {
-            const float es = ((const float*)q.e13)[l];
-            fg *= es;
-            fu *= es;
-        }
-        if (p.b13) {
-            bg = ((const float*)p.b13)[(size_t)l * n_total + col];
-            bu = ((const float*)p.b13)[(size_t)l * n_total + I + col];
-        }
+        const QdGateUpCol cf = qd_gate_up_col(q, l, col);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = g + 8 * h;
             if (r >= rows) continue;
-            const float v = apply_act(p.act_kind, acc[2 * h] * fg + bg, acc[2 * h + 1] * fu + bu, p.alpha, p.limit);
+            const float v = apply_act(p.act_kind, acc[2 * h] * cf.fg + cf.bg, acc[2 * h + 1] * cf.fu + cf.bu, p.alpha, p.limit);
             ((u16*)p.act)[(size_t)members[mt + r] * I + col] = from_f32(v, Tag());
         }
     }
@@ -1096,10 +1126,8 @@ __device__ void qdecode_down(const QDecodeParams& q) {
     __shared__ int members[QD_MAX_PAIRS];
     __shared__ int count;
     pdl_launch_dependents();
-    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
-    const int l = slot - p.slot_start;
-    if (slot < 0 || slot >= p.slot_total || l < 0 || l >= p.n_local) return;  // flagged by gate_up
-    const int n = qd_members(p, pair, slot, members, &count);
+    int l = 0;
+    const int n = qd_expert<false>(p, members, &count, l);  // bad ids: flagged by gate_up
     if (n == 0) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
@@ -1124,16 +1152,14 @@ __device__ void qdecode_down(const QDecodeParams& q) {
         for (int c = 0; c < 2; ++c) {
             const int col = c0 + 2 * t + c;
             if (col >= H) continue;
-            float f = q.c2 ? ((const float*)q.c2)[(size_t)l * H + col] : 1.f;
-            if (q.e2) f *= ((const float*)q.e2)[l];
-            const float b = p.b2 ? ((const float*)p.b2)[(size_t)l * H + col] : 0.f;
+            const float2 fb = qd_down_col(q, l, col);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int r = g + 8 * h;
                 if (r >= rows) continue;
                 const int pr = members[mt + r];
                 const float w = p.scale_input ? 1.f : ((const float*)p.weights)[pr];
-                ((float*)q.ypair)[(size_t)pr * H + col] = w * (acc[2 * h + c] * f + b);
+                ((float*)q.ypair)[(size_t)pr * H + col] = w * (acc[2 * h + c] * fb.x + fb.y);
             }
         }
     }
@@ -1398,14 +1424,8 @@ __device__ void qdecode2_gate_up(const QDecodeParams& q) {
     __shared__ float red[QD_WARPS][32][4];
     __shared__ int count;
     pdl_launch_dependents();
-    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
-    if (slot < 0 || slot >= p.slot_total) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS((int*)p.err, 0, -(pair + 1));
-        return;
-    }
-    const int l = slot - p.slot_start;
-    if (l < 0 || l >= p.n_local) return;
-    const int n = qd_members(p, pair, slot, members, &count);
+    int l = 0;
+    const int n = qd_expert<true>(p, members, &count, l);
     if (n == 0) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int I = p.inter, H = p.hidden, n_total = 2 * I, R = q.rows_up, ld = H + QD_PAD;
@@ -1428,26 +1448,13 @@ __device__ void qdecode2_gate_up(const QDecodeParams& q) {
         }
         qd2_reduce(acc, red, q.ksplit, sp);
         if (warp >= sp.groups || col >= I) continue;
-        float fg = 1.f, fu = 1.f, bg = 0.f, bu = 0.f;
-        if (q.c13) {
-            fg = ((const float*)q.c13)[(size_t)l * n_total + col];
-            fu = ((const float*)q.c13)[(size_t)l * n_total + I + col];
-        }
-        if (q.e13) {
-            const float es = ((const float*)q.e13)[l];
-            fg *= es;
-            fu *= es;
-        }
-        if (p.b13) {
-            bg = ((const float*)p.b13)[(size_t)l * n_total + col];
-            bu = ((const float*)p.b13)[(size_t)l * n_total + I + col];
-        }
+        const QdGateUpCol cf = qd_gate_up_col(q, l, col);
         // acc[h] / acc[2 + h]: gate / up of `col` for member row 2 t + h.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = 2 * t + h;
             if (r >= rows) continue;
-            const float v = apply_act(p.act_kind, acc[h] * fg + bg, acc[2 + h] * fu + bu, p.alpha, p.limit);
+            const float v = apply_act(p.act_kind, acc[h] * cf.fg + cf.bg, acc[2 + h] * cf.fu + cf.bu, p.alpha, p.limit);
             ((u16*)p.act)[(size_t)members[mt + r] * I + col] = from_f32(v, Tag());
         }
     }
@@ -1461,10 +1468,8 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
     __shared__ float red[QD_WARPS][32][4];
     __shared__ int count;
     pdl_launch_dependents();
-    const int pair = blockIdx.y, slot = ((const int*)p.ids)[pair];
-    const int l = slot - p.slot_start;
-    if (slot < 0 || slot >= p.slot_total || l < 0 || l >= p.n_local) return;  // flagged by gate_up
-    const int n = qd_members(p, pair, slot, members, &count);
+    int l = 0;
+    const int n = qd_expert<false>(p, members, &count, l);  // bad ids: flagged by gate_up
     if (n == 0) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int I = p.inter, H = p.hidden, R = q.rows_down, ld = I + QD_PAD;
@@ -1493,16 +1498,14 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
         for (int half = 0; half < 2; ++half) {
             const int col = c0 + 8 * half + g;
             if (col >= H) continue;
-            float f = q.c2 ? ((const float*)q.c2)[(size_t)l * H + col] : 1.f;
-            if (q.e2) f *= ((const float*)q.e2)[l];
-            const float b = p.b2 ? ((const float*)p.b2)[(size_t)l * H + col] : 0.f;
+            const float2 fb = qd_down_col(q, l, col);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int r = 2 * t + h;
                 if (r >= rows) continue;
                 const int pr = members[mt + r];
                 const float wt = p.scale_input ? 1.f : ((const float*)p.weights)[pr];
-                ((float*)q.ypair)[(size_t)pr * H + col] = wt * (acc[2 * half + h] * f + b);
+                ((float*)q.ypair)[(size_t)pr * H + col] = wt * (acc[2 * half + h] * fb.x + fb.y);
             }
         }
     }
