@@ -53,6 +53,41 @@
 #define QG_SW 0
 #endif
 
+// The 4-bit formats keep an expert's packed rows in tiles of 8 rows (src/quant.rs `tile_rows8`):
+// a tile's 16-byte chunks go by 4-chunk block, then row, then chunk (a row's last block is 2 wide
+// when its chunk count is not a multiple of 4), so the 8 rows x 4 chunks one decode instruction
+// loads are 512 contiguous bytes and a tile is one contiguous run; scale words go [tile, span,
+// row]. Rows as stored measured 1.1 TB/s against 1.8 TB/s tiled for the decode's loads alone
+// (probes/stream_patterns.cu). The 8-bit formats keep plain rows.
+#if QG_BITS == 4
+#define QG_TILED 1
+#else
+#define QG_TILED 0
+#endif
+
+// Chunk index of chunk c of row r in an expert's packed weights of `chunks` chunks a row.
+__device__ __forceinline__ size_t qw_index(int r, int c, int chunks) {
+#if QG_TILED
+    const int b = c >> 2, wb = min(4, chunks - (b << 2));
+    return (size_t)(r >> 3) * 8 * chunks + 32 * b + (r & 7) * wb + (c & 3);
+#else
+    return (size_t)r * chunks + c;
+#endif
+}
+
+#if QG_SW > 0
+// Byte offset of the scale word of span s, row r, in an expert's scales (`rows` rows, `spans` words a row).
+__device__ __forceinline__ size_t qs_offset(int r, int s, int rows, int spans) {
+#if QG_TILED
+    (void)rows;
+    return ((size_t)(r >> 3) * 8 * spans + (size_t)s * 8 + (r & 7)) * QG_SW;
+#else
+    (void)spans;
+    return ((size_t)s * rows + r) * QG_SW;
+#endif
+}
+#endif
+
 struct QGemmParams {
     GemmParams base;  // w: packed [experts, n_total, K * BITS / 8]; the rest as for the 16-bit GEMMs
     u64 scales;       // scale words [experts, K / KSPAN, n_total] of SW bytes, or 0
@@ -104,12 +139,34 @@ __device__ __forceinline__ float e4m3_f32(u32 b) {
 // one byte permute per word does the same for them.
 // E2M1 / e4m3 bits are moved into the 16-bit exponent/mantissa fields as they are, which gives
 // the value times a constant power of two (subnormals included), undone by one multiply.
-__device__ __forceinline__ u32 fp4_bits(u32 t, Bf16Tag) {
-    return ((t << 6) & 0x01C001C0u) | ((t << 12) & 0x80008000u);  // value * 2^-126
+// fp4_pair<K>(w): the two elements at nibbles K and K + 4 of w (bits 4 K .. 4 K + 3 and
+// 16 + 4 K ..): e/m to bits 6-8 (bf16) or 9-11 (f16) of each half, sign to bit 15: value * 2^-126
+// (bf16) or 2^-14 (f16). Each field is shifted straight out of w (no shift for K = 3's sign).
+template <int S>
+__device__ __forceinline__ u32 shift_left(u32 w) {
+    if constexpr (S >= 0) return w << S;
+    else return w >> (-S);
 }
-__device__ __forceinline__ u32 fp4_bits(u32 t, F16Tag) {
-    return ((t << 9) & 0x0E000E00u) | ((t << 12) & 0x80008000u);  // value * 2^-14
+template <int K>
+__device__ __forceinline__ u32 fp4_pair(u32 w, Bf16Tag) {
+    return (shift_left<6 - 4 * K>(w) & 0x01C001C0u) | (shift_left<12 - 4 * K>(w) & 0x80008000u);
 }
+template <int K>
+__device__ __forceinline__ u32 fp4_pair(u32 w, F16Tag) {
+    return (shift_left<9 - 4 * K>(w) & 0x0E000E00u) | (shift_left<12 - 4 * K>(w) & 0x80008000u);
+}
+// The four pair words fp4_pair<k>(w), k = 0 .. 3.
+template <class Tag>
+__device__ __forceinline__ void fp4_pairs(u32 w, u32 (&b)[4]) {
+    b[0] = fp4_pair<0>(w, Tag());
+    b[1] = fp4_pair<1>(w, Tag());
+    b[2] = fp4_pair<2>(w, Tag());
+    b[3] = fp4_pair<3>(w, Tag());
+}
+template <bool B>
+struct BoolC {
+    static constexpr bool value = B;
+};
 __device__ __forceinline__ u32 fp4_unscale(Bf16Tag) { return 0x7E807E80u; }  // 2^126
 __device__ __forceinline__ u32 fp4_unscale(F16Tag) { return 0x74007400u; }   // 2^14
 __device__ __forceinline__ u32 fp8_bits(u32 t, Bf16Tag) {
@@ -154,15 +211,19 @@ __device__ __forceinline__ void qg_dequant_chunk(const uint4 q, u32 sw, int j, u
     u32 outw[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
+#if QFMT == QFMT_MXFP4 || QFMT == QFMT_NVFP4
+        u32 bits[4];
+        fp4_pairs<Tag>(words[i], bits);
+#endif
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            const u32 t = words[i] >> (4 * k);
 #if QFMT == QFMT_MXFP4
-            u32 v = fp4_bits(t, Tag());
+            u32 v = bits[k];
             v = fold ? mul2(v, s2, Tag()) : mul2(mul2(v, fp4_unscale(Tag()), Tag()), s2, Tag());
 #elif QFMT == QFMT_NVFP4
-            u32 v = mul2(mul2(fp4_bits(t, Tag()), fp4_unscale(Tag()), Tag()), i < 2 ? s2a : s2b, Tag());
+            u32 v = mul2(mul2(bits[k], fp4_unscale(Tag()), Tag()), i < 2 ? s2a : s2b, Tag());
 #else
+            const u32 t = words[i] >> (4 * k);
             u32 v = (t & 0x000F000Fu) | int4_magic(Tag());
             v = mul2(fma2(v, one2(Tag()), nz2, Tag()), s2, Tag());
 #endif
@@ -320,6 +381,7 @@ __device__ __forceinline__ void quant_gemm(const QGemmParams& p) {
     const int n_total = GATE_UP ? 2 * N : N;
     const int n0 = nb * (GATE_UP ? BN / 2 : BN);
     const size_t row_bytes = (size_t)K * QG_BITS / 8;
+    const int chunks = (int)(row_bytes / 16);
     const u16* A = (const u16*)p.base.a;
     const unsigned char* W = (const unsigned char*)p.base.w + (size_t)e * n_total * row_bytes;
 #if QG_SW > 0
@@ -344,18 +406,17 @@ __device__ __forceinline__ void quant_gemm(const QGemmParams& p) {
             int n = c / WCH, ch = c % WCH;
             bool ok;
             int wr = b_row<GATE_UP>(n, n0, N, ok);
-            const unsigned char* src = ok ? W + (size_t)wr * row_bytes + (size_t)k0 * QG_BITS / 8 + ch * 16 : W;
+            const unsigned char* src = ok ? W + qw_index(wr, k0 / EPC + ch, chunks) * 16 : W;
             cp_async16(ws + n * RB + ch * 16, src, ok ? 16 : 0);
         }
 #if QG_SW > 0
         {
             constexpr int R = 16 / QG_SW;  // rows per 16-byte scale chunk (divides 8)
             unsigned char* ss = Ss + stage * S_BYTES;
-            const unsigned char* sbase = S + (size_t)(k0 / QG_KSPAN) * n_total * QG_SW;
             for (int c = tid; c < BN / R; c += THREADS) {
                 bool ok;
                 int wr = b_row<GATE_UP>(c * R, n0, N, ok);
-                const unsigned char* src = ok ? sbase + (size_t)wr * QG_SW : sbase;
+                const unsigned char* src = ok ? S + qs_offset(wr, k0 / QG_KSPAN, n_total, KS) : S;
                 cp_async16(ss + c * 16, src, ok ? 16 : 0);
             }
         }
@@ -906,18 +967,44 @@ __device__ __forceinline__ void qd_chunk_mma(const uint4 qv, u32 swv, int c, int
     }
 }
 
+// One packed weight row of expert l (n_total rows of `chunks` chunks and `spans` scale words):
+// where its chunk c and that chunk's scale word live.
+struct QdRow {
+    const uint4* w;            // the expert's packed weights
+    const unsigned char* s;    // the expert's scale words (or null)
+    int row, chunks, n_total, spans;
+    __device__ __forceinline__ QdRow(u64 wq, u64 sc, int l, int n_total_, int row_, int K)
+        : row(row_), chunks(K / QD_EPC), n_total(n_total_), spans(QG_KSPAN > 0 ? (K + QG_KSPAN - 1) / max(QG_KSPAN, 1) : 0) {
+        w = (const uint4*)wq + (size_t)l * n_total * chunks;
+        s = sc ? (const unsigned char*)sc + (size_t)l * spans * n_total * max(QG_SW, 1) : nullptr;
+    }
+    __device__ __forceinline__ const uint4* chunk(int c) const { return w + qw_index(row, c, chunks); }
 #if QG_KSPAN > 0
-// Address of the scale word of chunk c of a row whose first word is at `sp`.
-__device__ __forceinline__ const unsigned char* qd_scale_at(const unsigned char* sp, int c, int n_total) {
-    return sp + (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
-}
+    __device__ __forceinline__ const unsigned char* scale(int c) const {
+        return s + qs_offset(row, (c * QD_EPC) / QG_KSPAN, n_total, spans);
+    }
 #endif
+};
+
+// Asks L2 for 4-chunk blocks kb0 .. kb1 - 1 of weight row `row` of expert l (K-deep rows); tiled
+// layouts fetch the row's whole 8-row tile over those blocks (one contiguous run), so one lane of
+// the tile's 8 rows is enough there.
+__device__ __forceinline__ void qd_prefetch_rows(u64 w, int l, int n_total, int row, int K, int kb0, int kb1) {
+    const int chunks = K / QD_EPC, c_lo = 4 * kb0, c_hi = min(chunks, 4 * kb1);
+    if (c_lo >= c_hi) return;
+    const uint4* we = (const uint4*)w + (size_t)l * n_total * chunks;
+#if QG_TILED
+    if ((row & 7) != 0) return;
+    prefetch_l2(we + qw_index(row, c_lo, chunks), (u32)(8 * (c_hi - c_lo)) * 16);
+#else
+    prefetch_l2(we + qw_index(row, c_lo, chunks), (u32)(c_hi - c_lo) * 16);
+#endif
+}
 
 // The ring path of qd_mma_rows with NS slots a lane.
 template <class Tag, int NS>
-__device__ __forceinline__ void qd_ring_rows(const uint4* wp, u64 w, u64 sc, const unsigned char* sp, int n_total,
-                                             bool row_ok, int chunks, int blocks, const u16* xa, const u16* xb,
-                                             float (&acc)[4], QdRing ring) {
+__device__ __forceinline__ void qd_ring_rows(const QdRow& wr, u64 w, u64 sc, bool row_ok, int chunks, int blocks,
+                                             const u16* xa, const u16* xb, float (&acc)[4], QdRing ring) {
     const int t = threadIdx.x & 3;
     const int lane = threadIdx.x & 31;
     // Slot s of the lane: ring.w[s * 32 + lane] (16 bytes), ring.s[s * 32 + lane] (a scale word,
@@ -925,9 +1012,9 @@ __device__ __forceinline__ void qd_ring_rows(const uint4* wp, u64 w, u64 sc, con
     auto issue = [&](int b, int slot) {
         const int c = 4 * b + t;
         const bool ok = row_ok && b < blocks && c < chunks;
-        qd_cp_async16(ring.w + slot * 32 + lane, ok ? (const void*)(wp + c) : (const void*)w, ok ? 16 : 0);
+        qd_cp_async16(ring.w + slot * 32 + lane, ok ? (const void*)wr.chunk(c) : (const void*)w, ok ? 16 : 0);
 #if QG_KSPAN > 0
-        const size_t a = (size_t)qd_scale_at(sp, c, n_total);
+        const size_t a = (size_t)wr.scale(c);
         qd_cp_async4(ring.s + slot * 32 + lane, ok ? (const void*)(a & ~(size_t)3) : (const void*)sc, ok ? 4 : 0);
 #endif
         cp_async_commit();
@@ -942,7 +1029,7 @@ __device__ __forceinline__ void qd_ring_rows(const uint4* wp, u64 w, u64 sc, con
 #if QG_KSPAN > 0
         swv = ring.s[slot * 32 + lane];
 #if QG_SW == 2
-        swv = (swv >> (((size_t)qd_scale_at(sp, 4 * b + t, n_total) & 2) * 8)) & 0xFFFFu;
+        swv = (swv >> (((size_t)wr.scale(4 * b + t) & 2) * 8)) & 0xFFFFu;
 #endif
 #endif
         // The slot read one iteration ago takes block b + NS - 1 (each lane owns its entries).
@@ -963,21 +1050,12 @@ template <class Tag>
 __device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, int wrow, bool row_ok, int K,
                                             const u16* xa, const u16* xb, float (&acc)[4], QdRing ring) {
     const int t = threadIdx.x & 3, chunks = K / QD_EPC, blocks = (chunks + 3) / 4;
-    const uint4* wp = (const uint4*)w + ((size_t)l * n_total + wrow) * (size_t)chunks;
-#if QG_KSPAN > 0
-    const size_t spans = (size_t)((K + QG_KSPAN - 1) / QG_KSPAN);
-    const unsigned char* sp = (const unsigned char*)sc + ((size_t)l * spans * n_total + wrow) * QG_SW;
-#endif
+    const QdRow wr(w, sc, l, n_total, wrow, K);
     if (ring.w != nullptr) {
-#if QG_KSPAN > 0
-        const unsigned char* spp = sp;
-#else
-        const unsigned char* spp = nullptr;
-#endif
         if (ring.deep)
-            qd_ring_rows<Tag, 2 * QD_NS>(wp, w, sc, spp, n_total, row_ok, chunks, blocks, xa, xb, acc, ring);
+            qd_ring_rows<Tag, 2 * QD_NS>(wr, w, sc, row_ok, chunks, blocks, xa, xb, acc, ring);
         else
-            qd_ring_rows<Tag, QD_NS>(wp, w, sc, spp, n_total, row_ok, chunks, blocks, xa, xb, acc, ring);
+            qd_ring_rows<Tag, QD_NS>(wr, w, sc, row_ok, chunks, blocks, xa, xb, acc, ring);
         return;
     }
     uint4 q[QD_U];
@@ -987,11 +1065,11 @@ __device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, i
         for (int u = 0; u < QD_U; ++u) {
             const int c = 4 * (b0 + u) + t;
             const bool ok = row_ok && c < chunks;
-            q[u] = ok ? __ldg(wp + c) : make_uint4(0, 0, 0, 0);
+            q[u] = ok ? __ldg(wr.chunk(c)) : make_uint4(0, 0, 0, 0);
             sw[u] = 0;
 #if QG_KSPAN > 0
             if (ok) {
-                const unsigned char* s = qd_scale_at(sp, c, n_total);
+                const unsigned char* s = wr.scale(c);
 #if QG_SW == 2
                 sw[u] = __ldg((const unsigned short*)s);
 #else
@@ -1134,10 +1212,7 @@ __device__ void qdecode_down(const QDecodeParams& q) {
     const int c0 = (blockIdx.x * QD_WARPS + warp) * 8;
     // Launched programmatically after gate_up (sm_90): the warp's packed weight rows depend only
     // on the routing, so L2 fetches them while gate_up finishes; its activations come after the wait.
-    if (t == 0 && c0 + g < H) {
-        const int chunks = I / QD_EPC;
-        prefetch_l2((const uint4*)p.w2 + ((size_t)l * H + c0 + g) * (size_t)chunks, (u32)chunks * 16);
-    }
+    if (t == 0 && c0 + g < H) qd_prefetch_rows(p.w2, l, H, c0 + g, I, 0, (I / QD_EPC + 3) / 4);
     pdl_wait();
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
@@ -1197,9 +1272,10 @@ __device__ void qdecode_sum(const QDecodeParams& q) {
 // multiply whenever the product is a normal 16-bit number, and takes two multiplies only when
 // some lane of the warp needs them (warp-uniform).
 // 4-chunk blocks a lane keeps in flight (both rows), and the blocks of 256 threads an SM the
-// register budget is sized for; src/kernels.rs may set both (MOE_CUDA_QD2_U / _MINB).
+// register budget is sized for; src/kernels.rs may set both (MOE_CUDA_QD2_U / _MINB). U = 2
+// fits 128 registers without spills and measured 3-9% faster than U = 3 (session 13).
 #ifndef QD2_U
-#define QD2_U 3
+#define QD2_U 2
 #endif
 #ifndef QD2_MINB
 #define QD2_MINB 2
@@ -1226,10 +1302,9 @@ __device__ __forceinline__ u32 qd2_fp4_factor(u32 code, bool& ok, F16Tag) {
 #endif
 
 // The EPC / 2 16-bit pair words of one packed 8-bit chunk (chunk j of its k-tile, scale word
-// `sw`); 4-bit chunks go a word at a time through qd2_word. `wide` is unused here.
+// `sw`); 4-bit chunks go a word at a time through qd2_word.
 template <class Tag>
-__device__ __forceinline__ void qd2_dequant(const uint4 q, u32 sw, int j, bool wide, u32 (&out)[QD_EPC / 2]) {
-    (void)wide;
+__device__ __forceinline__ void qd2_dequant(const uint4 q, u32 sw, int j, u32 (&out)[QD_EPC / 2]) {
     __align__(16) u16 dq[QD_EPC];
     qg_dequant_chunk<Tag>(q, sw, j, dq);
 #pragma unroll
@@ -1253,19 +1328,21 @@ __device__ __forceinline__ bool qd2_wide(u32 sw, int j) {
 #if QG_BITS == 4
 // What the four pair words of each 32-bit word of a 4-bit chunk multiply by (chunk j of its
 // k-tile, scale word `sw`), so a chunk can be dequantized one word at a time: MXFP4 the folded
-// factor and (wide) the second one; NVFP4 the scales of its two 16-element halves; int4 the
-// scale and -(magic + zero).
+// factor (WIDE: the bit-placement constant and the scale, two multiplies); NVFP4 the scales of
+// its two 16-element halves; int4 the scale and -(magic + zero).
 struct Qd2Scale {
     u32 a, b;
 };
-template <class Tag>
+template <class Tag, bool WIDE>
 __device__ __forceinline__ Qd2Scale qd2_scale(u32 sw, int j) {
 #if QFMT == QFMT_MXFP4
     const u32 code = (sw >> (8 * j)) & 0xFFu;
-    bool ok;
-    const u32 f = qd2_fp4_factor(code, ok, Tag());
+    if (!WIDE) {
+        bool ok;
+        return Qd2Scale{qd2_fp4_factor(code, ok, Tag()), 0u};
+    }
     const float s = __uint_as_float(code == 0 ? 0x00400000u : (code << 23));
-    return ok ? Qd2Scale{f, one2(Tag())} : Qd2Scale{fp4_unscale(Tag()), pack2(s, s, Tag())};
+    return Qd2Scale{fp4_unscale(Tag()), pack2(s, s, Tag())};
 #elif QFMT == QFMT_NVFP4
     const float lo = e4m3_f32((sw >> (16 * j)) & 0xFFu), hi = e4m3_f32((sw >> (16 * j + 8)) & 0xFFu);
     return Qd2Scale{pack2(lo, lo, Tag()), pack2(hi, hi, Tag())};
@@ -1274,68 +1351,92 @@ __device__ __forceinline__ Qd2Scale qd2_scale(u32 sw, int j) {
     return Qd2Scale{(sw & 0xFFFFu) * 0x10001u, (sw >> 16) * 0x10001u};
 #endif
 }
-// The four pair words (elements 8 i .. 8 i + 7 of the chunk) of word i, `w`, of a 4-bit chunk,
-// with the same arithmetic as qg_dequant_chunk. `wide`: MXFP4's warp-uniform second multiply.
-template <class Tag>
-__device__ __forceinline__ void qd2_word(u32 w, int i, const Qd2Scale& sc, bool wide, u32 (&o)[4]) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        const u32 t = w >> (4 * k);
+// Pair word K (elements 8 i + 2 K, 8 i + 2 K + 1 of the chunk) of word i, `w`, of a 4-bit chunk,
+// with the same arithmetic as qg_dequant_chunk.
+template <class Tag, int K, bool WIDE>
+__device__ __forceinline__ u32 qd2_pair(u32 w, int i, const Qd2Scale& sc) {
 #if QFMT == QFMT_MXFP4
-        o[k] = mul2(fp4_bits(t, Tag()), sc.a, Tag());
-        if (wide) o[k] = mul2(o[k], sc.b, Tag());
+    (void)i;
+    const u32 o = mul2(fp4_pair<K>(w, Tag()), sc.a, Tag());
+    return WIDE ? mul2(o, sc.b, Tag()) : o;
 #elif QFMT == QFMT_NVFP4
-        (void)wide;
-        o[k] = mul2(mul2(fp4_bits(t, Tag()), fp4_unscale(Tag()), Tag()), i < 2 ? sc.a : sc.b, Tag());
+    return mul2(mul2(fp4_pair<K>(w, Tag()), fp4_unscale(Tag()), Tag()), i < 2 ? sc.a : sc.b, Tag());
 #else
-        (void)wide;
-        (void)i;
-        const u32 v = (t & 0x000F000Fu) | int4_magic(Tag());
-        o[k] = mul2(fma2(v, one2(Tag()), sc.b, Tag()), sc.a, Tag());
+    (void)i;
+    const u32 v = ((w >> (4 * K)) & 0x000F000Fu) | int4_magic(Tag());
+    return mul2(fma2(v, one2(Tag()), sc.b, Tag()), sc.a, Tag());
 #endif
-    }
+}
+// The four pair words (elements 8 i .. 8 i + 7 of the chunk) of word i, `w`, of a 4-bit chunk.
+template <class Tag, bool WIDE>
+__device__ __forceinline__ void qd2_word(u32 w, int i, const Qd2Scale& sc, u32 (&o)[4]) {
+    o[0] = qd2_pair<Tag, 0, WIDE>(w, i, sc);
+    o[1] = qd2_pair<Tag, 1, WIDE>(w, i, sc);
+    o[2] = qd2_pair<Tag, 2, WIDE>(w, i, sc);
+    o[3] = qd2_pair<Tag, 3, WIDE>(w, i, sc);
 }
 #endif
 
 // acc (C layout: rows g / g + 8 = the lane's two weight rows, columns 2t / 2t + 1 = member rows
 // 2t / 2t + 1 of the staged tile) += dequant(W rows) x staged rows^T over the 4-chunk blocks
-// kb0 .. kb1 - 1. `row_a` / `row_b`: this lane's two weight rows of expert l (n_total rows);
-// `xs`: the staged rows (pitch ld), `rows` (<= 8) of them.
+// kb0 .. kb1 - 1. `row_a` / `row_b`: this lane's two weight rows of expert l (n_total rows, real
+// rows: callers clamp, and drop the columns of rows past the end); `xs`: the staged rows (pitch
+// ld), `rows` (1 .. 8) of them. Lanes g >= rows read staged row rows - 1: they feed only output
+// columns >= rows, which nobody reads.
 template <class Tag>
-__device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int row_a, int row_b, bool row_ok, int K,
-                                         int kb0, int kb1, const u16* xs, int ld, int rows, float (&acc)[4]) {
+__device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int row_a, int row_b, int K, int kb0,
+                                         int kb1, const u16* xs, int ld, int rows, float (&acc)[4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int chunks = K / QD_EPC;
-    const uint4* wa = (const uint4*)w + ((size_t)l * n_total + row_a) * (size_t)chunks;
-    const uint4* wb = (const uint4*)w + ((size_t)l * n_total + row_b) * (size_t)chunks;
+    const QdRow ra(w, sc, l, n_total, row_a, K), rb(w, sc, l, n_total, row_b, K);
+    const u16* xr = xs + (size_t)min(g, rows - 1) * ld;
+    // Block b of a full width: chunk pointers and scale-word pointers step by a constant.
+    const uint4 *pa = ra.chunk(t), *pb = rb.chunk(t);
+    constexpr int CSTEP = QG_TILED ? 32 : 4;
 #if QG_KSPAN > 0
-    const size_t spans = (size_t)((K + QG_KSPAN - 1) / QG_KSPAN);
-    const unsigned char* sa = (const unsigned char*)sc + ((size_t)l * spans * n_total + row_a) * QG_SW;
-    const unsigned char* sb = (const unsigned char*)sc + ((size_t)l * spans * n_total + row_b) * QG_SW;
+    // Tiled rows whose block covers whole scale spans (the 4-bit formats) step their scale words
+    // by a constant too; the 8-bit block-scaled format computes each word's address.
+    constexpr bool SCALE_STEPS = QG_TILED && (4 * QD_EPC) % QG_KSPAN == 0;
+    constexpr int SSTEP = SCALE_STEPS ? 8 * (4 * QD_EPC / QG_KSPAN) * QG_SW : 0;  // bytes a block
+    const unsigned char *psa = ra.scale(t), *psb = rb.scale(t);
 #endif
-    const u16* xr = g < rows ? xs + (size_t)g * ld : nullptr;  // this lane's staged member row, or none
+    auto sword = [](const unsigned char* p) -> u32 {
+#if QG_SW == 2
+        return __ldg((const unsigned short*)p);
+#elif QG_SW == 4
+        return __ldg((const u32*)p);
+#else
+        (void)p;
+        return 0u;
+#endif
+    };
 
     uint4 qa[QD2_U], qb[QD2_U];
     u32 sa_w[QD2_U], sb_w[QD2_U];
+    // Loads block b into slot u; blocks past kb1 load nothing (their slots are never read). Only
+    // a row's last block can be narrow (chunks % 4 == 2): there lanes t >= 2 get zero weights.
     auto load = [&](int u, int b) {
-        const int c = 4 * b + t;
-        const bool ok = row_ok && b < kb1 && c < chunks;
-        qa[u] = ok ? __ldg(wa + c) : make_uint4(0, 0, 0, 0);
-        qb[u] = ok ? __ldg(wb + c) : make_uint4(0, 0, 0, 0);
-        sa_w[u] = QD2_SW_NONE;
-        sb_w[u] = QD2_SW_NONE;
+        if (b >= kb1) return;
+        if (4 * b + 4 <= chunks) {
+            qa[u] = __ldg(pa + CSTEP * b);
+            qb[u] = __ldg(pb + CSTEP * b);
 #if QG_KSPAN > 0
-        if (ok) {
-            const size_t off = (size_t)((c * QD_EPC) / QG_KSPAN) * n_total * QG_SW;
-#if QG_SW == 2
-            sa_w[u] = __ldg((const unsigned short*)(sa + off));
-            sb_w[u] = __ldg((const unsigned short*)(sb + off));
+            sa_w[u] = sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t));
+            sb_w[u] = sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t));
 #else
-            sa_w[u] = __ldg((const u32*)(sa + off));
-            sb_w[u] = __ldg((const u32*)(sb + off));
+            sa_w[u] = sb_w[u] = QD2_SW_NONE;
+#endif
+        } else {  // tiled rows only (8-bit rows have whole blocks): lane (g, t) at 32 b + 2 g + t
+            const bool ok = 4 * b + t < chunks;
+            qa[u] = ok ? __ldg(pa + CSTEP * b - 2 * g) : make_uint4(0, 0, 0, 0);
+            qb[u] = ok ? __ldg(pb + CSTEP * b - 2 * g) : make_uint4(0, 0, 0, 0);
+#if QG_KSPAN > 0
+            sa_w[u] = ok ? sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t)) : QD2_SW_NONE;
+            sb_w[u] = ok ? sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t)) : QD2_SW_NONE;
+#else
+            sa_w[u] = sb_w[u] = QD2_SW_NONE;
 #endif
         }
-#endif
     };
 #pragma unroll
     for (int u = 0; u < QD2_U; ++u) load(u, kb0 + u);
@@ -1347,36 +1448,45 @@ __device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int 
             if (b >= kb1) break;  // warp-uniform
             const uint4 ca = qa[u], cb = qb[u];
             const u32 swa = sa_w[u], swb = sb_w[u];
-            load(u, b + QD2_U);  // the bytes of 4 blocks ahead fly during these MMAs
-            const int c = 4 * b + t;
-            const bool wide = __any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j));
-            const bool in = c < chunks;
+            load(u, b + QD2_U);  // the bytes of QD2_U blocks ahead fly during these MMAs
+            // Activations of chunk 4 b + t; a narrow block's lanes t >= 2 (zero weights) read
+            // chunk 4 b + t - 2 so they stay inside the row.
+            const int cx = 4 * b + t < chunks ? 4 * b + t : 4 * b + t - 2;
+            const u16* xc = xr + cx * QD_EPC;
 #if QG_BITS == 4
             // One 32-bit word of each row at a time: its 4 pair words are mma steps 2 i and 2 i + 1.
-            const Qd2Scale sca = qd2_scale<Tag>(swa, j), scb = qd2_scale<Tag>(swb, j);
             const u32 wa_w[4] = {ca.x, ca.y, ca.z, ca.w}, wb_w[4] = {cb.x, cb.y, cb.z, cb.w};
+            auto block_mma = [&](auto wide_c) {
+                constexpr bool WIDE = decltype(wide_c)::value;
+                const Qd2Scale sca = qd2_scale<Tag, WIDE>(swa, j), scb = qd2_scale<Tag, WIDE>(swb, j);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                u32 da[4], db[4];
-                qd2_word<Tag>(wa_w[i], i, sca, wide, da);
-                qd2_word<Tag>(wb_w[i], i, scb, wide, db);
-                const u32 a0[4] = {da[0], db[0], da[1], db[1]};
-                const u32 a1[4] = {da[2], db[2], da[3], db[3]};
-                uint4 x = make_uint4(0, 0, 0, 0);
-                if (xr != nullptr && in) x = *(const uint4*)(xr + c * QD_EPC + 8 * i);
-                mma_16816(acc, a0, x.x, x.y, Tag());
-                mma_16816(acc, a1, x.z, x.w, Tag());
-            }
+                for (int i = 0; i < 4; ++i) {
+                    u32 da[4], db[4];
+                    qd2_word<Tag, WIDE>(wa_w[i], i, sca, da);
+                    qd2_word<Tag, WIDE>(wb_w[i], i, scb, db);
+                    const u32 a0[4] = {da[0], db[0], da[1], db[1]};
+                    const u32 a1[4] = {da[2], db[2], da[3], db[3]};
+                    const uint4 x = *(const uint4*)(xc + 8 * i);
+                    mma_16816(acc, a0, x.x, x.y, Tag());
+                    mma_16816(acc, a1, x.z, x.w, Tag());
+                }
+            };
+#if QFMT == QFMT_MXFP4
+            // A warp-uniform branch, not a predicated second multiply on every pair.
+            if (__any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j))) block_mma(BoolC<true>{});
+            else block_mma(BoolC<false>{});
+#else
+            block_mma(BoolC<false>{});
+#endif
 #else
             u32 da[QD_EPC / 2], db[QD_EPC / 2];
-            qd2_dequant<Tag>(ca, swa, j, wide, da);
-            qd2_dequant<Tag>(cb, swb, j, wide, db);
+            qd2_dequant<Tag>(ca, swa, j, da);
+            qd2_dequant<Tag>(cb, swb, j, db);
 #pragma unroll
             for (int s = 0; s < QD_EPC / 4; s += 2) {
                 const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
                 const u32 a1[4] = {da[2 * s + 2], db[2 * s + 2], da[2 * s + 3], db[2 * s + 3]};
-                uint4 x = make_uint4(0, 0, 0, 0);
-                if (xr != nullptr && in) x = *(const uint4*)(xr + c * QD_EPC + 4 * s);
+                const uint4 x = *(const uint4*)(xc + 4 * s);
                 mma_16816(acc, a0, x.x, x.y, Tag());
                 mma_16816(acc, a1, x.z, x.w, Tag());
             }
@@ -1444,7 +1554,7 @@ __device__ void qdecode2_gate_up(const QDecodeParams& q) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         if (c0 < I) {
             const int ca = col < I ? col : I - 1;  // lanes past the end read a real row and drop it
-            qd2_rows<Tag>(p.w13, q.s13, l, n_total, ca, I + ca, col < I, H, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
+            qd2_rows<Tag>(p.w13, q.s13, l, n_total, ca, I + ca, H, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
         }
         qd2_reduce(acc, red, q.ksplit, sp);
         if (warp >= sp.groups || col >= I) continue;
@@ -1478,11 +1588,7 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
     const int ra = min(c0 + g, H - 1), rb = min(c0 + 8 + g, H - 1);
     // Launched programmatically after gate_up (sm_90): the warp's packed weight rows depend only
     // on the routing, so L2 fetches them while gate_up finishes; its activations come after the wait.
-    if (t < 2 && c0 < H && sp.kb0 < sp.kb1) {
-        const int chunks = I / QD_EPC, c_lo = 4 * sp.kb0, c_hi = min(chunks, 4 * sp.kb1);
-        prefetch_l2((const uint4*)p.w2 + ((size_t)l * H + (t == 0 ? ra : rb)) * (size_t)chunks + c_lo,
-                    (u32)(c_hi - c_lo) * 16);
-    }
+    if (t < 2 && c0 < H && sp.kb0 < sp.kb1) qd_prefetch_rows(p.w2, l, H, t == 0 ? ra : rb, I, sp.kb0, sp.kb1);
     pdl_wait();
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
@@ -1490,7 +1596,7 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
         qd_stage<Tag>(qd_xs, (const u16*)p.act, I, rows, [&](int r) { return members[mt + r]; }, nullptr);
         __syncthreads();
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (c0 < H) qd2_rows<Tag>(p.w2, q.s2, l, H, ra, rb, true, I, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
+        if (c0 < H) qd2_rows<Tag>(p.w2, q.s2, l, H, ra, rb, I, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
         qd2_reduce(acc, red, q.ksplit, sp);
         if (warp >= sp.groups) continue;
         // acc[h] / acc[2 + h]: hidden row c0 + g / c0 + 8 + g for member row 2 t + h.
