@@ -1272,13 +1272,23 @@ __device__ void qdecode_sum(const QDecodeParams& q) {
 // multiply whenever the product is a normal 16-bit number, and takes two multiplies only when
 // some lane of the warp needs them (warp-uniform).
 // 4-chunk blocks a lane keeps in flight (both rows), and the blocks of 256 threads an SM the
-// register budget is sized for; src/kernels.rs may set both (MOE_CUDA_QD2_U / _MINB). U = 2
-// fits 128 registers without spills and measured 3-9% faster than U = 3 (session 13).
+// register budget is sized for; src/kernels.rs may set both (MOE_CUDA_QD2_U / _MINB), else each
+// format takes its measured best (session 13, same-run H100 A/B): MXFP4 one block in flight and
+// 3 blocks an SM (80 registers, no spills; 10-18% faster than 2 / 2 at T = 1 / 2 / 16); the other
+// formats 2 / 2 (no spills at 128 registers; NVFP4 and int4 were 5-8% slower at T = 1 with 1 / 3,
+// 5-10% faster at T = 16).
+#if QFMT == QFMT_MXFP4
+#define QD2_U_DEFAULT 1
+#define QD2_MINB_DEFAULT 3
+#else
+#define QD2_U_DEFAULT 2
+#define QD2_MINB_DEFAULT 2
+#endif
 #ifndef QD2_U
-#define QD2_U 2
+#define QD2_U QD2_U_DEFAULT
 #endif
 #ifndef QD2_MINB
-#define QD2_MINB 2
+#define QD2_MINB QD2_MINB_DEFAULT
 #endif
 // The scale word of a chunk past the end of a row (its bytes load as zeros): one that decodes
 // zeros and keeps MXFP4 on its one-multiply path.
@@ -1377,52 +1387,64 @@ __device__ __forceinline__ void qd2_word(u32 w, int i, const Qd2Scale& sc, u32 (
 }
 #endif
 
-// acc (C layout: rows g / g + 8 = the lane's two weight rows, columns 2t / 2t + 1 = member rows
-// 2t / 2t + 1 of the staged tile) += dequant(W rows) x staged rows^T over the 4-chunk blocks
-// kb0 .. kb1 - 1. `row_a` / `row_b`: this lane's two weight rows of expert l (n_total rows, real
-// rows: callers clamp, and drop the columns of rows past the end); `xs`: the staged rows (pitch
-// ld), `rows` (1 .. 8) of them. Lanes g >= rows read staged row rows - 1: they feed only output
-// columns >= rows, which nobody reads.
+// The scale word at p (QG_SW bytes).
+__device__ __forceinline__ u32 qd2_sword(const unsigned char* p) {
+#if QG_SW == 2
+    return __ldg((const unsigned short*)p);
+#elif QG_SW == 4
+    return __ldg((const u32*)p);
+#else
+    (void)p;
+    return 0u;
+#endif
+}
+
+// One lane's share of a row group's reduction over the 4-chunk blocks kb0 .. kb1 - 1: its two
+// weight rows `row_a` / `row_b` of expert l (n_total rows; real rows: callers clamp, and drop the
+// columns of rows past the end). prime() puts the first QD2_U blocks' loads in flight, so a block
+// issues them before it stages its activation rows; run() then accumulates
+// acc (C layout: rows g / g + 8 = the two weight rows, columns 2t / 2t + 1 = member rows 2t / 2t + 1
+// of the staged tile) += dequant(W rows) x staged rows^T, refilling each slot QD2_U blocks ahead.
 template <class Tag>
-__device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int row_a, int row_b, int K, int kb0,
-                                         int kb1, const u16* xs, int ld, int rows, float (&acc)[4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int chunks = K / QD_EPC;
-    const QdRow ra(w, sc, l, n_total, row_a, K), rb(w, sc, l, n_total, row_b, K);
-    const u16* xr = xs + (size_t)min(g, rows - 1) * ld;
-    // Block b of a full width: chunk pointers and scale-word pointers step by a constant.
-    const uint4 *pa = ra.chunk(t), *pb = rb.chunk(t);
-    constexpr int CSTEP = QG_TILED ? 32 : 4;
+struct Qd2Rows {
+    static constexpr int CSTEP = QG_TILED ? 32 : 4;  // chunks a full block steps
 #if QG_KSPAN > 0
     // Tiled rows whose block covers whole scale spans (the 4-bit formats) step their scale words
     // by a constant too; the 8-bit block-scaled format computes each word's address.
-    constexpr bool SCALE_STEPS = QG_TILED && (4 * QD_EPC) % QG_KSPAN == 0;
-    constexpr int SSTEP = SCALE_STEPS ? 8 * (4 * QD_EPC / QG_KSPAN) * QG_SW : 0;  // bytes a block
-    const unsigned char *psa = ra.scale(t), *psb = rb.scale(t);
+    static constexpr bool SCALE_STEPS = QG_TILED && (4 * QD_EPC) % QG_KSPAN == 0;
+    static constexpr int SSTEP = SCALE_STEPS ? 8 * (4 * QD_EPC / QG_KSPAN) * QG_SW : 0;  // bytes a block
+    const unsigned char *psa, *psb;
 #endif
-    auto sword = [](const unsigned char* p) -> u32 {
-#if QG_SW == 2
-        return __ldg((const unsigned short*)p);
-#elif QG_SW == 4
-        return __ldg((const u32*)p);
-#else
-        (void)p;
-        return 0u;
-#endif
-    };
-
+    QdRow ra, rb;
+    const uint4 *pa, *pb;
+    int chunks, kb0, kb1, g, t;
     uint4 qa[QD2_U], qb[QD2_U];
     u32 sa_w[QD2_U], sb_w[QD2_U];
-    // Loads block b into slot u; blocks past kb1 load nothing (their slots are never read). Only
-    // a row's last block can be narrow (chunks % 4 == 2): there lanes t >= 2 get zero weights.
-    auto load = [&](int u, int b) {
+
+    __device__ __forceinline__ Qd2Rows(u64 w, u64 sc, int l, int n_total, int row_a, int row_b, int K, int kb0_,
+                                       int kb1_)
+        : ra(w, sc, l, n_total, row_a, K), rb(w, sc, l, n_total, row_b, K), chunks(K / QD_EPC), kb0(kb0_), kb1(kb1_) {
+        const int lane = threadIdx.x & 31;
+        g = lane >> 2;
+        t = lane & 3;
+        pa = ra.chunk(t);
+        pb = rb.chunk(t);
+#if QG_KSPAN > 0
+        psa = ra.scale(t);
+        psb = rb.scale(t);
+#endif
+    }
+
+    // Block b into slot u; blocks past kb1 load nothing (their slots are never read). Only a
+    // row's last block can be narrow (chunks % 4 == 2): there lanes t >= 2 get zero weights.
+    __device__ __forceinline__ void load(int u, int b) {
         if (b >= kb1) return;
         if (4 * b + 4 <= chunks) {
             qa[u] = __ldg(pa + CSTEP * b);
             qb[u] = __ldg(pb + CSTEP * b);
 #if QG_KSPAN > 0
-            sa_w[u] = sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t));
-            sb_w[u] = sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t));
+            sa_w[u] = qd2_sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t));
+            sb_w[u] = qd2_sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t));
 #else
             sa_w[u] = sb_w[u] = QD2_SW_NONE;
 #endif
@@ -1431,69 +1453,78 @@ __device__ __forceinline__ void qd2_rows(u64 w, u64 sc, int l, int n_total, int 
             qa[u] = ok ? __ldg(pa + CSTEP * b - 2 * g) : make_uint4(0, 0, 0, 0);
             qb[u] = ok ? __ldg(pb + CSTEP * b - 2 * g) : make_uint4(0, 0, 0, 0);
 #if QG_KSPAN > 0
-            sa_w[u] = ok ? sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t)) : QD2_SW_NONE;
-            sb_w[u] = ok ? sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t)) : QD2_SW_NONE;
+            sa_w[u] = ok ? qd2_sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t)) : QD2_SW_NONE;
+            sb_w[u] = ok ? qd2_sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t)) : QD2_SW_NONE;
 #else
             sa_w[u] = sb_w[u] = QD2_SW_NONE;
 #endif
         }
-    };
+    }
+
+    __device__ __forceinline__ void prime() {
 #pragma unroll
-    for (int u = 0; u < QD2_U; ++u) load(u, kb0 + u);
-    const int j = (t * QD_EPC % QG_BK) / QD_EPC;  // chunk 4 b + t's place in its k-tile (4 | QG_BK / EPC)
-    for (int b0 = kb0; b0 < kb1; b0 += QD2_U) {
+        for (int u = 0; u < QD2_U; ++u) load(u, kb0 + u);
+    }
+
+    // `xs`: the staged rows (pitch ld), `rows` (1 .. 8) of them. Lanes g >= rows read staged row
+    // rows - 1: they feed only output columns >= rows, which nobody reads.
+    __device__ __forceinline__ void run(const u16* xs, int ld, int rows, float (&acc)[4]) {
+        const u16* xr = xs + (size_t)min(g, rows - 1) * ld;
+        const int j = (t * QD_EPC % QG_BK) / QD_EPC;  // chunk 4 b + t's place in its k-tile (4 | QG_BK / EPC)
+        for (int b0 = kb0; b0 < kb1; b0 += QD2_U) {
 #pragma unroll
-        for (int u = 0; u < QD2_U; ++u) {
-            const int b = b0 + u;
-            if (b >= kb1) break;  // warp-uniform
-            const uint4 ca = qa[u], cb = qb[u];
-            const u32 swa = sa_w[u], swb = sb_w[u];
-            load(u, b + QD2_U);  // the bytes of QD2_U blocks ahead fly during these MMAs
-            // Activations of chunk 4 b + t; a narrow block's lanes t >= 2 (zero weights) read
-            // chunk 4 b + t - 2 so they stay inside the row.
-            const int cx = 4 * b + t < chunks ? 4 * b + t : 4 * b + t - 2;
-            const u16* xc = xr + cx * QD_EPC;
+            for (int u = 0; u < QD2_U; ++u) {
+                const int b = b0 + u;
+                if (b >= kb1) break;  // warp-uniform
+                const uint4 ca = qa[u], cb = qb[u];
+                const u32 swa = sa_w[u], swb = sb_w[u];
+                load(u, b + QD2_U);  // the bytes of QD2_U blocks ahead fly during these MMAs
+                // Activations of chunk 4 b + t; a narrow block's lanes t >= 2 (zero weights) read
+                // chunk 4 b + t - 2 so they stay inside the row.
+                const int cx = 4 * b + t < chunks ? 4 * b + t : 4 * b + t - 2;
+                const u16* xc = xr + cx * QD_EPC;
 #if QG_BITS == 4
-            // One 32-bit word of each row at a time: its 4 pair words are mma steps 2 i and 2 i + 1.
-            const u32 wa_w[4] = {ca.x, ca.y, ca.z, ca.w}, wb_w[4] = {cb.x, cb.y, cb.z, cb.w};
-            auto block_mma = [&](auto wide_c) {
-                constexpr bool WIDE = decltype(wide_c)::value;
-                const Qd2Scale sca = qd2_scale<Tag, WIDE>(swa, j), scb = qd2_scale<Tag, WIDE>(swb, j);
+                // One 32-bit word of each row at a time: its 4 pair words are mma steps 2 i and 2 i + 1.
+                const u32 wa_w[4] = {ca.x, ca.y, ca.z, ca.w}, wb_w[4] = {cb.x, cb.y, cb.z, cb.w};
+                auto block_mma = [&](auto wide_c) {
+                    constexpr bool WIDE = decltype(wide_c)::value;
+                    const Qd2Scale sca = qd2_scale<Tag, WIDE>(swa, j), scb = qd2_scale<Tag, WIDE>(swb, j);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    u32 da[4], db[4];
-                    qd2_word<Tag, WIDE>(wa_w[i], i, sca, da);
-                    qd2_word<Tag, WIDE>(wb_w[i], i, scb, db);
-                    const u32 a0[4] = {da[0], db[0], da[1], db[1]};
-                    const u32 a1[4] = {da[2], db[2], da[3], db[3]};
-                    const uint4 x = *(const uint4*)(xc + 8 * i);
+                    for (int i = 0; i < 4; ++i) {
+                        u32 da[4], db[4];
+                        qd2_word<Tag, WIDE>(wa_w[i], i, sca, da);
+                        qd2_word<Tag, WIDE>(wb_w[i], i, scb, db);
+                        const u32 a0[4] = {da[0], db[0], da[1], db[1]};
+                        const u32 a1[4] = {da[2], db[2], da[3], db[3]};
+                        const uint4 x = *(const uint4*)(xc + 8 * i);
+                        mma_16816(acc, a0, x.x, x.y, Tag());
+                        mma_16816(acc, a1, x.z, x.w, Tag());
+                    }
+                };
+#if QFMT == QFMT_MXFP4
+                // A warp-uniform branch, not a predicated second multiply on every pair.
+                if (__any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j))) block_mma(BoolC<true>{});
+                else block_mma(BoolC<false>{});
+#else
+                block_mma(BoolC<false>{});
+#endif
+#else
+                u32 da[QD_EPC / 2], db[QD_EPC / 2];
+                qd2_dequant<Tag>(ca, swa, j, da);
+                qd2_dequant<Tag>(cb, swb, j, db);
+#pragma unroll
+                for (int s = 0; s < QD_EPC / 4; s += 2) {
+                    const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
+                    const u32 a1[4] = {da[2 * s + 2], db[2 * s + 2], da[2 * s + 3], db[2 * s + 3]};
+                    const uint4 x = *(const uint4*)(xc + 4 * s);
                     mma_16816(acc, a0, x.x, x.y, Tag());
                     mma_16816(acc, a1, x.z, x.w, Tag());
                 }
-            };
-#if QFMT == QFMT_MXFP4
-            // A warp-uniform branch, not a predicated second multiply on every pair.
-            if (__any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j))) block_mma(BoolC<true>{});
-            else block_mma(BoolC<false>{});
-#else
-            block_mma(BoolC<false>{});
 #endif
-#else
-            u32 da[QD_EPC / 2], db[QD_EPC / 2];
-            qd2_dequant<Tag>(ca, swa, j, da);
-            qd2_dequant<Tag>(cb, swb, j, db);
-#pragma unroll
-            for (int s = 0; s < QD_EPC / 4; s += 2) {
-                const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
-                const u32 a1[4] = {da[2 * s + 2], db[2 * s + 2], da[2 * s + 3], db[2 * s + 3]};
-                const uint4 x = *(const uint4*)(xc + 4 * s);
-                mma_16816(acc, a0, x.x, x.y, Tag());
-                mma_16816(acc, a1, x.z, x.w, Tag());
             }
-#endif
         }
     }
-}
+};
 
 // The block's warps: groups = warps / ksplit row groups, each reduced by ksplit warps over
 // consecutive ranges of 4-chunk blocks. Warp w takes row group w % groups and range w / groups.
@@ -1542,9 +1573,12 @@ __device__ void qdecode2_gate_up(const QDecodeParams& q) {
     const Qd2Split sp = qd2_split(q.ksplit, H);
     const int c0 = (blockIdx.x * sp.groups + sp.grp) * 8;
     const int col = c0 + g;  // A rows g / g + 8: the gate and up rows of this column
+    const int ca = col < I ? col : I - 1;  // lanes past the end read a real row and drop it
     const bool scale_v = p.scale_input != 0;
+    Qd2Rows<Tag> wr(p.w13, q.s13, l, n_total, ca, I + ca, H, sp.kb0, sp.kb1);
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
+        if (c0 < I) wr.prime();  // the first blocks' weights fly while the rows are staged
         if (mt > 0) __syncthreads();  // every warp is done with the previous rows
         if (scale_v && threadIdx.x < rows) mscale[threadIdx.x] = ((const float*)p.weights)[members[mt + threadIdx.x]];
         __syncthreads();
@@ -1552,10 +1586,7 @@ __device__ void qdecode2_gate_up(const QDecodeParams& q) {
                       scale_v ? mscale : nullptr);
         __syncthreads();
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (c0 < I) {
-            const int ca = col < I ? col : I - 1;  // lanes past the end read a real row and drop it
-            qd2_rows<Tag>(p.w13, q.s13, l, n_total, ca, I + ca, H, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
-        }
+        if (c0 < I) wr.run(qd_xs, ld, rows, acc);
         qd2_reduce(acc, red, q.ksplit, sp);
         if (warp >= sp.groups || col >= I) continue;
         const QdGateUpCol cf = qd_gate_up_col(q, l, col);
@@ -1589,14 +1620,17 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
     // Launched programmatically after gate_up (sm_90): the warp's packed weight rows depend only
     // on the routing, so L2 fetches them while gate_up finishes; its activations come after the wait.
     if (t < 2 && c0 < H && sp.kb0 < sp.kb1) qd_prefetch_rows(p.w2, l, H, t == 0 ? ra : rb, I, sp.kb0, sp.kb1);
+    Qd2Rows<Tag> wr(p.w2, q.s2, l, H, ra, rb, I, sp.kb0, sp.kb1);
+    if (c0 < H) wr.prime();  // the weights do not depend on gate_up: in flight before the wait
     pdl_wait();
     for (int mt = 0; mt < n; mt += R) {
         const int rows = min(R, n - mt);
+        if (mt > 0 && c0 < H) wr.prime();
         if (mt > 0) __syncthreads();
         qd_stage<Tag>(qd_xs, (const u16*)p.act, I, rows, [&](int r) { return members[mt + r]; }, nullptr);
         __syncthreads();
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (c0 < H) qd2_rows<Tag>(p.w2, q.s2, l, H, ra, rb, I, sp.kb0, sp.kb1, qd_xs, ld, rows, acc);
+        if (c0 < H) wr.run(qd_xs, ld, rows, acc);
         qd2_reduce(acc, red, q.ksplit, sp);
         if (warp >= sp.groups) continue;
         // acc[h] / acc[2 + h]: hidden row c0 + g / c0 + 8 + g for member row 2 t + h.
@@ -1617,11 +1651,21 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
     }
 }
 
+// qdecode_* at two blocks an SM: without the bound FP8 block's down kernel took 153 registers
+// (one block an SM) and ran 23% slower at T = 16 (session 13). int8 keeps the compiler's choice
+// (64 / 118 registers): bounded, its T = 16 measured 6.6% slower.
+#if QFMT == QFMT_INT8
+#define QD1_BOUNDS __launch_bounds__(256)
+#else
+#define QD1_BOUNDS __launch_bounds__(256, 2)
+#endif
 #define QDECODE_ENTRY(DT, TAG)                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) qdecode_gate_up_##DT(QDecodeParams p) {               \
+    extern "C" __global__ void QD1_BOUNDS qdecode_gate_up_##DT(QDecodeParams p) {                          \
         qdecode_gate_up<TAG>(p);                                                                          \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) qdecode_down_##DT(QDecodeParams p) { qdecode_down<TAG>(p); } \
+    extern "C" __global__ void QD1_BOUNDS qdecode_down_##DT(QDecodeParams p) {                             \
+        qdecode_down<TAG>(p);                                                                             \
+    }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) qdecode_sum_##DT(QDecodeParams p) { qdecode_sum<TAG>(p); } \
     extern "C" __global__ void __launch_bounds__(256, QD2_MINB) qdecode2_gate_up_##DT(QDecodeParams p) {   \
         qdecode2_gate_up<TAG>(p);                                                                         \
