@@ -1274,7 +1274,7 @@ __device__ void qdecode_sum(const QDecodeParams& q) {
 // 4-chunk blocks a lane keeps in flight (both rows), and the blocks of 256 threads an SM the
 // register budget is sized for; src/kernels.rs may set both (MOE_CUDA_QD2_U / _MINB), else each
 // format takes its measured best (session 13, same-run H100 A/B): MXFP4 one block in flight and
-// 3 blocks an SM (80 registers, no spills; 10-18% faster than 2 / 2 at T = 1 / 2 / 16); the other
+// 3 blocks an SM (80 registers, no spills; 9-18% faster than 2 / 2 at T = 1 / 2 / 16); the other
 // formats 2 / 2 (no spills at 128 registers; NVFP4 and int4 were 5-8% slower at T = 1 with 1 / 3,
 // 5-10% faster at T = 16).
 #if QFMT == QFMT_MXFP4
