@@ -72,14 +72,9 @@ __global__ void __launch_bounds__(256) k_rows(const uint4* w, int first, unsigne
     if (acc == 0x12345678u) sink[0] = acc + pad[0];
 }
 
-// tiles: the same split, each warp's 11.5 KB contiguous, 2 x 512 bytes an instruction.
+// One warp's contiguous unit (11.5 KB) at p, 2 x 512 bytes an instruction, U steps in flight.
 template <int U>
-__global__ void __launch_bounds__(256) k_tiles(const uint4* w, int first, unsigned* sink) {
-    extern __shared__ unsigned pad[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int e = (first + blockIdx.y) % EXPERTS;
-    const int unit = blockIdx.x * 8 + warp;  // 90 x 8 = 720 units an expert
-    const uint4* p = w + (size_t)e * EXPERT_BYTES / 16 + (size_t)unit * UNIT_CHUNKS;
+__device__ __forceinline__ unsigned stream_unit(const uint4* p, int lane) {
     constexpr int STEPS = (UNIT_CHUNKS + 63) / 64;  // 12 (the last one partial)
     uint4 qa[U], qb[U];
     auto load = [&](int u, int s) {
@@ -99,6 +94,16 @@ __global__ void __launch_bounds__(256) k_tiles(const uint4* w, int first, unsign
             acc ^= fold(a) * 3u + fold(b);
         }
     }
+    return acc;
+}
+
+// tiles: the same split as rows, each warp's bytes one contiguous unit.
+template <int U>
+__global__ void __launch_bounds__(256) k_tiles(const uint4* w, int first, unsigned* sink) {
+    extern __shared__ unsigned pad[];
+    const int e = (first + blockIdx.y) % EXPERTS;
+    const int unit = blockIdx.x * 8 + (threadIdx.x >> 5);  // 90 x 8 = 720 units an expert
+    const unsigned acc = stream_unit<U>(w + (size_t)e * EXPERT_BYTES / 16 + (size_t)unit * UNIT_CHUNKS, threadIdx.x & 31);
     if (acc == 0x12345678u) sink[0] = acc + pad[0];
 }
 
@@ -106,30 +111,11 @@ __global__ void __launch_bounds__(256) k_tiles(const uint4* w, int first, unsign
 template <int U>
 __global__ void __launch_bounds__(256) k_persist(const uint4* w, int first, unsigned* sink) {
     extern __shared__ unsigned pad[];
-    const int lane = threadIdx.x & 31;
     const int gw = blockIdx.x * 8 + (threadIdx.x >> 5), nw = gridDim.x * 8;
-    constexpr int STEPS = (UNIT_CHUNKS + 63) / 64;
     unsigned acc = 0;
     for (int u_all = gw; u_all < ACTIVE * UNITS_PER_EXPERT; u_all += nw) {
         const int e = (first + u_all / UNITS_PER_EXPERT) % EXPERTS, unit = u_all % UNITS_PER_EXPERT;
-        const uint4* p = w + (size_t)e * EXPERT_BYTES / 16 + (size_t)unit * UNIT_CHUNKS;
-        uint4 qa[U], qb[U];
-        auto load = [&](int u, int s) {
-            const int c = s * 64 + lane;
-            qa[u] = s < STEPS && c < UNIT_CHUNKS ? ldg(p + c) : make_uint4(0, 0, 0, 0);
-            qb[u] = s < STEPS && c + 32 < UNIT_CHUNKS ? ldg(p + c + 32) : make_uint4(0, 0, 0, 0);
-        };
-#pragma unroll
-        for (int u = 0; u < U; ++u) load(u, u);
-        for (int s0 = 0; s0 < STEPS; s0 += U) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                if (s0 + u >= STEPS) break;
-                const uint4 a = qa[u], b = qb[u];
-                load(u, s0 + u + U);
-                acc ^= fold(a) * 3u + fold(b);
-            }
-        }
+        acc ^= stream_unit<U>(w + (size_t)e * EXPERT_BYTES / 16 + (size_t)unit * UNIT_CHUNKS, threadIdx.x & 31);
     }
     if (acc == 0x12345678u) sink[0] = acc + pad[0];
 }
@@ -153,10 +139,6 @@ __global__ void __launch_bounds__(256) k_stream(const uint4* w, int first, unsig
 }
 
 typedef void (*Kern)(const uint4*, int, unsigned*);
-
-struct Result {
-    double us;
-};
 
 static double time_kernel(Kern k, dim3 grid, int smem, const uint4* w, unsigned* sink) {
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
