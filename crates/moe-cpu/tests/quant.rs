@@ -238,7 +238,7 @@ fn poisoned_workspaces_expert_parallel_slots_and_slot_replacement() {
 #[test]
 fn dequantized_bf16_tiles_on_both_sides_of_the_switch() {
     // bf16 activations, 4 experts: T = 3 leaves experts empty or with 1-3 rows (register paths),
-    // T = 17 puts experts on both sides of int4's switch (9 rows), T = 45
+    // T = 17 puts experts on both sides of the tile switch (5 rows), T = 45
     // gives every expert 20+ rows (tile path: several 8-row tiles and a partial one).
     // FP8 / int8 with intermediate 200 and 131: ragged and odd K chunks of the down projection,
     // gate_up's 400 / 262 output rows end in a partial 32-row block.

@@ -271,13 +271,12 @@ impl QMat {
     }
 
     /// Rows an expert from which the dense tile on dequantized panels beats this format's
-    /// register paths (measured on qwen3-30b-a3b, docs/perf/quant.md "Session 4"): int4 from 9
-    /// (its register dot runs up to 8 rows), FP8, int8 and folded E2M1 from 5. E2M1 whose
+    /// register paths (measured on qwen3-30b-a3b, docs/perf/quant.md "Session 4" and, for int4,
+    /// "Session 13 (CPU)"): 5 for every format whose panels decode with vector ops. E2M1 whose
     /// scales do not fold (NVFP4 with an arbitrary global scale) never: 16-input panels with a
     /// scalar decode measured 3.4x slower than the row path.
     pub fn tile_rows(&self) -> usize {
         match self.data {
-            Data::Int4 { .. } => 9,
             Data::E2m1 { fold: false, .. } => usize::MAX,
             _ => 5,
         }

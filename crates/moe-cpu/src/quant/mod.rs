@@ -452,8 +452,9 @@ fn each_output(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut y: 
     }
 }
 
-/// The most rows an expert the int4 register path takes (it beats the tile path up to 8 rows:
-/// docs/perf/quant.md, "Session 4").
+/// The most rows an expert the int4 register path takes, and so the decode path's limit (every
+/// expert at most this many rows; docs/perf/quant.md, "Session 4"). Where some expert has more,
+/// experts from [`QMat::tile_rows`] (5) rows take the tile path instead ("Session 13 (CPU)").
 const INT4_REG_ROWS: usize = 8;
 
 /// Prefetches the `len` bytes at `p` into L1 (rows of a stack are contiguous, so a pointer
