@@ -1154,6 +1154,22 @@ __device__ __forceinline__ float2 qd_down_col(const QDecodeParams& q, int l, int
     return make_float2(f, p.b2 ? ((const float*)p.b2)[(size_t)l * H + col] : 0.f);
 }
 
+// act[pair, col] (I columns a row) of gate_up column `col` from its raw gate and up sums.
+template <class Tag>
+__device__ __forceinline__ void qd_store_act(const DecodeParams& p, const QdGateUpCol& cf, float gate, float up, int pair,
+                                             int col, int I) {
+    const float v = apply_act(p.act_kind, gate * cf.fg + cf.bg, up * cf.fu + cf.bu, p.alpha, p.limit);
+    ((u16*)p.act)[(size_t)pair * I + col] = from_f32(v, Tag());
+}
+
+// ypair[pair, col] (H columns a row) = w (y + b) of down column `col` from its raw sum (w = 1
+// when the weights scaled the input).
+__device__ __forceinline__ void qd_store_ypair(const QDecodeParams& q, float2 fb, float y, int pair, int col, int H) {
+    const DecodeParams& p = q.d;
+    const float w = p.scale_input ? 1.f : ((const float*)p.weights)[pair];
+    ((float*)q.ypair)[(size_t)pair * H + col] = w * (y * fb.x + fb.y);
+}
+
 template <class Tag>
 __device__ void qdecode_gate_up(const QDecodeParams& q) {
     const DecodeParams& p = q.d;
@@ -1191,8 +1207,7 @@ __device__ void qdecode_gate_up(const QDecodeParams& q) {
         for (int h = 0; h < 2; ++h) {
             const int r = g + 8 * h;
             if (r >= rows) continue;
-            const float v = apply_act(p.act_kind, acc[2 * h] * cf.fg + cf.bg, acc[2 * h + 1] * cf.fu + cf.bu, p.alpha, p.limit);
-            ((u16*)p.act)[(size_t)members[mt + r] * I + col] = from_f32(v, Tag());
+            qd_store_act<Tag>(p, cf, acc[2 * h], acc[2 * h + 1], members[mt + r], col, I);
         }
     }
 }
@@ -1232,9 +1247,7 @@ __device__ void qdecode_down(const QDecodeParams& q) {
             for (int h = 0; h < 2; ++h) {
                 const int r = g + 8 * h;
                 if (r >= rows) continue;
-                const int pr = members[mt + r];
-                const float w = p.scale_input ? 1.f : ((const float*)p.weights)[pr];
-                ((float*)q.ypair)[(size_t)pr * H + col] = w * (acc[2 * h + c] * fb.x + fb.y);
+                qd_store_ypair(q, fb, acc[2 * h + c], members[mt + r], col, H);
             }
         }
     }
@@ -1595,8 +1608,7 @@ __device__ void qdecode2_gate_up(const QDecodeParams& q) {
         for (int h = 0; h < 2; ++h) {
             const int r = 2 * t + h;
             if (r >= rows) continue;
-            const float v = apply_act(p.act_kind, acc[h] * cf.fg + cf.bg, acc[2 + h] * cf.fu + cf.bu, p.alpha, p.limit);
-            ((u16*)p.act)[(size_t)members[mt + r] * I + col] = from_f32(v, Tag());
+            qd_store_act<Tag>(p, cf, acc[h], acc[2 + h], members[mt + r], col, I);
         }
     }
 }
@@ -1643,9 +1655,7 @@ __device__ void qdecode2_down(const QDecodeParams& q) {
             for (int h = 0; h < 2; ++h) {
                 const int r = 2 * t + h;
                 if (r >= rows) continue;
-                const int pr = members[mt + r];
-                const float wt = p.scale_input ? 1.f : ((const float*)p.weights)[pr];
-                ((float*)q.ypair)[(size_t)pr * H + col] = wt * (acc[2 * half + h] * fb.x + fb.y);
+                qd_store_ypair(q, fb, acc[2 * half + h], members[mt + r], col, H);
             }
         }
     }
