@@ -1412,6 +1412,56 @@ __device__ __forceinline__ u32 qd2_sword(const unsigned char* p) {
 #endif
 }
 
+// acc += block b of this lane's two weight rows (chunk 4 b + t of each: `ca` / `cb`, scale words
+// `swa` / `swb`) x its staged activation row `xr` (C layout as in Qd2Rows).
+template <class Tag>
+__device__ __forceinline__ void qd2_block(const uint4 ca, const uint4 cb, u32 swa, u32 swb, const u16* xr, int b, int t,
+                                          int chunks, float (&acc)[4]) {
+    const int j = (t * QD_EPC % QG_BK) / QD_EPC;  // chunk 4 b + t's place in its k-tile (4 | QG_BK / EPC)
+    // Activations of chunk 4 b + t; a narrow block's lanes t >= 2 (zero weights) read
+    // chunk 4 b + t - 2 so they stay inside the row.
+    const int cx = 4 * b + t < chunks ? 4 * b + t : 4 * b + t - 2;
+    const u16* xc = xr + cx * QD_EPC;
+#if QG_BITS == 4
+    // One 32-bit word of each row at a time: its 4 pair words are mma steps 2 i and 2 i + 1.
+    const u32 wa_w[4] = {ca.x, ca.y, ca.z, ca.w}, wb_w[4] = {cb.x, cb.y, cb.z, cb.w};
+    auto block_mma = [&](auto wide_c) {
+        constexpr bool WIDE = decltype(wide_c)::value;
+        const Qd2Scale sca = qd2_scale<Tag, WIDE>(swa, j), scb = qd2_scale<Tag, WIDE>(swb, j);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u32 da[4], db[4];
+            qd2_word<Tag, WIDE>(wa_w[i], i, sca, da);
+            qd2_word<Tag, WIDE>(wb_w[i], i, scb, db);
+            const u32 a0[4] = {da[0], db[0], da[1], db[1]};
+            const u32 a1[4] = {da[2], db[2], da[3], db[3]};
+            const uint4 x = *(const uint4*)(xc + 8 * i);
+            mma_16816(acc, a0, x.x, x.y, Tag());
+            mma_16816(acc, a1, x.z, x.w, Tag());
+        }
+    };
+#if QFMT == QFMT_MXFP4
+    // A warp-uniform branch, not a predicated second multiply on every pair.
+    if (__any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j))) block_mma(BoolC<true>{});
+    else block_mma(BoolC<false>{});
+#else
+    block_mma(BoolC<false>{});
+#endif
+#else
+    u32 da[QD_EPC / 2], db[QD_EPC / 2];
+    qd2_dequant<Tag>(ca, swa, j, da);
+    qd2_dequant<Tag>(cb, swb, j, db);
+#pragma unroll
+    for (int s = 0; s < QD_EPC / 4; s += 2) {
+        const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
+        const u32 a1[4] = {da[2 * s + 2], db[2 * s + 2], da[2 * s + 3], db[2 * s + 3]};
+        const uint4 x = *(const uint4*)(xc + 4 * s);
+        mma_16816(acc, a0, x.x, x.y, Tag());
+        mma_16816(acc, a1, x.z, x.w, Tag());
+    }
+#endif
+}
+
 // One lane's share of a row group's reduction over the 4-chunk blocks kb0 .. kb1 - 1: its two
 // weight rows `row_a` / `row_b` of expert l (n_total rows; real rows: callers clamp, and drop the
 // columns of rows past the end). prime() puts the first QD2_U blocks' loads in flight, so a block
@@ -1483,7 +1533,6 @@ struct Qd2Rows {
     // rows - 1: they feed only output columns >= rows, which nobody reads.
     __device__ __forceinline__ void run(const u16* xs, int ld, int rows, float (&acc)[4]) {
         const u16* xr = xs + (size_t)min(g, rows - 1) * ld;
-        const int j = (t * QD_EPC % QG_BK) / QD_EPC;  // chunk 4 b + t's place in its k-tile (4 | QG_BK / EPC)
         for (int b0 = kb0; b0 < kb1; b0 += QD2_U) {
 #pragma unroll
             for (int u = 0; u < QD2_U; ++u) {
@@ -1492,48 +1541,7 @@ struct Qd2Rows {
                 const uint4 ca = qa[u], cb = qb[u];
                 const u32 swa = sa_w[u], swb = sb_w[u];
                 load(u, b + QD2_U);  // the bytes of QD2_U blocks ahead fly during these MMAs
-                // Activations of chunk 4 b + t; a narrow block's lanes t >= 2 (zero weights) read
-                // chunk 4 b + t - 2 so they stay inside the row.
-                const int cx = 4 * b + t < chunks ? 4 * b + t : 4 * b + t - 2;
-                const u16* xc = xr + cx * QD_EPC;
-#if QG_BITS == 4
-                // One 32-bit word of each row at a time: its 4 pair words are mma steps 2 i and 2 i + 1.
-                const u32 wa_w[4] = {ca.x, ca.y, ca.z, ca.w}, wb_w[4] = {cb.x, cb.y, cb.z, cb.w};
-                auto block_mma = [&](auto wide_c) {
-                    constexpr bool WIDE = decltype(wide_c)::value;
-                    const Qd2Scale sca = qd2_scale<Tag, WIDE>(swa, j), scb = qd2_scale<Tag, WIDE>(swb, j);
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        u32 da[4], db[4];
-                        qd2_word<Tag, WIDE>(wa_w[i], i, sca, da);
-                        qd2_word<Tag, WIDE>(wb_w[i], i, scb, db);
-                        const u32 a0[4] = {da[0], db[0], da[1], db[1]};
-                        const u32 a1[4] = {da[2], db[2], da[3], db[3]};
-                        const uint4 x = *(const uint4*)(xc + 8 * i);
-                        mma_16816(acc, a0, x.x, x.y, Tag());
-                        mma_16816(acc, a1, x.z, x.w, Tag());
-                    }
-                };
-#if QFMT == QFMT_MXFP4
-                // A warp-uniform branch, not a predicated second multiply on every pair.
-                if (__any_sync(0xffffffffu, qd2_wide<Tag>(swa, j) || qd2_wide<Tag>(swb, j))) block_mma(BoolC<true>{});
-                else block_mma(BoolC<false>{});
-#else
-                block_mma(BoolC<false>{});
-#endif
-#else
-                u32 da[QD_EPC / 2], db[QD_EPC / 2];
-                qd2_dequant<Tag>(ca, swa, j, da);
-                qd2_dequant<Tag>(cb, swb, j, db);
-#pragma unroll
-                for (int s = 0; s < QD_EPC / 4; s += 2) {
-                    const u32 a0[4] = {da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1]};
-                    const u32 a1[4] = {da[2 * s + 2], db[2 * s + 2], da[2 * s + 3], db[2 * s + 3]};
-                    const uint4 x = *(const uint4*)(xc + 4 * s);
-                    mma_16816(acc, a0, x.x, x.y, Tag());
-                    mma_16816(acc, a1, x.z, x.w, Tag());
-                }
-#endif
+                qd2_block<Tag>(ca, cb, swa, swb, xr, b, t, chunks, acc);
             }
         }
     }

@@ -397,20 +397,56 @@ pub fn default_decode_mode(format: QuantFormat) -> usize {
     }
 }
 
-/// `qdecode2_*` launch shape (`MOE_CUDA_QD2_WARPS`, `MOE_CUDA_QD2_KSPLIT`): warps a block (4 or
-/// 8, default 8) and warps that split one row group's reduction (1, 2 or 4, default 2).
-fn decode2_shape() -> (usize, usize) {
-    static SHAPE: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    *SHAPE.get_or_init(|| {
-        let var = |name: &str, d: usize| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(d);
-        let warps = if var("MOE_CUDA_QD2_WARPS", 8) >= 8 { 8 } else { 4 };
-        let ksplit = match var("MOE_CUDA_QD2_KSPLIT", 2) {
+/// `qdecode2_*` warps a block (`MOE_CUDA_QD2_WARPS`: 4 or 8, default 8).
+fn decode2_warps() -> usize {
+    static WARPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WARPS.get_or_init(|| {
+        let w = std::env::var("MOE_CUDA_QD2_WARPS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(8);
+        if w >= 8 {
+            8
+        } else {
+            4
+        }
+    })
+}
+
+/// The `qdecode2_*` reduction split for a forward's (token, choice) pairs against the local
+/// experts, as measured on the H100 (session 14, MXFP4 gpt-oss-20b, docs/perf/quant.md): 4 when
+/// at most one expert in 8 can be hit (T = 1: the few experts' blocks must fill the SMs; 8-10%
+/// faster than 2), 1 when there are at least two pairs an expert (T = 16: nearly every expert
+/// hit, no partial sums to add; 2-5% faster), 2 between (T = 2). Opt-in until a GPU run has
+/// checked splits 1 and 4 against the reference (`MOE_CUDA_QD2_KSPLIT=auto`).
+fn decode2_ksplit_auto(pairs: usize, experts: usize) -> usize {
+    if pairs * 8 <= experts {
+        4
+    } else if pairs >= 2 * experts {
+        1
+    } else {
+        2
+    }
+}
+
+/// `MOE_CUDA_QD2_KSPLIT=auto`: the split follows [`decode2_ksplit_auto`].
+fn decode2_split_auto_env() -> bool {
+    std::env::var("MOE_CUDA_QD2_KSPLIT").is_ok_and(|v| v == "auto")
+}
+
+/// Warps that split one `qdecode2_*` row group's reduction, for the gate_up and the down launch
+/// (1, 2 or 4, at most `warps`): `MOE_CUDA_QD2_KSPLIT` (a number) sets both,
+/// `MOE_CUDA_QD2_KSPLIT_UP` / `_DOWN` one each; else [`decode2_ksplit_auto`] when `auto`, else 2.
+fn decode2_ksplit(pairs: usize, experts: usize, warps: usize, auto: bool) -> (usize, usize) {
+    let var = |name: &str| {
+        std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map(|k| match k {
             0 | 1 => 1,
             2 | 3 => 2,
             _ => 4,
-        };
-        (warps, ksplit.min(warps))
-    })
+        })
+    };
+    let fallback = if auto { decode2_ksplit_auto(pairs, experts) } else { 2 };
+    let both = var("MOE_CUDA_QD2_KSPLIT").unwrap_or(fallback);
+    let up = var("MOE_CUDA_QD2_KSPLIT_UP").unwrap_or(both);
+    let down = var("MOE_CUDA_QD2_KSPLIT_DOWN").unwrap_or(both);
+    (up.min(warps), down.min(warps))
 }
 
 /// Shared memory a ring decode block may take (`MOE_CUDA_QD_SMEM_KB`, default 72 KiB: three
@@ -492,6 +528,8 @@ pub struct QuantExperts {
     /// The packed decode kernels: 0 `qdecode2_*`; `qdecode_*` with a cp.async ring of 8 (1) or
     /// 16 (2) slots, or through registers (3).
     decode_mode: usize,
+    /// `qdecode2_*` splits its reductions by the forward's pairs an expert (else over 2 warps).
+    decode_split_auto: bool,
 }
 
 /// What one quantized forward takes from the backend: the plan, the permuted activations and
@@ -626,6 +664,7 @@ impl QuantExperts {
             ws: Workspace::default(),
             use_f8_tile: f8_tile_default(),
             decode_mode: decode_mode(format),
+            decode_split_auto: decode2_split_auto_env(),
         })
     }
 
@@ -706,30 +745,27 @@ impl QuantExperts {
             rows_up: ru as i32,
             rows_down: rd as i32,
             ring: ring as i32,
-            ksplit: if v2 { decode2_shape().1 as i32 } else { 1 },
+            ksplit: 1,
         };
         let smem = |r: usize, k: usize| (r * row_bytes(k) + ring_bytes) as u32;
         let kind = self.packer.kind();
         // v1: 8 warps of 4 intermediate / 8 hidden columns. v2: `warps / ksplit` row groups a
         // block of 8 intermediate / 16 hidden columns, each reduced by `ksplit` warps.
-        let (up_cols, down_cols, warps, up_id, down_id) = if v2 {
-            let (warps, ksplit) = decode2_shape();
-            let groups = warps / ksplit;
-            (
-                8 * groups,
-                16 * groups,
-                warps,
-                KernelId::QDecode2GateUp(kind, self.elem),
-                KernelId::QDecode2Down(kind, self.elem),
-            )
+        let (warps, ks_up, ks_down, up_id, down_id) = if v2 {
+            let warps = decode2_warps();
+            let (up, down) = decode2_ksplit(pairs, p.n_local as usize, warps, self.decode_split_auto);
+            (warps, up, down, KernelId::QDecode2GateUp(kind, self.elem), KernelId::QDecode2Down(kind, self.elem))
         } else {
-            (32, 64, 8, KernelId::QDecodeGateUp(kind, self.elem), KernelId::QDecodeDown(kind, self.elem))
+            (8, 1, 1, KernelId::QDecodeGateUp(kind, self.elem), KernelId::QDecodeDown(kind, self.elem))
         };
+        let (up_cols, down_cols) = if v2 { (8 * warps / ks_up, 16 * warps / ks_down) } else { (32, 64) };
         let threads = 32 * warps as u32;
         let grid_up = (i.div_ceil(up_cols) as u32, pairs as u32, 1);
-        dev.launch(up_id, grid_up, threads, smem(ru, h), &q)?;
+        let q_up = QDecodeParams { ksplit: ks_up as i32, ..q };
+        dev.launch(up_id, grid_up, threads, smem(ru, h), &q_up)?;
         let grid_down = (h.div_ceil(down_cols) as u32, pairs as u32, 1);
-        dev.launch_dep(down_id, grid_down, threads, smem(rd, i), &q, Dep::Programmatic)?;
+        let q_down = QDecodeParams { ksplit: ks_down as i32, ..q };
+        dev.launch_dep(down_id, grid_down, threads, smem(rd, i), &q_down, Dep::Programmatic)?;
         let n = p.tokens as usize * h;
         let grid_sum = (n.div_ceil(256) as u32, 1, 1);
         dev.launch_dep(KernelId::QDecodeSum(kind, self.elem), grid_sum, 256, 0, &q, Dep::Programmatic)?;
@@ -745,6 +781,12 @@ impl QuantExperts {
     /// a ring of 8 (1) or 16 (2) slots a lane, or registers (3); larger values mean 3).
     pub fn set_decode_mode(&mut self, mode: usize) {
         self.decode_mode = mode.min(3);
+    }
+
+    /// Tests and benchmarks: whether `qdecode2_*` splits its reductions by the forward's pairs
+    /// an expert (`MOE_CUDA_QD2_KSPLIT=auto`) or over 2 warps.
+    pub fn set_decode_split_auto(&mut self, on: bool) {
+        self.decode_split_auto = on;
     }
 
     /// The format held.
@@ -1041,6 +1083,20 @@ impl QuantExperts {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decode_split_follows_the_pairs_an_expert() {
+        use super::decode2_ksplit_auto as split;
+        // gpt-oss-20b (32 experts, top-4): T = 1, 2, 16 measured best at 4, 2, 1.
+        assert_eq!(split(4, 32), 4);
+        assert_eq!(split(8, 32), 2);
+        assert_eq!(split(64, 32), 1);
+        // qwen3-30b-a3b (128 experts, top-8): T = 1 and 2 hit at most one expert in 8.
+        assert_eq!(split(8, 128), 4);
+        assert_eq!(split(16, 128), 4);
+        assert_eq!(split(128, 128), 2);
+        assert_eq!(split(256, 128), 1);
+    }
+
     use super::*;
 
     #[test]

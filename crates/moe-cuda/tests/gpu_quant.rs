@@ -123,6 +123,13 @@ fn cases() -> Vec<(String, MoeConfig, bool)> {
     for q in [QuantFormat::Mxfp4, QuantFormat::Int4Group, QuantFormat::Fp8Block] {
         v.push((format!("{q} split-k"), config(q, DType::BF16, true, 1024, 1024), false));
     }
+    // 32 experts, top 2: split by pairs an expert, the 4-bit decode takes 4 warps a reduction at
+    // T = 1 (2 pairs: at most one expert in 8 hit), 2 at T = 16 and 1 at T = 100.
+    for q in [QuantFormat::Mxfp4, QuantFormat::Nvfp4, QuantFormat::Int4Group] {
+        let mut c = config(q, DType::BF16, true, 512, 256);
+        c.num_experts = 32;
+        v.push((format!("{q} 32 experts"), c, false));
+    }
     v
 }
 
@@ -187,6 +194,19 @@ fn every_format_matches_the_dequantized_reference() {
                 }
                 assert!(err < tol, "{label}: rel err {err:e}");
                 eprintln!("{label}: rel err {err:.2e}");
+                ran += 1;
+            }
+        }
+        // The 4-bit formats' decode with its reduction split by pairs an expert (4, 2 or 1
+        // warps; the 32-expert cases reach 4 at T = 1).
+        if matches!(cfg.quant, QuantFormat::Mxfp4 | QuantFormat::Nvfp4 | QuantFormat::Int4Group) {
+            p.cuda.set_masked_max_tokens(0);
+            p.cuda.set_decode_max_tokens(Some(128));
+            p.cuda.set_decode_mode(0).unwrap();
+            p.cuda.set_decode_split_auto(true).unwrap();
+            for (i, tokens) in [1usize, 16, 100].into_iter().enumerate() {
+                let err = forward(&mut p, &cfg, tokens, 80 + i as u64);
+                assert!(err < TOL, "{name} T={tokens} split by pairs an expert: rel err {err:e}");
                 ran += 1;
             }
         }
