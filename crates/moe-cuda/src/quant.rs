@@ -432,14 +432,15 @@ fn decode2_split_auto_env() -> bool {
 }
 
 /// Warps that split one `qdecode2_*` row group's reduction, for the gate_up and the down launch
-/// (1, 2 or 4, at most `warps`): `MOE_CUDA_QD2_KSPLIT` (a number) sets both,
+/// (1, 2, 4 or 8, at most `warps`; 8 only when set, for measurements): `MOE_CUDA_QD2_KSPLIT` (a number) sets both,
 /// `MOE_CUDA_QD2_KSPLIT_UP` / `_DOWN` one each; else [`decode2_ksplit_auto`] when `auto`, else 2.
 fn decode2_ksplit(pairs: usize, experts: usize, warps: usize, auto: bool) -> (usize, usize) {
     let var = |name: &str| {
         std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map(|k| match k {
             0 | 1 => 1,
             2 | 3 => 2,
-            _ => 4,
+            4..=7 => 4,
+            _ => 8,
         })
     };
     let fallback = if auto { decode2_ksplit_auto(pairs, experts) } else { 2 };
