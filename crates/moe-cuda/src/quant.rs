@@ -432,22 +432,25 @@ fn decode2_split_auto_env() -> bool {
 }
 
 /// Warps that split one `qdecode2_*` row group's reduction, for the gate_up and the down launch
-/// (1, 2, 4 or 8, at most `warps`; 8 only when set, for measurements): `MOE_CUDA_QD2_KSPLIT` (a number) sets both,
-/// `MOE_CUDA_QD2_KSPLIT_UP` / `_DOWN` one each; else [`decode2_ksplit_auto`] when `auto`, else 2.
+/// (1, 2, 4 or 8, at most `warps`; 8 only when set, for measurements): `MOE_CUDA_QD2_KSPLIT`
+/// (a number) sets both, `MOE_CUDA_QD2_KSPLIT_UP` / `_DOWN` one each; else
+/// [`decode2_ksplit_auto`] when `auto`, else 2.
 fn decode2_ksplit(pairs: usize, experts: usize, warps: usize, auto: bool) -> (usize, usize) {
-    let var = |name: &str| {
-        std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map(|k| match k {
-            0 | 1 => 1,
-            2 | 3 => 2,
-            4..=7 => 4,
-            _ => 8,
-        })
-    };
-    let fallback = if auto { decode2_ksplit_auto(pairs, experts) } else { 2 };
-    let both = var("MOE_CUDA_QD2_KSPLIT").unwrap_or(fallback);
-    let up = var("MOE_CUDA_QD2_KSPLIT_UP").unwrap_or(both);
-    let down = var("MOE_CUDA_QD2_KSPLIT_DOWN").unwrap_or(both);
-    (up.min(warps), down.min(warps))
+    // Read once: this runs on every decode forward.
+    static FORCED: std::sync::OnceLock<[Option<usize>; 3]> = std::sync::OnceLock::new();
+    let [both, up, down] = *FORCED.get_or_init(|| {
+        let var = |name: &str| {
+            std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).map(|k| match k {
+                0 | 1 => 1,
+                2 | 3 => 2,
+                4..=7 => 4,
+                _ => 8,
+            })
+        };
+        [var("MOE_CUDA_QD2_KSPLIT"), var("MOE_CUDA_QD2_KSPLIT_UP"), var("MOE_CUDA_QD2_KSPLIT_DOWN")]
+    });
+    let both = both.unwrap_or_else(|| if auto { decode2_ksplit_auto(pairs, experts) } else { 2 });
+    (up.unwrap_or(both).min(warps), down.unwrap_or(both).min(warps))
 }
 
 /// Shared memory a ring decode block may take (`MOE_CUDA_QD_SMEM_KB`, default 72 KiB: three
