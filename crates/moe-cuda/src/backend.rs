@@ -282,8 +282,8 @@ impl CudaBackend {
     }
 
     /// Tests and benchmarks: whether the packed-weight decode (`qdecode2_*`) splits each row
-    /// group's reduction by the forward's pairs an expert (4 / 2 / 1 warps; `MOE_CUDA_QD2_KSPLIT=auto`)
-    /// or over 2 warps (default).
+    /// group's reduction by the forward's pairs an expert (4 / 2 / 1 warps;
+    /// `MOE_CUDA_QD2_KSPLIT=auto`) or over 2 warps (default).
     pub fn set_decode_split_auto(&mut self, on: bool) -> Result<()> {
         let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
         if let Some(q) = w.quant.as_mut() {

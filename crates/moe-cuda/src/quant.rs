@@ -1087,9 +1087,11 @@ impl QuantExperts {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn decode_split_follows_the_pairs_an_expert() {
-        use super::decode2_ksplit_auto as split;
+        let split = decode2_ksplit_auto;
         // gpt-oss-20b (32 experts, top-4): T = 1, 2, 16 measured best at 4, 2, 1.
         assert_eq!(split(4, 32), 4);
         assert_eq!(split(8, 32), 2);
@@ -1100,8 +1102,6 @@ mod tests {
         assert_eq!(split(128, 128), 2);
         assert_eq!(split(256, 128), 1);
     }
-
-    use super::*;
 
     #[test]
     fn packed_decode_takes_up_to_eight_rows_an_expert_within_the_pair_limit() {
