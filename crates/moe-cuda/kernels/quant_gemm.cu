@@ -967,6 +967,18 @@ __device__ __forceinline__ void qd_chunk_mma(const uint4 qv, u32 swv, int c, int
     }
 }
 
+// The scale word at p (QG_SW bytes).
+__device__ __forceinline__ u32 qd_sword(const unsigned char* p) {
+#if QG_SW == 2
+    return __ldg((const unsigned short*)p);
+#elif QG_SW == 4
+    return __ldg((const u32*)p);
+#else
+    (void)p;
+    return 0u;
+#endif
+}
+
 // One packed weight row of expert l (n_total rows of `chunks` chunks and `spans` scale words):
 // where its chunk c and that chunk's scale word live.
 struct QdRow {
@@ -1068,14 +1080,7 @@ __device__ __forceinline__ void qd_mma_rows(u64 w, u64 sc, int l, int n_total, i
             q[u] = ok ? __ldg(wr.chunk(c)) : make_uint4(0, 0, 0, 0);
             sw[u] = 0;
 #if QG_KSPAN > 0
-            if (ok) {
-                const unsigned char* s = wr.scale(c);
-#if QG_SW == 2
-                sw[u] = __ldg((const unsigned short*)s);
-#else
-                sw[u] = __ldg((const u32*)s);
-#endif
-            }
+            if (ok) sw[u] = qd_sword(wr.scale(c));
 #endif
         }
     };
@@ -1400,18 +1405,6 @@ __device__ __forceinline__ void qd2_word(u32 w, int i, const Qd2Scale& sc, u32 (
 }
 #endif
 
-// The scale word at p (QG_SW bytes).
-__device__ __forceinline__ u32 qd2_sword(const unsigned char* p) {
-#if QG_SW == 2
-    return __ldg((const unsigned short*)p);
-#elif QG_SW == 4
-    return __ldg((const u32*)p);
-#else
-    (void)p;
-    return 0u;
-#endif
-}
-
 // acc += block b of this lane's two weight rows (chunk 4 b + t of each: `ca` / `cb`, scale words
 // `swa` / `swb`) x its staged activation row `xr` (C layout as in Qd2Rows).
 template <class Tag>
@@ -1506,8 +1499,8 @@ struct Qd2Rows {
             qa[u] = __ldg(pa + CSTEP * b);
             qb[u] = __ldg(pb + CSTEP * b);
 #if QG_KSPAN > 0
-            sa_w[u] = qd2_sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t));
-            sb_w[u] = qd2_sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t));
+            sa_w[u] = qd_sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t));
+            sb_w[u] = qd_sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t));
 #else
             sa_w[u] = sb_w[u] = QD2_SW_NONE;
 #endif
@@ -1516,8 +1509,8 @@ struct Qd2Rows {
             qa[u] = ok ? __ldg(pa + CSTEP * b - 2 * g) : make_uint4(0, 0, 0, 0);
             qb[u] = ok ? __ldg(pb + CSTEP * b - 2 * g) : make_uint4(0, 0, 0, 0);
 #if QG_KSPAN > 0
-            sa_w[u] = ok ? qd2_sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t)) : QD2_SW_NONE;
-            sb_w[u] = ok ? qd2_sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t)) : QD2_SW_NONE;
+            sa_w[u] = ok ? qd_sword(SCALE_STEPS ? psa + SSTEP * b : ra.scale(4 * b + t)) : QD2_SW_NONE;
+            sb_w[u] = ok ? qd_sword(SCALE_STEPS ? psb + SSTEP * b : rb.scale(4 * b + t)) : QD2_SW_NONE;
 #else
             sa_w[u] = sb_w[u] = QD2_SW_NONE;
 #endif

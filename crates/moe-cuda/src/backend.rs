@@ -259,11 +259,16 @@ impl CudaBackend {
         self.masked_max
     }
 
+    /// The loaded weights' quantized experts (`None`: 16-bit weights); an error before loading.
+    fn loaded_quant(&mut self) -> Result<Option<&mut crate::quant::QuantExperts>> {
+        let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
+        Ok(w.quant.as_mut())
+    }
+
     /// Tests and benchmarks: FP8-block experts on sm_90a run the wgmma tile (`true`, default)
     /// or the mma.sync FP8 GEMM. Applies to the loaded weights.
     pub fn set_f8_tile(&mut self, on: bool) -> Result<()> {
-        let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
-        if let Some(q) = w.quant.as_mut() {
+        if let Some(q) = self.loaded_quant()? {
             q.set_f8_tile(on);
         }
         Ok(())
@@ -274,8 +279,7 @@ impl CudaBackend {
     /// slots a lane, or through registers (3); `MOE_CUDA_QD_MODE`). Applies to the loaded
     /// weights; cached graphs pick the change up (their parameters are compared).
     pub fn set_decode_mode(&mut self, mode: usize) -> Result<()> {
-        let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
-        if let Some(q) = w.quant.as_mut() {
+        if let Some(q) = self.loaded_quant()? {
             q.set_decode_mode(mode);
         }
         Ok(())
@@ -285,8 +289,7 @@ impl CudaBackend {
     /// group's reduction by the forward's pairs an expert (4 / 2 / 1 warps;
     /// `MOE_CUDA_QD2_KSPLIT=auto`) or over 2 warps (default).
     pub fn set_decode_split_auto(&mut self, on: bool) -> Result<()> {
-        let w = self.weights.as_mut().ok_or_else(|| MoeError::WeightsNotLoaded { backend: NAME.into() })?;
-        if let Some(q) = w.quant.as_mut() {
+        if let Some(q) = self.loaded_quant()? {
             q.set_decode_split_auto(on);
         }
         Ok(())
