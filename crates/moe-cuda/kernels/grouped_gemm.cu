@@ -862,6 +862,8 @@ struct F8TmaParams {
 #define F8_BK 128
 #define F8_BN 128
 #define F8_STAGES 6
+// The wide tile (f8t256): 128 x 256, 4 stages of 48 KiB.
+#define F8W_STAGES 4
 
 // 1-D bulk copy global -> shared (16-byte aligned, size a multiple of 16) completing on `bar`.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* bar) {
@@ -877,10 +879,17 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes,
 // to both CTAs; a stage is refilled only after the consumers of both CTAs released it. Needs an
 // even column-block count. Opt-in (MOE_CUDA_F8_CLUSTER=1): measured slower as first built.
 // Two partial-sum register sets per consumer when F8_PINGPONG is set.
-template <bool GATE_UP, class Tag, int CL>
+// BN = 256 (f8t256, CL = 1): 128 x 256 tiles, a quarter fewer operand bytes per MMA than
+// 128 x 128. A consumer's 64 x 256 accumulator takes 128 registers, so its partial sum covers
+// one 128-column half at a time (64 registers): each k-tile runs the gate (or first) half's
+// MMAs, promotes them, then the other half's; the two consumers' halves interleave on the
+// tensor cores. gate_up's halves are the gate rows n0.. and the up rows N + n0.. (128 output
+// columns a tile); down's are columns n0.. and n0 + 128.., each its own weight scale block.
+template <bool GATE_UP, class Tag, int CL, int BN = F8_BN>
 __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
 #ifdef MOE_HAS_WGMMA
-    constexpr int A_BYTES = TW_BM * F8_BK, B_BYTES = F8_BN * F8_BK, STAGES = F8_STAGES;
+    static_assert(BN == F8_BN || (BN == 2 * F8_BN && CL == 1), "f8t256 runs without clusters");
+    constexpr int A_BYTES = TW_BM * F8_BK, B_BYTES = BN * F8_BK, STAGES = BN == F8_BN ? F8_STAGES : F8W_STAGES;
     const GemmParams& p = tp.p;
     extern __shared__ __align__(16) unsigned char f8_smem[];
     unsigned char* base = (unsigned char*)(((size_t)f8_smem + 1023) & ~(size_t)1023);
@@ -888,10 +897,12 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     unsigned char* Bs = base + STAGES * A_BYTES;
     // Each stage also carries its k-tile's scales (copied by the producer with the tiles, so the
     // consumers never wait on global loads): the activation scales of the tile's 128 rows and
-    // the weight block scales, gate at 0 and up at 4 (4 words each: one 16-byte copy).
+    // the weight block scales, gate (or the first 128 columns) at 0 and up (the next 128) at 4
+    // (4 words each: one 16-byte copy).
     float* Sa = (float*)(Bs + STAGES * B_BYTES);
     float* Sw = Sa + STAGES * TW_BM;
-    constexpr u32 SC_BYTES = TW_BM * 4 + (GATE_UP ? 32 : 16);
+    constexpr bool TWO_SCALES = GATE_UP || BN > F8_BN;
+    constexpr u32 SC_BYTES = TW_BM * 4 + (TWO_SCALES ? 32 : 16);
     u64* full = (u64*)(Sw + STAGES * 8);
     u64* empty = full + STAGES;
     u64* sched_full = empty + STAGES;
@@ -925,7 +936,10 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
             }
             if (b < 0) break;
             nb = nb * CL + rank;
-            const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN), wrow = e * n_total + n0;
+            const int n0 = nb * (GATE_UP ? BN / 2 : BN), wrow = e * n_total + n0;
+            // The second scale word: the up rows' block, or (down, wide) columns n0 + 128's,
+            // which a partial column tile may not have (its outputs are dropped; any row will do).
+            const int n1 = GATE_UP ? N + n0 : n0 + F8_BN < N ? n0 + F8_BN : n0;
             const float* ws = (const float*)tp.w_scales + (size_t)e * KT * n_total;
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&empty[stage], phase ^ 1);
@@ -941,7 +955,7 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
                 bulk_load(Sa + stage * TW_BM, (const float*)tp.a_scales + (size_t)kt * tp.a_rows + row0, TW_BM * 4,
                           &full[stage]);
                 bulk_load(Sw + stage * 8, ws + (size_t)kt * n_total + n0, 16, &full[stage]);
-                if (GATE_UP) bulk_load(Sw + stage * 8 + 4, ws + (size_t)kt * n_total + N + n0, 16, &full[stage]);
+                if (TWO_SCALES) bulk_load(Sw + stage * 8 + 4, ws + (size_t)kt * n_total + n1, 16, &full[stage]);
                 if (GATE_UP) {
                     tma_load_2d(Bs + stage * B_BYTES, &tp.b, &full[stage], k0, wrow);
                     tma_load_2d(Bs + stage * B_BYTES + B_BYTES / 2, &tp.b, &full[stage], k0, wrow + N);
@@ -961,6 +975,82 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2;
     int stage = 0;
     u32 phase = 0;
+    if constexpr (BN > F8_BN) {
+        constexpr int NI = BN / 8;
+        float d[F8_BN / 2], acc[1][NI][4];
+        for (int it = 0;; ++it) {
+            const int b = sync.get(it);
+            __syncwarp();
+            if (lane == 0) sync.release(it);
+            if (b < 0) break;
+            int tile, nb, e, row0, row_end;
+            block_coords_of(b, tp.num_m, num_n, tile, nb);
+            tile_rows(p, tile, TW_BM, e, row0, row_end);
+            const int n0 = nb * (GATE_UP ? BN / 2 : BN);
+            // A consumer whose 64 rows are all padding only releases the stages.
+            const bool live = row0 + c * 64 < row_end;
+            const int r_lo = c * 64 + warp * 16 + g;
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
+            for (int kt = 0; kt < KT; ++kt) {
+                mbar_wait(&full[stage], phase);
+                if (live) {
+                    const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
+                    const unsigned char* bs = Bs + stage * B_BYTES;
+                    // Read before the release below lets the producer refill the stage.
+                    const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
+                    const float bw[2] = {Sw[stage * 8], Sw[stage * 8 + 4]};
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        wgmma_fence();
+#pragma unroll
+                        for (int kk = 0; kk < F8_BK; kk += 32)
+                            wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + h * F8_BN * F8_BK + kk), kk > 0);
+                        wgmma_commit();
+                        wgmma_wait<0>();
+                        if (h == 1 && lane == 0) sync.stage_release(stage);
+                        const float s_lo = a_lo * bw[h], s_hi = a_hi * bw[h];
+#pragma unroll
+                        for (int j = 0; j < F8_BN / 8; ++j) {
+                            float* o = acc[0][(NI / 2) * h + j];
+                            o[0] = fmaf(d[4 * j + 0], s_lo, o[0]);
+                            o[1] = fmaf(d[4 * j + 1], s_lo, o[1]);
+                            o[2] = fmaf(d[4 * j + 2], s_hi, o[2]);
+                            o[3] = fmaf(d[4 * j + 3], s_hi, o[3]);
+                        }
+                    }
+                } else {
+                    __syncwarp();
+                    if (lane == 0) sync.stage_release(stage);
+                }
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+            if (!live) continue;
+            const int row_base = row0 + c * 64 + warp * 16;
+            if (GATE_UP) {
+                // Gate column block j (the first half) pairs with up block j + NI/2.
+                float pairs[1][NI][4];
+#pragma unroll
+                for (int j = 0; j < NI / 2; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        pairs[0][2 * j][r] = acc[0][j][r];
+                        pairs[0][2 * j + 1][r] = acc[0][j + NI / 2][r];
+                    }
+                store_acc<1, NI, true, Tag>(p, pairs, e, row_base, row_end, 0, n0);
+            } else if (tp.y16) {
+                store_acc<1, NI, false, Tag, true>(p, acc, e, row_base, row_end, 0, n0);
+            } else {
+                store_acc<1, NI, false, Tag>(p, acc, e, row_base, row_end, 0, n0);
+            }
+        }
+        return;
+    }
     constexpr int NI = F8_BN / 8;
     float d[F8_BN / 2], d2[F8_BN / 2], acc[1][NI][4];
     for (int it = 0;; ++it) {
@@ -1125,14 +1215,14 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
 #else
 #define MOE_CLUSTER_2
 #endif
-#define F8_TMA_ENTRY(NAME, DT, TAG, CL)                                                                 \
+#define F8_TMA_ENTRY(NAME, DT, TAG, CL, BN)                                                             \
     extern "C" __global__ void MOE_CLUSTER_##CL __launch_bounds__(384, 1)                                  \
         gemm_gate_up_##DT##_##NAME(const __grid_constant__ F8TmaParams p) {                             \
-        f8_tma_ws_gemm<true, TAG, CL>(p);                                                               \
+        f8_tma_ws_gemm<true, TAG, CL, BN>(p);                                                           \
     }                                                                                                   \
     extern "C" __global__ void MOE_CLUSTER_##CL __launch_bounds__(384, 1)                                  \
         gemm_down_##DT##_##NAME(const __grid_constant__ F8TmaParams p) {                                \
-        f8_tma_ws_gemm<false, TAG, CL>(p);                                                              \
+        f8_tma_ws_gemm<false, TAG, CL, BN>(p);                                                          \
     }
 #define WGMMA_ENTRY(NAME, DT, TAG, BN, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(256, 1) gemm_gate_up_##DT##_##NAME(GemmParams p) { \
@@ -1152,8 +1242,9 @@ WGMMA_ENTRY(w128, bf16, Bf16Tag, 128, 4)
 WGMMA_ENTRY(w256, bf16, Bf16Tag, 256, 4)
 TMA_WS_ENTRY(t256, bf16, Bf16Tag, 1)
 TMA_WS_ENTRY(t256x2, bf16, Bf16Tag, 2)
-F8_TMA_ENTRY(f8t128, bf16, Bf16Tag, 1)
-F8_TMA_ENTRY(f8t128x2, bf16, Bf16Tag, 2)
+F8_TMA_ENTRY(f8t128, bf16, Bf16Tag, 1, 128)
+F8_TMA_ENTRY(f8t128x2, bf16, Bf16Tag, 2, 128)
+F8_TMA_ENTRY(f8t256, bf16, Bf16Tag, 1, 256)
 #endif
 #ifdef MOE_GEMM_F16
 GEMM_ENTRY(m16, f16, F16Tag, 16, 128, 64, 1, 4, 4)
@@ -1163,6 +1254,7 @@ WGMMA_ENTRY(w128, f16, F16Tag, 128, 4)
 WGMMA_ENTRY(w256, f16, F16Tag, 256, 4)
 TMA_WS_ENTRY(t256, f16, F16Tag, 1)
 TMA_WS_ENTRY(t256x2, f16, F16Tag, 2)
-F8_TMA_ENTRY(f8t128, f16, F16Tag, 1)
-F8_TMA_ENTRY(f8t128x2, f16, F16Tag, 2)
+F8_TMA_ENTRY(f8t128, f16, F16Tag, 1, 128)
+F8_TMA_ENTRY(f8t128x2, f16, F16Tag, 2, 128)
+F8_TMA_ENTRY(f8t256, f16, F16Tag, 1, 256)
 #endif

@@ -236,8 +236,8 @@ impl CudaBackend {
     /// picks `W128`, `=256` the cp.async `W256`, `=t256x2` the 2-CTA `T256X2` (contiguous
     /// layouts; masked ones keep `T256`, whose experts may own an odd number of tiles).
     pub fn set_wgmma(&mut self, tile: Option<GemmTile>) {
-        // The F8T128 tiles are the FP8 store's, not bf16/f16 ones.
-        self.wgmma = tile.filter(|t| t.needs_sm90a() && !matches!(t, GemmTile::F8T128 | GemmTile::F8T128X2));
+        // The FP8 tiles are the FP8 store's, not bf16/f16 ones.
+        self.wgmma = tile.filter(|t| t.needs_sm90a() && !t.is_fp8());
     }
 
     /// K splits of the down projection: decode-sized problems have too few output tiles to keep
@@ -286,8 +286,8 @@ impl CudaBackend {
     }
 
     /// Tests and benchmarks: whether the packed-weight decode (`qdecode2_*`) splits each row
-    /// group's reduction by the forward's pairs an expert (4 / 2 / 1 warps;
-    /// `MOE_CUDA_QD2_KSPLIT=auto`) or over 2 warps (default).
+    /// group's reduction by the forward's pairs an expert (4 / 2 / 1 warps; the default) or
+    /// over 2 warps.
     pub fn set_decode_split_auto(&mut self, on: bool) -> Result<()> {
         if let Some(q) = self.loaded_quant()? {
             q.set_decode_split_auto(on);

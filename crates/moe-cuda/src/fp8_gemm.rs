@@ -1,4 +1,4 @@
-//! The Hopper FP8 grouped GEMM (`GemmTile::F8T128`): e4m3 activations and weights with f32
+//! The Hopper FP8 grouped GEMM (`GemmTile::F8T128` / `F8T256`): e4m3 activations and weights with f32
 //! block scales (DeepSeek-V3 FP8: weights per 128 x 128 block, activations per row per 128
 //! channels), TMA-fed, warp-specialized, per-k-tile promotion into f32. The quantized-expert
 //! store launches it for large token counts; the row tiles come from the backend's layouts.
@@ -66,20 +66,60 @@ fn cluster_pairs() -> bool {
     *ON.get_or_init(|| env_switch("MOE_CUDA_F8_CLUSTER", false))
 }
 
-/// Launches `g` on `dev`'s stream; `counter` is a u32 device word the tile scheduler uses
-/// (zeroed here, stream-ordered).
+/// The FP8 tiles [`launch_tile`] runs.
+pub const TILES: [GemmTile; 3] = [GemmTile::F8T128, GemmTile::F8T128X2, GemmTile::F8T256];
+
+/// `MOE_CUDA_F8_TILE=t128`: the 128 x 128 tile instead of 128 x 256.
+fn narrow_tile() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOE_CUDA_F8_TILE").is_ok_and(|v| v.trim() == "t128"))
+}
+
+/// Output columns a block of `tile` covers (gate_up: half its weight rows are the up rows).
+fn block_cols(tile: GemmTile, gate_up: bool) -> usize {
+    if gate_up {
+        tile.block_n() / 2
+    } else {
+        tile.block_n()
+    }
+}
+
+/// Launches `g` on `dev`'s stream with the default tile; `counter` is a u32 device word the
+/// tile scheduler uses (zeroed here, stream-ordered). The default is `f8t256`: 7-9% faster than
+/// `f8t128` at deepseek-v3 T = 16384 and 1-2% at 4096 (H100, session 15, docs/perf/quant.md).
+/// `MOE_CUDA_F8_TILE=t128` runs `f8t128`, `MOE_CUDA_F8_CLUSTER=1` its 2-CTA form where the
+/// column blocks pair up.
 pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaResult<()> {
+    let tile = if cluster_pairs() && g.n.div_ceil(block_cols(GemmTile::F8T128, g.gate_up)).is_multiple_of(2) {
+        GemmTile::F8T128X2
+    } else if narrow_tile() || cluster_pairs() {
+        GemmTile::F8T128
+    } else {
+        GemmTile::F8T256
+    };
+    launch_tile(dev, elem, counter, g, tile)
+}
+
+/// [`launch`] with an explicit tile (one of [`TILES`]).
+pub fn launch_tile(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm, tile: GemmTile) -> CudaResult<()> {
+    if !tile.is_fp8() {
+        return Err(CudaError::Kernel(format!("{tile:?} is not an FP8 tile (one of {TILES:?})")));
+    }
     if let Some(why) = refuse(dev.arch(), g.n, g.k, g.gate_up) {
         return Err(CudaError::Kernel(why));
     }
     let mut p = g.params;
     p.n = g.n as i32;
     p.k = g.k as i32;
-    let cols = if g.gate_up { GemmTile::F8T128.block_n() / 2 } else { GemmTile::F8T128.block_n() };
+    let cols = block_cols(tile, g.gate_up);
     let num_n = g.n.div_ceil(cols);
     p.num_n = num_n as i32;
-    let pairs = num_n.is_multiple_of(2) && cluster_pairs();
-    let tile = if pairs { GemmTile::F8T128X2 } else { GemmTile::F8T128 };
+    let pairs = tile.cluster() > 1;
+    if pairs && !num_n.is_multiple_of(2) {
+        return Err(CudaError::Kernel(format!(
+            "{tile:?} pairs neighbouring column blocks: {num_n} blocks of {cols} columns is odd"
+        )));
+    }
     let blocks = num_n * g.tiles;
     if blocks == 0 || g.a_rows == 0 {
         return Ok(());

@@ -411,11 +411,11 @@ fn decode2_warps() -> usize {
 }
 
 /// The `qdecode2_*` reduction split for a forward's (token, choice) pairs against the local
-/// experts, as measured on the H100 (session 14, MXFP4 gpt-oss-20b, docs/perf/quant.md): 4 when
-/// at most one expert in 8 can be hit (T = 1: the few experts' blocks must fill the SMs; 8-10%
-/// faster than 2), 1 when there are at least two pairs an expert (T = 16: nearly every expert
-/// hit, no partial sums to add; 2-5% faster), 2 between (T = 2). Opt-in until a GPU run has
-/// checked splits 1 and 4 against the reference (`MOE_CUDA_QD2_KSPLIT=auto`).
+/// experts, as measured on the H100 (sessions 14-15, MXFP4 gpt-oss-20b, docs/perf/quant.md): 4
+/// when at most one expert in 8 can be hit (T = 1: the few experts' blocks must fill the SMs;
+/// 10-12% faster than 2), 1 when there are at least two pairs an expert (T = 16: nearly every
+/// expert hit, no partial sums to add; 2-5% faster), 2 between (T = 2). The default since
+/// session 15, whose `gpu_quant` run checked splits 1, 2 and 4 against the reference.
 fn decode2_ksplit_auto(pairs: usize, experts: usize) -> usize {
     if pairs * 8 <= experts {
         4
@@ -426,15 +426,10 @@ fn decode2_ksplit_auto(pairs: usize, experts: usize) -> usize {
     }
 }
 
-/// `MOE_CUDA_QD2_KSPLIT=auto`: the split follows [`decode2_ksplit_auto`].
-fn decode2_split_auto_env() -> bool {
-    std::env::var("MOE_CUDA_QD2_KSPLIT").is_ok_and(|v| v == "auto")
-}
-
 /// Warps that split one `qdecode2_*` row group's reduction, for the gate_up and the down launch
 /// (1, 2, 4 or 8, at most `warps`; 8 only when set, for measurements): `MOE_CUDA_QD2_KSPLIT`
 /// (a number) sets both, `MOE_CUDA_QD2_KSPLIT_UP` / `_DOWN` one each; else
-/// [`decode2_ksplit_auto`] when `auto`, else 2.
+/// [`decode2_ksplit_auto`] when `auto` (the default), else 2.
 fn decode2_ksplit(pairs: usize, experts: usize, warps: usize, auto: bool) -> (usize, usize) {
     // Read once: this runs on every decode forward.
     static FORCED: std::sync::OnceLock<[Option<usize>; 3]> = std::sync::OnceLock::new();
@@ -668,7 +663,7 @@ impl QuantExperts {
             ws: Workspace::default(),
             use_f8_tile: f8_tile_default(),
             decode_mode: decode_mode(format),
-            decode_split_auto: decode2_split_auto_env(),
+            decode_split_auto: true,
         })
     }
 
@@ -788,7 +783,7 @@ impl QuantExperts {
     }
 
     /// Tests and benchmarks: whether `qdecode2_*` splits its reductions by the forward's pairs
-    /// an expert (`MOE_CUDA_QD2_KSPLIT=auto`) or over 2 warps.
+    /// an expert (the default) or over 2 warps.
     pub fn set_decode_split_auto(&mut self, on: bool) {
         self.decode_split_auto = on;
     }

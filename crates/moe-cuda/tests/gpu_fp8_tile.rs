@@ -1,4 +1,4 @@
-//! The Hopper FP8 tile (`GemmTile::F8T128`) against an f64 host computation of the same
+//! The Hopper FP8 tiles (`fp8_gemm::TILES`) against an f64 host computation of the same
 //! block-scaled e4m3 operands: gate_up (SwiGLU epilogue) and down (f32 and 16-bit outputs), two
 //! experts in the contiguous layout with partial tiles, a partial column tile, poisoned outputs
 //! and an all-zero activation block (scale 0). Skips with the reason without an sm_90a GPU.
@@ -6,8 +6,8 @@
 use moe_core::compare::rel_l2;
 use moe_core::quant::codec::{e4m3_to_f32, f32_to_e4m3};
 use moe_cuda::device::CudaDevice;
-use moe_cuda::fp8_gemm::{launch, Fp8Gemm};
-use moe_cuda::kernels::{ActKind, Elem, GemmMode, GemmParams};
+use moe_cuda::fp8_gemm::{launch_tile, Fp8Gemm, TILES};
+use moe_cuda::kernels::{ActKind, Elem, GemmMode, GemmParams, GemmTile};
 
 fn device() -> Option<std::sync::Arc<CudaDevice>> {
     if let Err(why) = moe_cuda::probe_gpus() {
@@ -59,8 +59,14 @@ fn deq(q: &[u8], s: &[f32], rows: usize, k: usize, r: usize, c: usize) -> f64 {
 }
 
 #[test]
-fn fp8_tile_matches_block_scaled_reference() {
+fn fp8_tiles_match_block_scaled_reference() {
     let Some(dev) = device() else { return };
+    for tile in TILES {
+        check_tile(&dev, tile);
+    }
+}
+
+fn check_tile(dev: &CudaDevice, tile: GemmTile) {
     let (k, n) = (400usize, 256usize); // K: 3 full blocks and a partial one; N = intermediate
     let experts = 2usize;
     // Contiguous layout: expert 0 rows 0..200 (tiles 0, 1), expert 1 rows 256..356 (tile 2).
@@ -116,7 +122,7 @@ fn fp8_tile_matches_block_scaled_reference() {
         w_scales: dev.ptr(&sw_d),
         y16: false,
     };
-    launch(&dev, Elem::Bf16, dev.ptr(&counter), &g).unwrap();
+    launch_tile(dev, Elem::Bf16, dev.ptr(&counter), &g, tile).unwrap();
     let act = dev.download(&act_d, a_rows * n).unwrap();
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for r in (0..a_rows).filter(|&r| real(r)) {
@@ -138,18 +144,27 @@ fn fp8_tile_matches_block_scaled_reference() {
         }
     }
     let err = rel_l2(&got, &want);
-    eprintln!("gate_up rel err {err:.2e}");
-    assert!(err < 1e-2, "gate_up rel err {err:e}");
+    eprintln!("{tile:?} gate_up rel err {err:.2e}");
+    assert!(err < 1e-2, "{tile:?} gate_up rel err {err:e}");
 
     // down: A = the first `n` columns of the same rows requantized as [a_rows, n]; W [2, h, n].
-    // h = 384: 3 column tiles of 128 (one CTA each); 512: 4 (2-CTA clusters sharing A, as the
-    // gate_up above with its 4 column blocks of 64 gate + 64 up rows).
+    // h = 384: 3 column tiles of 128 (f8t256: one whole tile and a partial one), which the
+    // 2-CTA tile refuses (odd); 512: 4 (2-CTA clusters sharing A, as the gate_up above with its
+    // 4 column blocks of 64 gate + 64 up rows).
     for h in [384usize, 512] {
-        check_down(&dev, &base, a_rows, n, h, &real);
+        check_down(dev, tile, &base, a_rows, n, h, &real);
     }
 }
 
-fn check_down(dev: &CudaDevice, base: &GemmParams, a_rows: usize, n: usize, h: usize, real: &dyn Fn(usize) -> bool) {
+fn check_down(
+    dev: &CudaDevice,
+    tile: GemmTile,
+    base: &GemmParams,
+    a_rows: usize,
+    n: usize,
+    h: usize,
+    real: &dyn Fn(usize) -> bool,
+) {
     let experts = 2usize;
     let up = |v: &[u8]| dev.upload(v).unwrap();
     let upf = |v: &[f32]| dev.upload(v).unwrap();
@@ -192,7 +207,12 @@ fn check_down(dev: &CudaDevice, base: &GemmParams, a_rows: usize, n: usize, h: u
             w_scales: dev.ptr(&sw2_d),
             y16,
         };
-        launch(dev, Elem::Bf16, dev.ptr(&counter), &g).unwrap();
+        if tile.cluster() > 1 && (h / tile.block_n()) % 2 == 1 {
+            let err = launch_tile(dev, Elem::Bf16, dev.ptr(&counter), &g, tile).unwrap_err();
+            assert!(err.to_string().contains("odd"), "{err}");
+            return;
+        }
+        launch_tile(dev, Elem::Bf16, dev.ptr(&counter), &g, tile).unwrap();
         let y = dev.download(&y_d, bytes).unwrap();
         let (mut got, mut want) = (Vec::new(), Vec::new());
         for r in (0..a_rows).filter(|&r| real(r)) {
@@ -215,10 +235,10 @@ fn check_down(dev: &CudaDevice, base: &GemmParams, a_rows: usize, n: usize, h: u
                 });
             }
         }
-        assert!(got.iter().all(|v| v.is_finite()), "down h={h} y16={y16}: unwritten (poisoned) outputs");
+        assert!(got.iter().all(|v| v.is_finite()), "{tile:?} down h={h} y16={y16}: unwritten (poisoned) outputs");
         let err = rel_l2(&got, &want);
-        eprintln!("down h={h} y16={y16} rel err {err:.2e}");
-        assert!(err < if y16 { 1e-2 } else { 1e-3 }, "down h={h} y16={y16} rel err {err:e}");
+        eprintln!("{tile:?} down h={h} y16={y16} rel err {err:.2e}");
+        assert!(err < if y16 { 1e-2 } else { 1e-3 }, "{tile:?} down h={h} y16={y16} rel err {err:e}");
     }
 }
 
