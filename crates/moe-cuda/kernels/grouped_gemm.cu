@@ -975,84 +975,14 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2;
     int stage = 0;
     u32 phase = 0;
-    if constexpr (BN > F8_BN) {
-        constexpr int NI = BN / 8;
-        float d[F8_BN / 2], acc[1][NI][4];
-        for (int it = 0;; ++it) {
-            const int b = sync.get(it);
-            __syncwarp();
-            if (lane == 0) sync.release(it);
-            if (b < 0) break;
-            int tile, nb, e, row0, row_end;
-            block_coords_of(b, tp.num_m, num_n, tile, nb);
-            tile_rows(p, tile, TW_BM, e, row0, row_end);
-            const int n0 = nb * (GATE_UP ? BN / 2 : BN);
-            // A consumer whose 64 rows are all padding only releases the stages.
-            const bool live = row0 + c * 64 < row_end;
-            const int r_lo = c * 64 + warp * 16 + g;
-#pragma unroll
-            for (int j = 0; j < NI; ++j)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
-            for (int kt = 0; kt < KT; ++kt) {
-                mbar_wait(&full[stage], phase);
-                if (live) {
-                    const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
-                    const unsigned char* bs = Bs + stage * B_BYTES;
-                    // Read before the release below lets the producer refill the stage.
-                    const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
-                    const float bw[2] = {Sw[stage * 8], Sw[stage * 8 + 4]};
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        wgmma_fence();
-#pragma unroll
-                        for (int kk = 0; kk < F8_BK; kk += 32)
-                            wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + h * F8_BN * F8_BK + kk), kk > 0);
-                        wgmma_commit();
-                        wgmma_wait<0>();
-                        if (h == 1 && lane == 0) sync.stage_release(stage);
-                        const float s_lo = a_lo * bw[h], s_hi = a_hi * bw[h];
-#pragma unroll
-                        for (int j = 0; j < F8_BN / 8; ++j) {
-                            float* o = acc[0][(NI / 2) * h + j];
-                            o[0] = fmaf(d[4 * j + 0], s_lo, o[0]);
-                            o[1] = fmaf(d[4 * j + 1], s_lo, o[1]);
-                            o[2] = fmaf(d[4 * j + 2], s_hi, o[2]);
-                            o[3] = fmaf(d[4 * j + 3], s_hi, o[3]);
-                        }
-                    }
-                } else {
-                    __syncwarp();
-                    if (lane == 0) sync.stage_release(stage);
-                }
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1;
-                }
-            }
-            if (!live) continue;
-            const int row_base = row0 + c * 64 + warp * 16;
-            if (GATE_UP) {
-                // Gate column block j (the first half) pairs with up block j + NI/2.
-                float pairs[1][NI][4];
-#pragma unroll
-                for (int j = 0; j < NI / 2; ++j)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        pairs[0][2 * j][r] = acc[0][j][r];
-                        pairs[0][2 * j + 1][r] = acc[0][j + NI / 2][r];
-                    }
-                store_acc<1, NI, true, Tag>(p, pairs, e, row_base, row_end, 0, n0);
-            } else if (tp.y16) {
-                store_acc<1, NI, false, Tag, true>(p, acc, e, row_base, row_end, 0, n0);
-            } else {
-                store_acc<1, NI, false, Tag>(p, acc, e, row_base, row_end, 0, n0);
-            }
+    auto advance = [&]() {
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
         }
-        return;
-    }
-    constexpr int NI = F8_BN / 8;
-    float d[F8_BN / 2], d2[F8_BN / 2], acc[1][NI][4];
+    };
+    constexpr int NI = BN / 8;
+    float acc[1][NI][4];
     for (int it = 0;; ++it) {
         const int b = sync.get(it);
         __syncwarp();
@@ -1062,7 +992,7 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
         block_coords_of(b, tp.num_m, num_n, tile, nb);
         nb = nb * CL + rank;
         tile_rows(p, tile, TW_BM, e, row0, row_end);
-        const int n0 = nb * (GATE_UP ? F8_BN / 2 : F8_BN);
+        const int n0 = nb * (GATE_UP ? BN / 2 : BN);
         if (row0 + c * 64 >= row_end) {
             // All 64 rows of this warpgroup are padding (an expert's last, partial tile): release
             // the stages without MMAs so the other warpgroup has the tensor cores to itself.
@@ -1070,104 +1000,130 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
                 mbar_wait(&full[stage], phase);
                 __syncwarp();
                 if (lane == 0) sync.stage_release(stage);
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1;
-                }
+                advance();
             }
             continue;
         }
         // This thread's two rows (r_lo, r_lo + 8 of the tile) and the weight block scales that
-        // apply: gate_up the gate block (columns 0..63 of the tile) and the up block (64..127).
+        // apply: gate_up the gate block (f8t128: columns 0..63 of the tile; f8t256: the first
+        // half) and the up block, down one block (f8t256: one a half).
         const int r_lo = c * 64 + warp * 16 + g;
 #pragma unroll
         for (int j = 0; j < NI; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
-        // Register 4 j + r of a partial sum: row lo (r < 2) or hi; column block 1 (the up rows)
-        // for j >= NI/2 in gate_up, one block in down.
-        auto promote = [&](const float(&dp)[F8_BN / 2], const float(&s)[4]) {
+        if constexpr (BN > F8_BN) {
+            float d[F8_BN / 2];
+            for (int kt = 0; kt < KT; ++kt) {
+                mbar_wait(&full[stage], phase);
+                const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
+                const unsigned char* bs = Bs + stage * B_BYTES;
+                // Read before the release below lets the producer refill the stage.
+                const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
+                const float bw[2] = {Sw[stage * 8], Sw[stage * 8 + 4]};
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const bool blk1 = GATE_UP && j >= NI / 2;
-                acc[0][j][0] = fmaf(dp[4 * j + 0], blk1 ? s[1] : s[0], acc[0][j][0]);
-                acc[0][j][1] = fmaf(dp[4 * j + 1], blk1 ? s[1] : s[0], acc[0][j][1]);
-                acc[0][j][2] = fmaf(dp[4 * j + 2], blk1 ? s[3] : s[2], acc[0][j][2]);
-                acc[0][j][3] = fmaf(dp[4 * j + 3], blk1 ? s[3] : s[2], acc[0][j][3]);
-            }
-        };
-        // Waits for k-tile kt's stage, issues its MMAs into `dn` and reads its scales into `s`.
-        auto issue = [&](float(&dn)[F8_BN / 2], float(&s)[4]) {
-            mbar_wait(&full[stage], phase);
-            const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
-            const unsigned char* bs = Bs + stage * B_BYTES;
-            wgmma_fence();
+                for (int h = 0; h < 2; ++h) {
+                    wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < F8_BK; kk += 32)
-                wgmma_m64n128k32_e4m3(dn, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
-            wgmma_commit();
-            const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
-            const float b0 = Sw[stage * 8], b1 = Sw[stage * 8 + (GATE_UP ? 4 : 0)];
-            s[0] = a_lo * b0;
-            s[1] = a_lo * b1;
-            s[2] = a_hi * b0;
-            s[3] = a_hi * b1;
-        };
-        // Releases the oldest stage still held (`held` k-tiles back from the current one).
-        auto release = [&](int held) {
-            int st = stage - held;
-            if (st < 0) st += STAGES;
-            if (lane == 0) sync.stage_release(st);
-        };
-        auto advance = [&]() {
-            if (++stage == STAGES) {
-                stage = 0;
-                phase ^= 1;
-            }
-        };
-        if (pingpong) {
-            // kt's MMAs (in one partial-sum set) stay in flight while kt - 1's (in the other)
-            // are promoted; a stage is released once its MMAs have completed.
-            float s_even[4], s_odd[4];
-            issue(d, s_even);
-            advance();
-            int kt = 1;
-            for (; kt + 1 < KT; kt += 2) {
-                issue(d2, s_odd);
+                    for (int kk = 0; kk < F8_BK; kk += 32)
+                        wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + h * F8_BN * F8_BK + kk), kk > 0);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    if (h == 1 && lane == 0) sync.stage_release(stage);
+                    const float s_lo = a_lo * bw[h], s_hi = a_hi * bw[h];
+#pragma unroll
+                    for (int j = 0; j < F8_BN / 8; ++j) {
+                        float* o = acc[0][(NI / 2) * h + j];
+                        o[0] = fmaf(d[4 * j + 0], s_lo, o[0]);
+                        o[1] = fmaf(d[4 * j + 1], s_lo, o[1]);
+                        o[2] = fmaf(d[4 * j + 2], s_hi, o[2]);
+                        o[3] = fmaf(d[4 * j + 3], s_hi, o[3]);
+                    }
+                }
                 advance();
-                wgmma_wait<1>();
-                release(2);
-                promote(d, s_even);
-                issue(d, s_even);
-                advance();
-                wgmma_wait<1>();
-                release(2);
-                promote(d2, s_odd);
-            }
-            if (kt < KT) {
-                issue(d2, s_odd);
-                advance();
-                wgmma_wait<1>();
-                release(2);
-                promote(d, s_even);
-                wgmma_wait<0>();
-                release(1);
-                promote(d2, s_odd);
-            } else {
-                wgmma_wait<0>();
-                release(1);
-                promote(d, s_even);
             }
         } else {
-            for (int kt = 0; kt < KT; ++kt) {
-                float s[4];
-                issue(d, s);
+            float d[F8_BN / 2], d2[F8_BN / 2];
+            // Register 4 j + r of a partial sum: row lo (r < 2) or hi; column block 1 (the up
+            // rows) for j >= NI/2 in gate_up, one block in down.
+            auto promote = [&](const float(&dp)[F8_BN / 2], const float(&s)[4]) {
+#pragma unroll
+                for (int j = 0; j < NI; ++j) {
+                    const bool blk1 = GATE_UP && j >= NI / 2;
+                    acc[0][j][0] = fmaf(dp[4 * j + 0], blk1 ? s[1] : s[0], acc[0][j][0]);
+                    acc[0][j][1] = fmaf(dp[4 * j + 1], blk1 ? s[1] : s[0], acc[0][j][1]);
+                    acc[0][j][2] = fmaf(dp[4 * j + 2], blk1 ? s[3] : s[2], acc[0][j][2]);
+                    acc[0][j][3] = fmaf(dp[4 * j + 3], blk1 ? s[3] : s[2], acc[0][j][3]);
+                }
+            };
+            // Waits for k-tile kt's stage, issues its MMAs into `dn` and reads its scales into `s`.
+            auto issue = [&](float(&dn)[F8_BN / 2], float(&s)[4]) {
+                mbar_wait(&full[stage], phase);
+                const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
+                const unsigned char* bs = Bs + stage * B_BYTES;
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < F8_BK; kk += 32)
+                    wgmma_m64n128k32_e4m3(dn, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
+                wgmma_commit();
+                const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
+                const float b0 = Sw[stage * 8], b1 = Sw[stage * 8 + (GATE_UP ? 4 : 0)];
+                s[0] = a_lo * b0;
+                s[1] = a_lo * b1;
+                s[2] = a_hi * b0;
+                s[3] = a_hi * b1;
+            };
+            // Releases the oldest stage still held (`held` k-tiles back from the current one).
+            auto release = [&](int held) {
+                int st = stage - held;
+                if (st < 0) st += STAGES;
+                if (lane == 0) sync.stage_release(st);
+            };
+            if (pingpong) {
+                // kt's MMAs (in one partial-sum set) stay in flight while kt - 1's (in the other)
+                // are promoted; a stage is released once its MMAs have completed.
+                float s_even[4], s_odd[4];
+                issue(d, s_even);
                 advance();
-                wgmma_wait<0>();
-                release(1);
-                promote(d, s);
+                int kt = 1;
+                for (; kt + 1 < KT; kt += 2) {
+                    issue(d2, s_odd);
+                    advance();
+                    wgmma_wait<1>();
+                    release(2);
+                    promote(d, s_even);
+                    issue(d, s_even);
+                    advance();
+                    wgmma_wait<1>();
+                    release(2);
+                    promote(d2, s_odd);
+                }
+                if (kt < KT) {
+                    issue(d2, s_odd);
+                    advance();
+                    wgmma_wait<1>();
+                    release(2);
+                    promote(d, s_even);
+                    wgmma_wait<0>();
+                    release(1);
+                    promote(d2, s_odd);
+                } else {
+                    wgmma_wait<0>();
+                    release(1);
+                    promote(d, s_even);
+                }
+            } else {
+                for (int kt = 0; kt < KT; ++kt) {
+                    float s[4];
+                    issue(d, s);
+                    advance();
+                    wgmma_wait<0>();
+                    release(1);
+                    promote(d, s);
+                }
             }
         }
+        const int row_base = row0 + c * 64 + warp * 16;
         if (GATE_UP) {
             // Pair gate column block j with up block j + NI/2 in the order store_acc expects.
             float pairs[1][NI][4];
@@ -1178,11 +1134,11 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
                     pairs[0][2 * j][r] = acc[0][j][r];
                     pairs[0][2 * j + 1][r] = acc[0][j + NI / 2][r];
                 }
-            store_acc<1, NI, true, Tag>(p, pairs, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+            store_acc<1, NI, true, Tag>(p, pairs, e, row_base, row_end, 0, n0);
         } else if (tp.y16) {
-            store_acc<1, NI, false, Tag, true>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+            store_acc<1, NI, false, Tag, true>(p, acc, e, row_base, row_end, 0, n0);
         } else {
-            store_acc<1, NI, false, Tag>(p, acc, e, row0 + c * 64 + warp * 16, row_end, 0, n0);
+            store_acc<1, NI, false, Tag>(p, acc, e, row_base, row_end, 0, n0);
         }
     }
     if (CL > 1) cluster_sync_all();
