@@ -69,10 +69,20 @@ fn cluster_pairs() -> bool {
 /// The FP8 tiles [`launch_tile`] runs.
 pub const TILES: [GemmTile; 3] = [GemmTile::F8T128, GemmTile::F8T128X2, GemmTile::F8T256];
 
-/// `MOE_CUDA_F8_TILE=t128`: the 128 x 128 tile instead of 128 x 256.
+/// `MOE_CUDA_F8_TILE`, read once: `0` keeps FP8-block experts on the mma.sync GEMM instead of
+/// these tiles, `t128` picks the 128 x 128 tile instead of 128 x 256.
+fn tile_switch() -> Option<&'static str> {
+    static V: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    V.get_or_init(|| std::env::var("MOE_CUDA_F8_TILE").ok()).as_deref()
+}
+
+/// Whether FP8-block experts use these wgmma tiles where they can (`MOE_CUDA_F8_TILE=0`: no).
+pub fn tiles_enabled() -> bool {
+    tile_switch() != Some("0")
+}
+
 fn narrow_tile() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOE_CUDA_F8_TILE").is_ok_and(|v| v.trim() == "t128"))
+    tile_switch().is_some_and(|v| v.trim() == "t128")
 }
 
 /// Output columns a block of `tile` covers (gate_up: half its weight rows are the up rows).

@@ -606,10 +606,6 @@ fn write_slot(dev: &CudaDevice, d: &mut DeviceProj, slot: usize, p: &HostParts) 
     Ok(())
 }
 
-fn f8_tile_default() -> bool {
-    std::env::var("MOE_CUDA_F8_TILE").as_deref() != Ok("0")
-}
-
 impl QuantExperts {
     /// Packs and uploads every expert of `x` (the local slots, in order).
     pub fn upload(dev: &CudaDevice, elem: Elem, x: &ExpertWeights) -> Result<QuantExperts> {
@@ -661,7 +657,7 @@ impl QuantExperts {
             w13,
             w2,
             ws: Workspace::default(),
-            use_f8_tile: f8_tile_default(),
+            use_f8_tile: crate::fp8_gemm::tiles_enabled(),
             decode_mode: decode_mode(format),
             decode_split_auto: true,
         })
