@@ -201,6 +201,21 @@ __device__ __forceinline__ u64 wgmma_desc(const void* smem) {
     u64 addr = smem_addr(smem);
     return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
 }
+// The same descriptor as two 32-bit halves: the high one is a constant, and the low one (the
+// address field) moves by (byte offset >> 4) within a stage's tiles (shared addresses stay below
+// 2^18, so the 14-bit field never carries). Hot loops add constants to one register instead of
+// rebuilding the whole descriptor per MMA.
+#define WG_DESC_HI ((1024u >> 4) | (1u << 30))
+__device__ __forceinline__ u32 wgmma_desc_lo(const void* smem) {
+    return ((smem_addr(smem) & 0x3FFFF) >> 4) | (1u << 16);
+}
+__device__ __forceinline__ u64 wgmma_desc_of(u32 lo) { return ((u64)WG_DESC_HI << 32) | lo; }
+// A shared-memory f32 read by its 32-bit shared address (no generic 64-bit address arithmetic).
+__device__ __forceinline__ float lds_f32(u32 addr) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -1008,25 +1023,30 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
         // apply: gate_up the gate block (f8t128: columns 0..63 of the tile; f8t256: the first
         // half) and the up block, down one block (f8t256: one a half).
         const int r_lo = c * 64 + warp * 16 + g;
+        // Shared addresses of this thread's row scale (+ 32 bytes: row r_lo + 8) and of the
+        // weight block scales, in stage 0.
+        const u32 sa_addr = smem_addr(Sa + r_lo), sw_addr = smem_addr(Sw);
 #pragma unroll
         for (int j = 0; j < NI; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
         if constexpr (BN > F8_BN) {
             float d[F8_BN / 2];
+            const u32 da0 = wgmma_desc_lo(As + c * 64 * F8_BK), db0 = wgmma_desc_lo(Bs);
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&full[stage], phase);
-                const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
-                const unsigned char* bs = Bs + stage * B_BYTES;
+                const u32 da = da0 + stage * (A_BYTES >> 4), db = db0 + stage * (B_BYTES >> 4);
                 // Read before the release below lets the producer refill the stage.
-                const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
-                const float bw[2] = {Sw[stage * 8], Sw[stage * 8 + 4]};
+                const u32 sa = sa_addr + stage * (TW_BM * 4), sw = sw_addr + stage * 32;
+                const float a_lo = lds_f32(sa), a_hi = lds_f32(sa + 32);
+                const float bw[2] = {lds_f32(sw), lds_f32(sw + 16)};
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     wgmma_fence();
 #pragma unroll
                     for (int kk = 0; kk < F8_BK; kk += 32)
-                        wgmma_m64n128k32_e4m3(d, wgmma_desc(as + kk), wgmma_desc(bs + h * F8_BN * F8_BK + kk), kk > 0);
+                        wgmma_m64n128k32_e4m3(d, wgmma_desc_of(da + (kk >> 4)),
+                                              wgmma_desc_of(db + ((h * F8_BN * F8_BK + kk) >> 4)), kk > 0);
                     wgmma_commit();
                     wgmma_wait<0>();
                     if (h == 1 && lane == 0) sync.stage_release(stage);
@@ -1057,17 +1077,18 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
                 }
             };
             // Waits for k-tile kt's stage, issues its MMAs into `dn` and reads its scales into `s`.
+            const u32 da0 = wgmma_desc_lo(As + c * 64 * F8_BK), db0 = wgmma_desc_lo(Bs);
             auto issue = [&](float(&dn)[F8_BN / 2], float(&s)[4]) {
                 mbar_wait(&full[stage], phase);
-                const unsigned char* as = As + stage * A_BYTES + c * 64 * F8_BK;
-                const unsigned char* bs = Bs + stage * B_BYTES;
+                const u32 da = da0 + stage * (A_BYTES >> 4), db = db0 + stage * (B_BYTES >> 4);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < F8_BK; kk += 32)
-                    wgmma_m64n128k32_e4m3(dn, wgmma_desc(as + kk), wgmma_desc(bs + kk), kk > 0);
+                    wgmma_m64n128k32_e4m3(dn, wgmma_desc_of(da + (kk >> 4)), wgmma_desc_of(db + (kk >> 4)), kk > 0);
                 wgmma_commit();
-                const float a_lo = Sa[stage * TW_BM + r_lo], a_hi = Sa[stage * TW_BM + r_lo + 8];
-                const float b0 = Sw[stage * 8], b1 = Sw[stage * 8 + (GATE_UP ? 4 : 0)];
+                const u32 sa = sa_addr + stage * (TW_BM * 4), sw = sw_addr + stage * 32;
+                const float a_lo = lds_f32(sa), a_hi = lds_f32(sa + 32);
+                const float b0 = lds_f32(sw), b1 = lds_f32(sw + (GATE_UP ? 16 : 0));
                 s[0] = a_lo * b0;
                 s[1] = a_lo * b1;
                 s[2] = a_hi * b0;
