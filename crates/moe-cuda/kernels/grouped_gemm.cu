@@ -197,11 +197,7 @@ __device__ __forceinline__ void grouped_gemm(const GemmParams& p) {
 #ifdef MOE_HAS_WGMMA
 // K-major operand tile with the 128-byte swizzle: rows of 64 elements (128 bytes), 8-row groups
 // of 1024 bytes; the leading byte offset is unused for this layout, the stride is 1024 bytes.
-__device__ __forceinline__ u64 wgmma_desc(const void* smem) {
-    u64 addr = smem_addr(smem);
-    return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
-}
-// The same descriptor as two 32-bit halves: the high one is a constant, and the low one (the
+// The descriptor as two 32-bit halves: the high one is a constant, and the low one (the
 // address field) moves by (byte offset >> 4) within a stage's tiles (shared addresses stay below
 // 2^18, so the 14-bit field never carries). Hot loops add constants to one register instead of
 // rebuilding the whole descriptor per MMA.
@@ -210,6 +206,7 @@ __device__ __forceinline__ u32 wgmma_desc_lo(const void* smem) {
     return ((smem_addr(smem) & 0x3FFFF) >> 4) | (1u << 16);
 }
 __device__ __forceinline__ u64 wgmma_desc_of(u32 lo) { return ((u64)WG_DESC_HI << 32) | lo; }
+__device__ __forceinline__ u64 wgmma_desc(const void* smem) { return wgmma_desc_of(wgmma_desc_lo(smem)); }
 // A shared-memory f32 read by its 32-bit shared address (no generic 64-bit address arithmetic).
 __device__ __forceinline__ float lds_f32(u32 addr) {
     float v;
@@ -1024,15 +1021,15 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
         // half) and the up block, down one block (f8t256: one a half).
         const int r_lo = c * 64 + warp * 16 + g;
         // Shared addresses of this thread's row scale (+ 32 bytes: row r_lo + 8) and of the
-        // weight block scales, in stage 0.
+        // weight block scales, and the descriptors of its A rows and of B, all in stage 0.
         const u32 sa_addr = smem_addr(Sa + r_lo), sw_addr = smem_addr(Sw);
+        const u32 da0 = wgmma_desc_lo(As + c * 64 * F8_BK), db0 = wgmma_desc_lo(Bs);
 #pragma unroll
         for (int j = 0; j < NI; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[0][j][r] = 0.f;
         if constexpr (BN > F8_BN) {
             float d[F8_BN / 2];
-            const u32 da0 = wgmma_desc_lo(As + c * 64 * F8_BK), db0 = wgmma_desc_lo(Bs);
             for (int kt = 0; kt < KT; ++kt) {
                 mbar_wait(&full[stage], phase);
                 const u32 da = da0 + stage * (A_BYTES >> 4), db = db0 + stage * (B_BYTES >> 4);
@@ -1077,7 +1074,6 @@ __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
                 }
             };
             // Waits for k-tile kt's stage, issues its MMAs into `dn` and reads its scales into `s`.
-            const u32 da0 = wgmma_desc_lo(As + c * 64 * F8_BK), db0 = wgmma_desc_lo(Bs);
             auto issue = [&](float(&dn)[F8_BN / 2], float(&s)[4]) {
                 mbar_wait(&full[stage], phase);
                 const u32 da = da0 + stage * (A_BYTES >> 4), db = db0 + stage * (B_BYTES >> 4);
