@@ -2,8 +2,9 @@
 //! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, how many
 //! tasks a thread gets in the split (few experts) schedule, from how many rows an expert the
 //! quantized experts run on dequantized bf16 panels, and from how many rows a bf16 tile runs on
-//! AMX. Defaults come from `MOE_CPU_THP` / `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` /
-//! `MOE_CPU_QUANT_TILE_ROWS` / `MOE_CPU_AMX_ROWS`; moe-runtime's
+//! AMX, and how the small bf16 tiles prefetch. Defaults come from `MOE_CPU_THP` /
+//! `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` / `MOE_CPU_QUANT_TILE_ROWS` /
+//! `MOE_CPU_AMX_ROWS` / `MOE_CPU_SMALL_TILE_PF`; moe-runtime's
 //! `examples/cpu_ab.rs` flips them between interleaved timing slices so both variants see the
 //! same host noise.
 
@@ -20,6 +21,7 @@ static INT4_ACT: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_DECODE: AtomicUsize = AtomicUsize::new(UNSET);
 static INT4_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 static K_CHUNK: AtomicUsize = AtomicUsize::new(UNSET);
+static SMALL_TILE_PF: AtomicUsize = AtomicUsize::new(UNSET);
 
 /// The switch's value: set explicitly, else read once from the environment (`default` when the
 /// variable is absent or not a number).
@@ -55,6 +57,20 @@ pub fn gemv_prefetch() -> usize {
 /// Overrides [`gemv_prefetch`].
 pub fn set_gemv_prefetch(steps: usize) {
     GEMV_PREFETCH.store(steps, Ordering::Relaxed);
+}
+
+/// How the AVX-512 BF16 tiles of 2-8 rows prefetch (`MOE_CPU_SMALL_TILE_PF`): 0 the next block
+/// into L2 at the pace of this one, 1 this block [`gemv_prefetch`] steps ahead into L1 (as the
+/// one-row kernel), 2 both (default). Interleaved A/B on the 2-core dev VM (docs/perf/cpu.md,
+/// session 17), 2 against 0: qwen3 T = 16 0.946x and 0.972x the time, T = 128 0.987x, T = 1024
+/// 0.995x; 1 against 0: T = 16 0.981x.
+pub fn small_tile_prefetch() -> usize {
+    get(&SMALL_TILE_PF, "MOE_CPU_SMALL_TILE_PF", 2).min(2)
+}
+
+/// Overrides [`small_tile_prefetch`].
+pub fn set_small_tile_prefetch(mode: usize) {
+    SMALL_TILE_PF.store(mode, Ordering::Relaxed);
 }
 
 /// Tasks per thread in the engine's split schedule (default 12): more give work stealing room

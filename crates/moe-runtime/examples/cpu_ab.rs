@@ -17,6 +17,8 @@
 //! 128-wide group (1, 2, 4, 8; default 4; `moe_cpu::tuning::quant_decode_splits`).
 //! `--{a,b}-int4-rows N`: weight rows a dot of that path takes together (4 or 1; default 4).
 //! `--{a,b}-kc N`: inputs per k-chunk of the dense engine (default 2048; `moe_cpu::tuning::k_chunk`).
+//! `--{a,b}-tile-pf N`: how bf16 tiles of 2-8 rows prefetch (0, 1, 2; default 2;
+//! `moe_cpu::tuning::small_tile_prefetch`).
 //! `--{a,b}-pool team|rayon`: where the backend's parallel steps run (default team, see
 //! `moe_cpu::pool`).
 //! `--gap-us N`: the calling thread sleeps N us between forwards (default 0), as a model's other
@@ -48,6 +50,7 @@ struct Variant {
     qdecode: usize,
     int4_rows: usize,
     kc: usize,
+    tile_pf: usize,
     team: bool,
 }
 
@@ -77,6 +80,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             qdecode: opt(&format!("--{p}-qdecode"), "4").parse()?,
             int4_rows: opt(&format!("--{p}-int4-rows"), "4").parse()?,
             kc: opt(&format!("--{p}-kc"), "2048").parse()?,
+            tile_pf: opt(&format!("--{p}-tile-pf"), "2").parse()?,
             team: match opt(&format!("--{p}-pool"), "team").as_str() {
                 "team" => true,
                 "rayon" => false,
@@ -124,6 +128,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 moe_cpu::tuning::set_quant_decode(var.qdecode);
                 moe_cpu::tuning::set_int4_dot_rows(var.int4_rows);
                 moe_cpu::tuning::set_k_chunk(var.kc);
+                moe_cpu::tuning::set_small_tile_prefetch(var.tile_pf);
                 moe_cpu::pool::set_use_team(var.team);
                 let m = &mut moes[v];
                 let mut t = Vec::new();
@@ -142,11 +147,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, int4_rows, kc, team }) in variants.iter().enumerate() {
+        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, int4_rows, kc, tile_pf, team }) in variants.iter().enumerate() {
             let pool = if *team { "team" } else { "rayon" };
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, int4 rows {int4_rows}, k chunk {kc}, pool {pool}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, int4 rows {int4_rows}, k chunk {kc}, tile pf {tile_pf}, pool {pool}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()

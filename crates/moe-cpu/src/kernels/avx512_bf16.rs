@@ -24,7 +24,7 @@ unsafe fn bcast_pair(p: *const bf16) -> __m512bh {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_mr<const MR: usize, const PF: bool>(
+unsafe fn tile_mr<const MR: usize, const PF: bool, const AHEAD: bool>(
     a: *const bf16,
     lda: usize,
     b: *const bf16,
@@ -33,12 +33,19 @@ unsafe fn tile_mr<const MR: usize, const PF: bool>(
     pf: *const bf16,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let ahead = if AHEAD { crate::tuning::gemv_prefetch() } else { 0 };
     for ks in 0..ksteps {
         let bp = b.add(ks * 2 * NB);
         if PF {
             // the next block, into L2, two lines per step: it arrives while this one computes
             _mm_prefetch::<_MM_HINT_T1>(pf.add(ks * 2 * NB) as *const i8);
             _mm_prefetch::<_MM_HINT_T1>(pf.add(ks * 2 * NB + NB) as *const i8);
+        }
+        if AHEAD {
+            // this block `ahead` steps on, into L1 (never faults, past the end included)
+            let p = b.wrapping_add((ks + ahead) * 2 * NB) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
         }
         let b0 = load_pairs(bp);
         let b1 = load_pairs(bp.add(NB));
@@ -108,25 +115,26 @@ pub(super) unsafe fn tile(
     c: *mut [f32; NB],
     pf: *const bf16,
 ) {
-    if !pf.is_null() && m > 1 {
-        return match m {
-            2 => tile_mr::<2, true>(a, lda, b, ksteps, c, pf),
-            3 => tile_mr::<3, true>(a, lda, b, ksteps, c, pf),
-            4 => tile_mr::<4, true>(a, lda, b, ksteps, c, pf),
-            5 => tile_mr::<5, true>(a, lda, b, ksteps, c, pf),
-            6 => tile_mr::<6, true>(a, lda, b, ksteps, c, pf),
-            7 => tile_mr::<7, true>(a, lda, b, ksteps, c, pf),
-            _ => tile_mr::<8, true>(a, lda, b, ksteps, c, pf),
+    if m == 1 {
+        return gemv(a, b, ksteps, c);
+    }
+    macro_rules! by_rows {
+        ($pf:literal, $ahead:literal) => {
+            match m {
+                2 => tile_mr::<2, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+                3 => tile_mr::<3, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+                4 => tile_mr::<4, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+                5 => tile_mr::<5, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+                6 => tile_mr::<6, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+                7 => tile_mr::<7, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+                _ => tile_mr::<8, $pf, $ahead>(a, lda, b, ksteps, c, pf),
+            }
         };
     }
-    match m {
-        1 => gemv(a, b, ksteps, c),
-        2 => tile_mr::<2, false>(a, lda, b, ksteps, c, pf),
-        3 => tile_mr::<3, false>(a, lda, b, ksteps, c, pf),
-        4 => tile_mr::<4, false>(a, lda, b, ksteps, c, pf),
-        5 => tile_mr::<5, false>(a, lda, b, ksteps, c, pf),
-        6 => tile_mr::<6, false>(a, lda, b, ksteps, c, pf),
-        7 => tile_mr::<7, false>(a, lda, b, ksteps, c, pf),
-        _ => tile_mr::<8, false>(a, lda, b, ksteps, c, pf),
+    match (!pf.is_null(), crate::tuning::small_tile_prefetch()) {
+        (true, 0) => by_rows!(true, false),
+        (true, 1) | (false, 1 | 2) => by_rows!(false, true),
+        (true, _) => by_rows!(true, true),
+        (false, _) => by_rows!(false, false),
     }
 }
