@@ -98,8 +98,10 @@ unsafe fn gemv(a: *const bf16, b: *const bf16, ksteps: usize, c: *mut [f32; NB])
     _mm512_storeu_ps(row.add(16), hi);
 }
 
-/// One tile of `m` rows (1..=8), `ksteps` pairs; when `pf` is not null, the block it points to
-/// (same size) is prefetched into L2 meanwhile.
+/// One tile of `m` rows (1..=8), `ksteps` pairs. Tiles of 2-8 rows prefetch as
+/// [`crate::tuning::small_tile_prefetch`] says: `b` itself ahead into L1 and/or, when `pf` is not
+/// null, the block it points to (same size) into L2 meanwhile. The one-row kernel prefetches `b`
+/// ahead only.
 ///
 /// # Safety
 /// AVX-512F and AVX-512 BF16 must be available; `a` holds `m` rows of `2 * ksteps` bf16 at stride
