@@ -22,6 +22,17 @@ unsafe fn bcast_pair(p: *const bf16) -> __m512bh {
     transmute::<__m512i, __m512bh>(_mm512_set1_epi32((p as *const i32).read_unaligned()))
 }
 
+/// Prefetches `lines` 64-byte lines into L1 from k-step `step` of the pair-packed block `b` (two
+/// lines a step). Prefetches never fault, so steps past the block's end are fine.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn prefetch_l1(b: *const bf16, step: usize, lines: usize) {
+    let p = b.wrapping_add(step * 2 * NB) as *const i8;
+    for l in 0..lines {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l));
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_mr<const MR: usize, const PF: bool, const AHEAD: bool>(
@@ -42,10 +53,7 @@ unsafe fn tile_mr<const MR: usize, const PF: bool, const AHEAD: bool>(
             _mm_prefetch::<_MM_HINT_T1>(pf.add(ks * 2 * NB + NB) as *const i8);
         }
         if AHEAD {
-            // this block `ahead` steps on, into L1 (never faults, past the end included)
-            let p = b.wrapping_add((ks + ahead) * 2 * NB) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            prefetch_l1(b, ks + ahead, 2);
         }
         let b0 = load_pairs(bp);
         let b1 = load_pairs(bp.add(NB));
@@ -70,11 +78,7 @@ unsafe fn gemv(a: *const bf16, b: *const bf16, ksteps: usize, c: *mut [f32; NB])
     let pf = crate::tuning::gemv_prefetch();
     while ks + 4 <= ksteps {
         if pf > 0 {
-            // The 4 steps `pf` ahead (8 lines): prefetches never fault, past the end included.
-            let ahead = b.wrapping_add((ks + pf) * 2 * NB) as *const i8;
-            for l in 0..8 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
+            prefetch_l1(b, ks + pf, 8); // the 4 steps `pf` ahead
         }
         for u in 0..4 {
             let bp = b.add((ks + u) * 2 * NB);
@@ -133,10 +137,11 @@ pub(super) unsafe fn tile(
             }
         };
     }
-    match (!pf.is_null(), crate::tuning::small_tile_prefetch()) {
-        (true, 0) => by_rows!(true, false),
-        (true, 1) | (false, 1 | 2) => by_rows!(false, true),
-        (true, _) => by_rows!(true, true),
-        (false, _) => by_rows!(false, false),
+    let mode = crate::tuning::small_tile_prefetch();
+    match (!pf.is_null() && mode != 1, mode != 0) {
+        (true, true) => by_rows!(true, true),
+        (true, false) => by_rows!(true, false),
+        (false, true) => by_rows!(false, true),
+        (false, false) => by_rows!(false, false),
     }
 }
