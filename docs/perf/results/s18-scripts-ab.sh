@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# ---- run A (gpu-bin/s/s18a.sh) ----
 # Session 18 run A: f8t256c vs f8t256 (default), bf16 deepseek-v3 T=16384 in the same run.
 set -u
 L=$OUT/log.txt
@@ -26,15 +27,10 @@ timeout 100 env MOE_CUDA_F8_TILE=$t ncu --clock-control none --kernel-name regex
 echo "ncu $t rc=$?" >> $L
 done
 echo done >> $L
-#!/usr/bin/env bash
+# ---- run B (gpu-bin/s/s18b.sh) ----
 # Session 18 run B: where MXFP4 gpt-oss T = 1 goes (every kernel of a forward), the decode ratios
 # refreshed in one run, qwen3 T = 4096 bf16, and gpu_quant on the default tiles.
-set -u
-L=$OUT/log.txt
-run() { echo "### $(date +%T) $*" >> $L; "$@" >> $L 2>&1; echo "rc=$?" >> $L; }
-mkdir -p /tmp/kc-cuda; cp gpu-bin/cuda/kcache/* /tmp/kc-cuda/
-export MOE_KERNEL_CACHE=/tmp/kc-cuda
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv >> $L
+# (the same preamble as run A: set -u, $L, run(), the kernel cache copy, nvidia-smi)
 G="--shapes gpt-oss-20b --tokens 1,2,16 --target-ms 10"
 for r in 1 2; do
   run timeout 60 gpu-bin/cuda/gpu_bench $G --quant mxfp4 --out $OUT/mx-$r.json
