@@ -900,7 +900,7 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes,
 template <bool GATE_UP, class Tag, int CL, int BN = F8_BN>
 __device__ __forceinline__ void f8_tma_ws_gemm(const F8TmaParams& tp) {
 #ifdef MOE_HAS_WGMMA
-    static_assert(BN == F8_BN || (BN == 2 * F8_BN && CL == 1), "f8t256 runs without clusters");
+    static_assert(BN == F8_BN || BN == 2 * F8_BN, "f8t128 or f8t256");
     constexpr int A_BYTES = TW_BM * F8_BK, B_BYTES = BN * F8_BK, STAGES = BN == F8_BN ? F8_STAGES : F8W_STAGES;
     const GemmParams& p = tp.p;
     extern __shared__ __align__(16) unsigned char f8_smem[];
@@ -1218,6 +1218,7 @@ TMA_WS_ENTRY(t256x2, bf16, Bf16Tag, 2)
 F8_TMA_ENTRY(f8t128, bf16, Bf16Tag, 1, 128)
 F8_TMA_ENTRY(f8t128x2, bf16, Bf16Tag, 2, 128)
 F8_TMA_ENTRY(f8t256, bf16, Bf16Tag, 1, 256)
+F8_TMA_ENTRY(f8t256x2, bf16, Bf16Tag, 2, 256)
 #endif
 #ifdef MOE_GEMM_F16
 GEMM_ENTRY(m16, f16, F16Tag, 16, 128, 64, 1, 4, 4)
@@ -1230,4 +1231,5 @@ TMA_WS_ENTRY(t256x2, f16, F16Tag, 2)
 F8_TMA_ENTRY(f8t128, f16, F16Tag, 1, 128)
 F8_TMA_ENTRY(f8t128x2, f16, F16Tag, 2, 128)
 F8_TMA_ENTRY(f8t256, f16, F16Tag, 1, 256)
+F8_TMA_ENTRY(f8t256x2, f16, F16Tag, 2, 256)
 #endif

@@ -1,4 +1,4 @@
-//! The Hopper FP8 grouped GEMM (`GemmTile::F8T128` / `F8T256`): e4m3 activations and weights with f32
+//! The Hopper FP8 grouped GEMM (`GemmTile::F8T128` / `F8T256` and their 2-CTA forms): e4m3 activations and weights with f32
 //! block scales (DeepSeek-V3 FP8: weights per 128 x 128 block, activations per row per 128
 //! channels), TMA-fed, warp-specialized, per-k-tile promotion into f32. The quantized-expert
 //! store launches it for large token counts; the row tiles come from the backend's layouts.
@@ -67,7 +67,7 @@ fn cluster_pairs() -> bool {
 }
 
 /// The FP8 tiles [`launch_tile`] runs.
-pub const TILES: [GemmTile; 3] = [GemmTile::F8T128, GemmTile::F8T128X2, GemmTile::F8T256];
+pub const TILES: [GemmTile; 4] = [GemmTile::F8T128, GemmTile::F8T128X2, GemmTile::F8T256, GemmTile::F8T256X2];
 
 /// `MOE_CUDA_F8_TILE`, read once: `0` keeps FP8-block experts on the mma.sync GEMM instead of
 /// these tiles, `t128` picks the 128 x 128 tile instead of 128 x 256.
@@ -97,16 +97,13 @@ fn block_cols(tile: GemmTile, gate_up: bool) -> usize {
 /// Launches `g` on `dev`'s stream with the default tile; `counter` is a u32 device word the
 /// tile scheduler uses (zeroed here, stream-ordered). The default is `f8t256`: 7-9% faster than
 /// `f8t128` at deepseek-v3 T = 16384 and 1-2% at 4096 (H100, session 15, docs/perf/quant.md).
-/// `MOE_CUDA_F8_TILE=t128` runs `f8t128`, `MOE_CUDA_F8_CLUSTER=1` its 2-CTA form where the
-/// column blocks pair up.
+/// `MOE_CUDA_F8_TILE=t128` runs `f8t128`; `MOE_CUDA_F8_CLUSTER=1` runs the chosen tile's 2-CTA
+/// form where the column blocks pair up.
 pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaResult<()> {
-    let tile = if cluster_pairs() && g.n.div_ceil(block_cols(GemmTile::F8T128, g.gate_up)).is_multiple_of(2) {
-        GemmTile::F8T128X2
-    } else if narrow_tile() || cluster_pairs() {
-        GemmTile::F8T128
-    } else {
-        GemmTile::F8T256
-    };
+    let (single, pair) =
+        if narrow_tile() { (GemmTile::F8T128, GemmTile::F8T128X2) } else { (GemmTile::F8T256, GemmTile::F8T256X2) };
+    let pairs_up = g.n.div_ceil(block_cols(pair, g.gate_up)).is_multiple_of(2);
+    let tile = if cluster_pairs() && pairs_up { pair } else { single };
     launch_tile(dev, elem, counter, g, tile)
 }
 

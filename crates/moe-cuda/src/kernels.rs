@@ -144,11 +144,14 @@ pub enum GemmTile {
     /// The F8T128 structure with 128 x 256 tiles (a consumer promotes one 128-column half at a
     /// time), 4 stages.
     F8T256,
+    /// F8T256 in 2-CTA clusters over neighbouring column blocks that share their A tile (each
+    /// CTA loads half and multicasts it): needs an even column-block count.
+    F8T256X2,
 }
 
 impl GemmTile {
     /// Every tile.
-    pub const ALL: [GemmTile; 10] = [
+    pub const ALL: [GemmTile; 11] = [
         GemmTile::M16,
         GemmTile::M64,
         GemmTile::M128,
@@ -159,6 +162,7 @@ impl GemmTile {
         GemmTile::F8T128,
         GemmTile::F8T128X2,
         GemmTile::F8T256,
+        GemmTile::F8T256X2,
     ];
     /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
     pub const BK: usize = 32;
@@ -175,13 +179,14 @@ impl GemmTile {
             | GemmTile::T256X2
             | GemmTile::F8T128
             | GemmTile::F8T128X2
-            | GemmTile::F8T256 => 128,
+            | GemmTile::F8T256
+            | GemmTile::F8T256X2 => 128,
         }
     }
 
     /// Columns of the weight tile (BN).
     pub fn block_n(self) -> usize {
-        if matches!(self, GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 | GemmTile::F8T256) {
+        if matches!(self, GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 | GemmTile::F8T256 | GemmTile::F8T256X2) {
             256
         } else {
             128
@@ -192,7 +197,7 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 => 64,
             GemmTile::M128 => Self::BK,
-            GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 => 128,
+            GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 | GemmTile::F8T256X2 => 128,
         }
     }
 
@@ -201,7 +206,12 @@ impl GemmTile {
         match self {
             GemmTile::M16 | GemmTile::M64 => 128,
             GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
-            GemmTile::T256 | GemmTile::T256X2 | GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 => 384,
+            GemmTile::T256
+            | GemmTile::T256X2
+            | GemmTile::F8T128
+            | GemmTile::F8T128X2
+            | GemmTile::F8T256
+            | GemmTile::F8T256X2 => 384,
         }
     }
 
@@ -213,7 +223,8 @@ impl GemmTile {
             | GemmTile::W256
             | GemmTile::T256
             | GemmTile::T256X2
-            | GemmTile::F8T256 => 4,
+            | GemmTile::F8T256
+            | GemmTile::F8T256X2 => 4,
             GemmTile::F8T128 | GemmTile::F8T128X2 => 6,
             GemmTile::M64 => 3,
         }
@@ -230,12 +241,13 @@ impl GemmTile {
                 | GemmTile::F8T128
                 | GemmTile::F8T128X2
                 | GemmTile::F8T256
+                | GemmTile::F8T256X2
         )
     }
 
     /// Whether the tile is one of the FP8 store's (e4m3 operands, [`F8TmaParams`]).
     pub fn is_fp8(self) -> bool {
-        matches!(self, GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256)
+        matches!(self, GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 | GemmTile::F8T256X2)
     }
 
     /// Whether the kernel takes [`TmaGemmParams`] and runs a persistent grid.
@@ -245,7 +257,7 @@ impl GemmTile {
 
     /// CTAs a cluster of this tile runs as (they share an operand tile through TMA multicast).
     pub fn cluster(self) -> usize {
-        if matches!(self, GemmTile::T256X2 | GemmTile::F8T128X2) {
+        if matches!(self, GemmTile::T256X2 | GemmTile::F8T128X2 | GemmTile::F8T256X2) {
             2
         } else {
             1
@@ -262,7 +274,7 @@ impl GemmTile {
             // The most any launch asks for (`t256_smem_bytes`).
             GemmTile::T256 | GemmTile::T256X2 => t256_smem_bytes(TW_SKIP_DEAD | TW_STAGED_EPI),
             // One byte per element, plus each stage's scales (128 row scales, 8 weight words).
-            GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 => {
+            GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 | GemmTile::F8T256X2 => {
                 (s * (m + n) * k + s * (m * 4 + 32) + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32
             }
             _ => (s * (m + n) * (k + 8) * 2) as u32,
@@ -281,6 +293,7 @@ impl GemmTile {
             GemmTile::F8T128 => "f8t128",
             GemmTile::F8T128X2 => "f8t128x2",
             GemmTile::F8T256 => "f8t256",
+            GemmTile::F8T256X2 => "f8t256x2",
         }
     }
 }

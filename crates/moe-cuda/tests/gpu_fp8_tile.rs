@@ -148,9 +148,10 @@ fn check_tile(dev: &CudaDevice, tile: GemmTile) {
     assert!(err < 1e-2, "{tile:?} gate_up rel err {err:e}");
 
     // down: A = the first `n` columns of the same rows requantized as [a_rows, n]; W [2, h, n].
-    // h = 384: 3 column tiles of 128 (f8t256: one whole tile and a partial one), which the
-    // 2-CTA tile refuses (odd); 512: 4 (2-CTA clusters sharing A, as the gate_up above with its
-    // 4 column blocks of 64 gate + 64 up rows).
+    // h = 384: 3 column tiles of 128, which f8t128x2 refuses (odd), or for the 256-column tiles
+    // one whole tile and a partial one (f8t256x2: a pair whose second CTA's tile is partial);
+    // 512: 4 or 2 (2-CTA clusters sharing A, as the gate_up above with its 4 column blocks of
+    // 64 gate + 64 up rows, or 2 of 128 + 128).
     for h in [384usize, 512] {
         check_down(dev, tile, &base, a_rows, n, h, &real);
     }
@@ -207,7 +208,7 @@ fn check_down(
             w_scales: dev.ptr(&sw2_d),
             y16,
         };
-        if tile.cluster() > 1 && (h / tile.block_n()) % 2 == 1 {
+        if tile.cluster() > 1 && h.div_ceil(tile.block_n()) % 2 == 1 {
             let err = launch_tile(dev, Elem::Bf16, dev.ptr(&counter), &g, tile).unwrap_err();
             assert!(err.to_string().contains("odd"), "{err}");
             return;
