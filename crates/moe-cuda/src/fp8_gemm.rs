@@ -94,6 +94,11 @@ fn block_cols(tile: GemmTile, gate_up: bool) -> usize {
     }
 }
 
+/// Column blocks of `tile` over `g`'s output columns (a 2-CTA tile pairs them up).
+fn column_blocks(tile: GemmTile, g: &Fp8Gemm) -> usize {
+    g.n.div_ceil(block_cols(tile, g.gate_up))
+}
+
 /// Launches `g` on `dev`'s stream with the default tile; `counter` is a u32 device word the
 /// tile scheduler uses (zeroed here, stream-ordered). The default is `f8t256`: 7-9% faster than
 /// `f8t128` at deepseek-v3 T = 16384 and 1-2% at 4096 (H100, session 15, docs/perf/quant.md).
@@ -102,8 +107,7 @@ fn block_cols(tile: GemmTile, gate_up: bool) -> usize {
 pub fn launch(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm) -> CudaResult<()> {
     let (single, pair) =
         if narrow_tile() { (GemmTile::F8T128, GemmTile::F8T128X2) } else { (GemmTile::F8T256, GemmTile::F8T256X2) };
-    let pairs_up = g.n.div_ceil(block_cols(pair, g.gate_up)).is_multiple_of(2);
-    let tile = if cluster_pairs() && pairs_up { pair } else { single };
+    let tile = if cluster_pairs() && column_blocks(pair, g).is_multiple_of(2) { pair } else { single };
     launch_tile(dev, elem, counter, g, tile)
 }
 
@@ -119,7 +123,7 @@ pub fn launch_tile(dev: &CudaDevice, elem: Elem, counter: u64, g: &Fp8Gemm, tile
     p.n = g.n as i32;
     p.k = g.k as i32;
     let cols = block_cols(tile, g.gate_up);
-    let num_n = g.n.div_ceil(cols);
+    let num_n = column_blocks(tile, g);
     p.num_n = num_n as i32;
     let pairs = tile.cluster() > 1;
     if pairs && !num_n.is_multiple_of(2) {

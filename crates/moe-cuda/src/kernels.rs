@@ -167,26 +167,29 @@ impl GemmTile {
     /// K elements per pipeline stage of the m64/m128 tiles (`GEMM_BK`).
     pub const BK: usize = 32;
 
+    /// The tile each CTA of a cluster runs: the 2-CTA forms share every per-CTA property of
+    /// their one-CTA tile and differ only in [`Self::cluster`] and their entry.
+    pub fn single(self) -> GemmTile {
+        match self {
+            GemmTile::T256X2 => GemmTile::T256,
+            GemmTile::F8T128X2 => GemmTile::F8T128,
+            GemmTile::F8T256X2 => GemmTile::F8T256,
+            t => t,
+        }
+    }
+
     /// Rows per tile (BM).
     pub fn block_m(self) -> usize {
-        match self {
+        match self.single() {
             GemmTile::M16 => 16,
             GemmTile::M64 => 64,
-            GemmTile::M128
-            | GemmTile::W128
-            | GemmTile::W256
-            | GemmTile::T256
-            | GemmTile::T256X2
-            | GemmTile::F8T128
-            | GemmTile::F8T128X2
-            | GemmTile::F8T256
-            | GemmTile::F8T256X2 => 128,
+            _ => 128,
         }
     }
 
     /// Columns of the weight tile (BN).
     pub fn block_n(self) -> usize {
-        if matches!(self, GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 | GemmTile::F8T256 | GemmTile::F8T256X2) {
+        if matches!(self.single(), GemmTile::W256 | GemmTile::T256 | GemmTile::F8T256) {
             256
         } else {
             128
@@ -194,70 +197,48 @@ impl GemmTile {
     }
 
     fn block_k(self) -> usize {
-        match self {
-            GemmTile::M16 | GemmTile::M64 | GemmTile::W128 | GemmTile::W256 | GemmTile::T256 | GemmTile::T256X2 => 64,
+        match self.single() {
             GemmTile::M128 => Self::BK,
-            GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 | GemmTile::F8T256X2 => 128,
+            GemmTile::F8T128 | GemmTile::F8T256 => 128,
+            _ => 64,
         }
     }
 
     /// Threads per block.
     pub fn threads(self) -> u32 {
-        match self {
+        match self.single() {
             GemmTile::M16 | GemmTile::M64 => 128,
             GemmTile::M128 | GemmTile::W128 | GemmTile::W256 => 256,
-            GemmTile::T256
-            | GemmTile::T256X2
-            | GemmTile::F8T128
-            | GemmTile::F8T128X2
-            | GemmTile::F8T256
-            | GemmTile::F8T256X2 => 384,
+            _ => 384,
         }
     }
 
     fn stages(self) -> usize {
-        match self {
-            GemmTile::M16
-            | GemmTile::M128
-            | GemmTile::W128
-            | GemmTile::W256
-            | GemmTile::T256
-            | GemmTile::T256X2
-            | GemmTile::F8T256
-            | GemmTile::F8T256X2 => 4,
-            GemmTile::F8T128 | GemmTile::F8T128X2 => 6,
+        match self.single() {
+            GemmTile::F8T128 => 6,
             GemmTile::M64 => 3,
+            _ => 4,
         }
     }
 
     /// Whether the tile uses Hopper-only instructions (wgmma): only for an `sm_90a` build.
     pub fn needs_sm90a(self) -> bool {
-        matches!(
-            self,
-            GemmTile::W128
-                | GemmTile::W256
-                | GemmTile::T256
-                | GemmTile::T256X2
-                | GemmTile::F8T128
-                | GemmTile::F8T128X2
-                | GemmTile::F8T256
-                | GemmTile::F8T256X2
-        )
+        !matches!(self, GemmTile::M16 | GemmTile::M64 | GemmTile::M128)
     }
 
     /// Whether the tile is one of the FP8 store's (e4m3 operands, [`F8TmaParams`]).
     pub fn is_fp8(self) -> bool {
-        matches!(self, GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 | GemmTile::F8T256X2)
+        matches!(self.single(), GemmTile::F8T128 | GemmTile::F8T256)
     }
 
     /// Whether the kernel takes [`TmaGemmParams`] and runs a persistent grid.
     pub fn uses_tma(self) -> bool {
-        matches!(self, GemmTile::T256 | GemmTile::T256X2)
+        self.single() == GemmTile::T256
     }
 
     /// CTAs a cluster of this tile runs as (they share an operand tile through TMA multicast).
     pub fn cluster(self) -> usize {
-        if matches!(self, GemmTile::T256X2 | GemmTile::F8T128X2 | GemmTile::F8T256X2) {
+        if self.single() != self {
             2
         } else {
             1
@@ -267,14 +248,14 @@ impl GemmTile {
     /// Dynamic shared memory per block in bytes.
     pub fn smem_bytes(self) -> u32 {
         let (m, n, k, s) = (self.block_m(), self.block_n(), self.block_k(), self.stages());
-        match self {
+        match self.single() {
             // Unpadded swizzled tiles plus 1 KiB to align them to 1024 bytes.
             GemmTile::W128 | GemmTile::W256 => (s * (m + n) * k * 2 + 1024) as u32,
             // Plus a full and an empty mbarrier per stage.
             // The most any launch asks for (`t256_smem_bytes`).
-            GemmTile::T256 | GemmTile::T256X2 => t256_smem_bytes(TW_SKIP_DEAD | TW_STAGED_EPI),
+            GemmTile::T256 => t256_smem_bytes(TW_SKIP_DEAD | TW_STAGED_EPI),
             // One byte per element, plus each stage's scales (128 row scales, 8 weight words).
-            GemmTile::F8T128 | GemmTile::F8T128X2 | GemmTile::F8T256 | GemmTile::F8T256X2 => {
+            GemmTile::F8T128 | GemmTile::F8T256 => {
                 (s * (m + n) * k + s * (m * 4 + 32) + 1024 + 2 * s * 8 + 4 * 8 + 4 * 4) as u32
             }
             _ => (s * (m + n) * (k + 8) * 2) as u32,
