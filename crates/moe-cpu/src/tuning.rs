@@ -127,8 +127,9 @@ pub fn set_amx_rows(rows: usize) {
     AMX_ROWS.store(rows, Ordering::Relaxed);
 }
 
-/// How int4 rows take bf16 activations at decode sizes (up to 8 rows an expert) where the CPU
-/// has AVX-512 VNNI (`MOE_CPU_INT4_ACT`): 0 as bf16 (`vdpbf16ps`), 1 as one int8 byte per value
+/// How int4 rows (and int8 rows: 1 and 2 take them through the decode path of `quant::decode`,
+/// 0 leaves them widened to bf16) take bf16 activations at decode sizes (up to 8 rows an expert)
+/// where the CPU has AVX-512 VNNI (`MOE_CPU_INT4_ACT`): 0 as bf16 (`vdpbf16ps`), 1 as one int8 byte per value
 /// per 128-input group (`vpdpbusd`; about 1% error on a dot, more than bf16's rounding), 2 as two
 /// bytes (a residual byte below the first: finer than bf16, twice the `vpdpbusd`s).
 pub fn int4_act() -> usize {
@@ -140,7 +141,7 @@ pub fn set_int4_act(mode: usize) {
     INT4_ACT.store(mode, Ordering::Relaxed);
 }
 
-/// Whether decode-sized int4 forwards with int8 activations take the two-step path of
+/// Whether decode-sized int4 and int8 forwards with int8 activations take the two-step path of
 /// `quant::decode` (`MOE_CPU_QUANT_DECODE` not 0; default on) instead of the general six-step one.
 pub fn quant_decode() -> bool {
     get(&QUANT_DECODE, "MOE_CPU_QUANT_DECODE", 4) != 0

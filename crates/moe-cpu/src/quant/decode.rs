@@ -1,4 +1,5 @@
-//! Decode-sized forwards of int4 experts on AVX-512 VNNI: every expert holds at most
+//! Decode-sized forwards of int4 and int8 experts on AVX-512 VNNI (int8 activations in 128-input
+//! groups, [`super::mats::VnniRows`]): every expert holds at most
 //! [`super::INT4_REG_ROWS`] rows, so the forward is a stream over the hit experts' packed weights
 //! and its cost beside that stream is the number of parallel steps. Two steps instead of six:
 //!
@@ -10,8 +11,13 @@
 //!    weighted result into the token's output, which is the combine (tasks own disjoint
 //!    columns, so no two write one element). No transposed buffer, no combine step.
 //!
-//! Same arithmetic as the register path of [`super::task`] (`simd::int4_dot_vnni`), so the
-//! results match it up to the order in which the experts' contributions are added.
+//! int4: the same arithmetic as the register path of [`super::task`] (`simd::int4_dot_vnni`), so
+//! the results match it up to the order in which the experts' contributions are added. int8
+//! (`simd::int8_dot_rows_vnni`) has no register path of its own: elsewhere its rows are
+//! widened to bf16 (`simd::int8_dot_bf16`, the tiles).
+//!
+//! The switches keep their int4 names (`MOE_CPU_INT4_ACT`, `MOE_CPU_QUANT_DECODE`): they
+//! choose the activation bytes and the path for both code forms.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -19,6 +25,7 @@ use half::{bf16, f16};
 use moe_core::tensor::HostData;
 use moe_core::{MoeError, Result};
 
+use super::mats::{VnniCodes, VnniRows};
 use super::{grow, scratch, simd, QuantExperts, INT4_REG_ROWS};
 use crate::layout::RowLayout;
 use crate::pack::WElem;
@@ -31,29 +38,15 @@ const ROWS: usize = 4;
 /// the same bits either way.
 ///
 /// # Safety
-/// As [`simd::int4_dot_rows_vnni`] for `ROWS` rows.
-#[allow(clippy::too_many_arguments)]
+/// As [`VnniRows::dot`] for `ROWS` rows.
 #[inline(always)]
-unsafe fn dot_rows(
-    one_row: bool,
-    split: bool,
-    bytes: &[u8],
-    s: &[f32],
-    zs: &[f32],
-    xq: &[i8],
-    unit: &[f32],
-    xsum: &[f32],
-) -> [f32; ROWS] {
-    // SAFETY: forwarded contract; row i is `bytes[i * 64 g ..]`, `s[i * g ..]`, `zs[i * g ..]`.
+unsafe fn dot_rows(one_row: bool, split: bool, rows: VnniRows, xq: &[i8], unit: &[f32], xsum: &[f32]) -> [f32; ROWS] {
+    // SAFETY: forwarded contract; `row(i)` is row i of the same stack.
     unsafe {
         if !one_row {
-            return simd::int4_dot_rows_vnni::<ROWS>(split, bytes, s, zs, xq, unit, xsum);
+            return rows.dot::<ROWS>(split, xq, unit, xsum);
         }
-        let g = unit.len();
-        std::array::from_fn(|i| {
-            let (b, s, zs) = (&bytes[i * 64 * g..(i + 1) * 64 * g], &s[i * g..(i + 1) * g], &zs[i * g..(i + 1) * g]);
-            simd::int4_dot_vnni(split, b, s, zs, xq, unit, xsum)
-        })
+        std::array::from_fn(|i| rows.row(i, unit.len()).dot::<1>(split, xq, unit, xsum)[0])
     }
 }
 
@@ -74,16 +67,6 @@ pub(super) struct DecodeBufs {
     done: Vec<AtomicUsize>,
 }
 
-/// `x` (natural input order) in int4's pair order: per 32 inputs, the 16 even then the 16 odd.
-fn pair_order(x: impl Fn(usize) -> f32, out: &mut [f32]) {
-    for c0 in (0..out.len()).step_by(32) {
-        for l in 0..16 {
-            out[c0 + l] = x(c0 + 2 * l);
-            out[c0 + 16 + l] = x(c0 + 2 * l + 1);
-        }
-    }
-}
-
 /// Where [`quantize_tokens`] writes: per token, `groups` int8 groups of `per` bytes, their
 /// units and sums.
 #[derive(Clone, Copy)]
@@ -95,15 +78,16 @@ struct TokenGroups {
     groups: usize,
 }
 
-/// Every token row of `x` (`[tokens, h]`) as int8 groups (`simd::quantize_i8_groups`).
-fn quantize_tokens<S: WElem>(x: &[S], h: usize, tokens: usize, split: bool, dst: TokenGroups) {
+/// Every token row of `x` (`[tokens, h]`) as int8 groups (`simd::quantize_i8_groups`), in the
+/// input order of `codes`.
+fn quantize_tokens<S: WElem>(x: &[S], h: usize, tokens: usize, split: bool, codes: VnniCodes, dst: TokenGroups) {
     let (per, g) = (dst.per, dst.groups);
     pool::for_each(tokens, |t, _| {
         scratch::with(|sc| {
             grow(&mut sc.row, 2 * h);
             let (natural, row) = sc.row.split_at_mut(h);
             natural.iter_mut().zip(&x[t * h..(t + 1) * h]).for_each(|(d, v)| *d = v.to_f32());
-            pair_order(|j| natural[j], &mut row[..h]);
+            codes.order_input(|j| natural[j], &mut row[..h]);
             // SAFETY: token t alone writes its ranges; the caller (`int4_decode` held) has
             // AVX-512F/BW.
             unsafe {
@@ -115,25 +99,26 @@ fn quantize_tokens<S: WElem>(x: &[S], h: usize, tokens: usize, split: bool, dst:
 }
 
 impl QuantExperts {
-    /// Whether this forward takes the decode path: int4 experts in natural order (no act-order
-    /// permutation), int8 activations on VNNI, routing weights on the output, every expert at
-    /// most [`INT4_REG_ROWS`] rows. `Some(split)`: the activation mode of
-    /// [`crate::tuning::int4_act`].
-    pub(super) fn int4_decode(&self, layout: &RowLayout, weights_on_input: bool) -> Option<bool> {
+    /// Whether this forward takes the decode path: int4 experts without an act-order
+    /// permutation or int8 experts with whole 128-input groups ([`super::mats::QMat::vnni_codes`]),
+    /// int8 activations on VNNI, routing weights on the output, every expert at most
+    /// [`INT4_REG_ROWS`] rows. `Some(split)`: the activation mode of [`crate::tuning::int4_act`].
+    pub(super) fn vnni_decode(&self, layout: &RowLayout, weights_on_input: bool) -> Option<bool> {
         let mode = crate::tuning::int4_act();
+        let codes = self.w13.vnni_codes();
         let ok = crate::tuning::quant_decode()
             && self.vnni
             && mode != 0
             && !weights_on_input
-            && self.w13.int4_natural()
-            && self.w2.int4_natural()
+            && codes.is_some()
+            && codes == self.w2.vnni_codes()
             && layout.groups.iter().all(|g| g.rows <= INT4_REG_ROWS);
         ok.then_some(mode == 2)
     }
 
     /// The decode path (see the module docs); overwrites `out` `[T, H]` (the caller may pass a
     /// reused buffer).
-    pub(super) fn run_int4_decode(
+    pub(super) fn run_vnni_decode(
         &mut self,
         x: &HostData,
         layout: &RowLayout,
@@ -144,6 +129,9 @@ impl QuantExperts {
     ) -> Result<()> {
         let (h, inter) = (self.hidden, self.inter);
         let tokens = out.len() / h.max(1);
+        // Both stacks take the same codes (checked by `vnni_decode`).
+        let codes =
+            self.w13.vnni_codes().ok_or_else(|| MoeError::quant("cpu", "the decode path needs int4 or int8 codes"))?;
         let per = simd::i8_group_bytes(split);
         let (gh, gi) = (h / 128, inter / 128);
         let rows = layout.rows();
@@ -163,9 +151,9 @@ impl QuantExperts {
         };
         // Each token's hidden state, once (every expert of a token reads the same bytes).
         match x {
-            HostData::F32(v) => quantize_tokens(v, h, tokens, split, dst),
-            HostData::BF16(v) => quantize_tokens::<bf16>(v, h, tokens, split, dst),
-            HostData::F16(v) => quantize_tokens::<f16>(v, h, tokens, split, dst),
+            HostData::F32(v) => quantize_tokens(v, h, tokens, split, codes, dst),
+            HostData::BF16(v) => quantize_tokens::<bf16>(v, h, tokens, split, codes, dst),
+            HostData::F16(v) => quantize_tokens::<f16>(v, h, tokens, split, codes, dst),
             other => {
                 return Err(MoeError::DType {
                     op: "cpu.run_moe",
@@ -207,13 +195,13 @@ impl QuantExperts {
                 // Four weight rows at a time (`jn` is a multiple of 4).
                 for j in (j0..j0 + jn).step_by(ROWS) {
                     let c = row0 + 128 * grp + j;
-                    let (bytes, s, zs) = w13.int4_rows(g.expert, c, ROWS).expect("int4 stack");
+                    let w = w13.vnni_rows(g.expert, c, ROWS).expect("vnni stack");
                     // Prefetch along the task's order (the up rows lie elsewhere), so the jump
                     // from gate to up rows does not restart the stream cold.
                     for i in 0..ROWS {
                         let next = (jn * half + j + i - j0 + d13).min(2 * jn - 1);
-                        if let Some((next, _, _)) = w13.int4_row(g.expert, row_at(next)) {
-                            super::prefetch_l1(next.as_ptr(), next.len());
+                        if let Some(next) = w13.vnni_rows(g.expert, row_at(next), 1) {
+                            super::prefetch_l1(next.bytes().as_ptr(), next.bytes().len());
                         }
                     }
                     for r in 0..g.rows {
@@ -224,7 +212,7 @@ impl QuantExperts {
                             &xs[t * gh..(t + 1) * gh],
                         );
                         // SAFETY: `vnni` (AVX-512 VNNI detected); ROWS full rows of `gh` groups.
-                        let y = unsafe { dot_rows(one_row, split, bytes, s, zs, q, u, xsum) };
+                        let y = unsafe { dot_rows(one_row, split, w, q, u, xsum) };
                         // SAFETY: (row, group, half, j .. j + ROWS) belongs to this task alone.
                         let dst = unsafe { gu.slice((((g.row0 + r) * gi + grp) * 2 + half) * 128 + j, ROWS) };
                         for (i, (d, y)) in dst.iter_mut().zip(y).enumerate() {
@@ -251,7 +239,7 @@ impl QuantExperts {
                     y[l0..l0 + 16].copy_from_slice(&o);
                 }
                 let mut p = [0.0f32; 128];
-                pair_order(|j| y[j], &mut p);
+                codes.order_input(|j| y[j], &mut p);
                 // SAFETY: (row, group) is this task's alone; `vnni` implies AVX-512F/BW.
                 unsafe {
                     let at = (row * gi + grp) * per;
@@ -276,7 +264,7 @@ impl QuantExperts {
             for (gn, g) in groups.iter().enumerate() {
                 // Four columns at a time (`cols` and `h` are multiples of 16).
                 for c in (c0..c1).step_by(ROWS) {
-                    let (bytes, s, zs) = w2.int4_rows(g.expert, c, ROWS).expect("int4 stack");
+                    let w = w2.vnni_rows(g.expert, c, ROWS).expect("vnni stack");
                     // Prefetch along the task's order: past its last column, the next expert's
                     // first ones (each expert's run of columns is a short separate stream).
                     for c in c..c + ROWS {
@@ -285,8 +273,8 @@ impl QuantExperts {
                         } else {
                             (groups.get(gn + 1).map(|g| g.expert), (c0 + c + d2 - c1).min(c1 - 1))
                         };
-                        if let Some((next, _, _)) = pe.and_then(|e| w2.int4_row(e, pc)) {
-                            super::prefetch_l1(next.as_ptr(), next.len());
+                        if let Some(next) = pe.and_then(|e| w2.vnni_rows(e, pc, 1)) {
+                            super::prefetch_l1(next.bytes().as_ptr(), next.bytes().len());
                         }
                     }
                     for r in g.row0..g.row0 + g.rows {
@@ -296,7 +284,7 @@ impl QuantExperts {
                             &ms[r * gi..(r + 1) * gi],
                         );
                         // SAFETY: `vnni`; ROWS full rows of `gi` groups.
-                        let y = unsafe { dot_rows(one_row, split, bytes, s, zs, q, u, msum) };
+                        let y = unsafe { dot_rows(one_row, split, w, q, u, msum) };
                         // SAFETY: columns c .. c + ROWS of the row's token belong to this task alone.
                         let o = unsafe { dst.slice(token(r) * h + c, ROWS) };
                         let wt = weights[layout.src[r] as usize];

@@ -24,8 +24,9 @@ enum Data {
     /// E2M1 `codes [E, n, k/2]`, `scale [E, n, k/group]` (MXFP4: E8M0; NVFP4: e4m3 * global).
     /// `fold`: every `code * scale` is exact in bf16 (see [`QMat::panel`]).
     E2m1 { codes: Vec<u8>, scale: Vec<f32>, group: usize, fold: bool },
-    /// i8 `q [E, n, k]`, `scale [E, n]`.
-    Int8 { q: Vec<u8>, scale: Vec<f32> },
+    /// i8 `q [E, n, k]`, `scale [E, n]`; `sums [E, n, k/128]`: each 128-input group's code sum
+    /// (for the VNNI decode's unsigned-activation offset), empty when `k % 128 != 0`.
+    Int8 { q: Vec<u8>, scale: Vec<f32>, sums: Vec<i32> },
     /// e4m3 `q [E, n, k]`, `scale [E, n, ceil(k/128)]` (per-tensor scales repeated).
     Fp8 { q: Vec<u8>, scale: Vec<f32> },
 }
@@ -43,6 +44,91 @@ pub struct QMat {
     /// GPTQ act-order: per matrix, the input column of each packed position (groups made
     /// contiguous at load), applied to the activations in [`QMat::order_input`].
     perm: Option<Vec<u32>>,
+}
+
+/// The integer-dot decode's code forms ([`QMat::vnni_codes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VnniCodes {
+    /// Unsigned nibbles with a zero point a group, inputs in pair order.
+    Int4,
+    /// Signed bytes with a scale a row, inputs in natural order.
+    Int8,
+}
+
+impl VnniCodes {
+    /// Writes `x` (natural order, a multiple of 128 values) in the order whose
+    /// `simd::quantize_i8_groups` output these codes' dot takes.
+    pub fn order_input(self, x: impl Fn(usize) -> f32, out: &mut [f32]) {
+        match self {
+            VnniCodes::Int4 => {
+                for c0 in (0..out.len()).step_by(CHUNK) {
+                    for l in 0..CHUNK / 2 {
+                        out[c0 + l] = x(c0 + 2 * l);
+                        out[c0 + CHUNK / 2 + l] = x(c0 + 2 * l + 1);
+                    }
+                }
+            }
+            VnniCodes::Int8 => super::simd::int8_vnni_order(x, out),
+        }
+    }
+}
+
+/// Consecutive rows of one matrix as the integer-dot decode reads them ([`QMat::vnni_rows`]).
+#[derive(Debug, Clone, Copy)]
+pub enum VnniRows<'a> {
+    /// `64 g` code bytes, `g` scales and `g` zero * scale values a row.
+    Int4 { codes: &'a [u8], scale: &'a [f32], zs: &'a [f32] },
+    /// `128 g` code bytes, one scale and `g` group code sums a row.
+    Int8 { q: &'a [u8], scale: &'a [f32], sums: &'a [i32] },
+}
+
+impl<'a> VnniRows<'a> {
+    /// The rows' code bytes (to prefetch).
+    pub fn bytes(&self) -> &'a [u8] {
+        match self {
+            VnniRows::Int4 { codes, .. } => codes,
+            VnniRows::Int8 { q, .. } => q,
+        }
+    }
+
+    /// Row `i` alone (`g` groups a row).
+    pub fn row(&self, i: usize, g: usize) -> VnniRows<'a> {
+        match *self {
+            VnniRows::Int4 { codes, scale, zs } => VnniRows::Int4 {
+                codes: &codes[i * 64 * g..(i + 1) * 64 * g],
+                scale: &scale[i * g..(i + 1) * g],
+                zs: &zs[i * g..(i + 1) * g],
+            },
+            VnniRows::Int8 { q, scale, sums } => VnniRows::Int8 {
+                q: &q[i * 128 * g..(i + 1) * 128 * g],
+                scale: &scale[i..i + 1],
+                sums: &sums[i * g..(i + 1) * g],
+            },
+        }
+    }
+
+    /// The first `N` rows' dots with one activation row of
+    /// `simd::quantize_i8_groups` (`g = unit.len()` groups, in [`VnniCodes::order_input`]'s
+    /// order for these codes).
+    ///
+    /// # Safety
+    /// AVX-512F, AVX-512BW and AVX-512 VNNI must be available; the rows hold at least `N` rows of
+    /// `g` groups; `xq` holds `i8_group_bytes(split) * g` bytes, `xsum` `g` values.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub unsafe fn dot<const N: usize>(&self, split: bool, xq: &[i8], unit: &[f32], xsum: &[f32]) -> [f32; N] {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match *self {
+                VnniRows::Int4 { codes, scale, zs } => {
+                    super::simd::int4_dot_rows_vnni::<N>(split, codes, scale, zs, xq, unit, xsum)
+                }
+                VnniRows::Int8 { q, scale, sums } => {
+                    super::simd::int8_dot_rows_vnni::<N>(split, q, scale, sums, xq, unit)
+                }
+            }
+        }
+    }
 }
 
 fn f32_part(t: &ExpertTensor, name: &str) -> Result<Vec<f32>> {
@@ -92,7 +178,15 @@ impl QMat {
                 let fold = scale.iter().all(|&s| folds_exactly(s));
                 Data::E2m1 { codes: u8_part(t, "weight")?, scale, group: 16, fold }
             }
-            QuantFormat::Int8Channel => Data::Int8 { q: u8_part(t, "weight")?, scale: f32_part(t, "weight_scale")? },
+            QuantFormat::Int8Channel => {
+                let q = u8_part(t, "weight")?;
+                let sums = if k % 128 == 0 {
+                    q.chunks_exact(128).map(|g| g.iter().map(|&b| b as i8 as i32).sum()).collect()
+                } else {
+                    Vec::new()
+                };
+                Data::Int8 { q, scale: f32_part(t, "weight_scale")?, sums }
+            }
             QuantFormat::Fp8Block => {
                 let s = f32_part(t, "weight_scale_inv")?;
                 let (rb, cb) = (n.div_ceil(128), k.div_ceil(128));
@@ -119,7 +213,8 @@ impl QMat {
         p + match &self.data {
             Data::Int4 { codes, scale, zs, zp } => codes.len() + zp.len() + (scale.len() + zs.len()) * f,
             Data::E2m1 { codes, scale, .. } => codes.len() + scale.len() * f,
-            Data::Int8 { q, scale } | Data::Fp8 { q, scale } => q.len() + scale.len() * f,
+            Data::Int8 { q, scale, sums } => q.len() + (scale.len() + sums.len()) * f,
+            Data::Fp8 { q, scale } => q.len() + scale.len() * f,
         }
     }
 
@@ -157,9 +252,12 @@ impl QMat {
                 put(codes, c2, slot, src, n * k / 2);
                 put(scale, s2, slot, src, n * k / g);
             }
-            (Data::Int8 { q, scale }, Data::Int8 { q: q2, scale: s2 }) => {
+            (Data::Int8 { q, scale, sums }, Data::Int8 { q: q2, scale: s2, sums: u2 }) => {
                 put(q, q2, slot, src, n * k);
                 put(scale, s2, slot, src, n);
+                if !sums.is_empty() {
+                    put(sums, u2, slot, src, n * k / 128);
+                }
             }
             (Data::Fp8 { q, scale }, Data::Fp8 { q: q2, scale: s2 }) => {
                 put(q, q2, slot, src, n * k);
@@ -198,12 +296,6 @@ impl QMat {
         }
     }
 
-    /// Whether this is an int4 stack without an act-order permutation (inputs in pair order
-    /// only).
-    pub fn int4_natural(&self) -> bool {
-        matches!(self.data, Data::Int4 { .. }) && self.perm.is_none()
-    }
-
     /// Whether [`QMat::order_input`] is the identity (no act-order permutation, no pair order).
     pub fn natural_input(&self) -> bool {
         self.perm.is_none() && !self.pairs()
@@ -232,6 +324,39 @@ impl QMat {
         }
     }
 
+    /// The integer-dot decode this stack can take (AVX-512 VNNI, int8 activations in 128-input
+    /// groups): int4 without an act-order permutation, and int8 with whole groups.
+    pub fn vnni_codes(&self) -> Option<VnniCodes> {
+        match &self.data {
+            Data::Int4 { .. } if self.perm.is_none() => Some(VnniCodes::Int4),
+            Data::Int8 { sums, .. } if !sums.is_empty() => Some(VnniCodes::Int8),
+            _ => None,
+        }
+    }
+
+    /// Rows `r .. r + n` of matrix `m` as [`QMat::vnni_codes`] reads them; `None` for other
+    /// stacks or rows past the matrix.
+    #[inline(always)]
+    pub fn vnni_rows(&self, m: usize, r: usize, n: usize) -> Option<VnniRows<'_>> {
+        if r + n > self.n {
+            return None;
+        }
+        let (row, k, g) = (m * self.n + r, self.k, self.k / 128);
+        match &self.data {
+            Data::Int4 { codes, scale, zs, .. } if self.perm.is_none() => Some(VnniRows::Int4 {
+                codes: codes.get(row * k / 2..(row + n) * k / 2)?,
+                scale: scale.get(row * g..(row + n) * g)?,
+                zs: zs.get(row * g..(row + n) * g)?,
+            }),
+            Data::Int8 { q, scale, sums } if !sums.is_empty() => Some(VnniRows::Int8 {
+                q: q.get(row * k..(row + n) * k)?,
+                scale: scale.get(row..row + n)?,
+                sums: sums.get(row * g..(row + n) * g)?,
+            }),
+            _ => None,
+        }
+    }
+
     /// Row `r` of matrix `m` of an FP8 stack: its e4m3 bytes and block scales (one per 128
     /// inputs); `None` for other formats.
     pub fn fp8_row(&self, m: usize, r: usize) -> Option<(&[u8], &[f32])> {
@@ -249,7 +374,7 @@ impl QMat {
     /// other formats.
     pub fn int8_row(&self, m: usize, r: usize) -> Option<(&[u8], f32)> {
         match &self.data {
-            Data::Int8 { q, scale } => {
+            Data::Int8 { q, scale, .. } => {
                 let (row, k) = (m * self.n + r, self.k);
                 Some((&q[row * k..(row + 1) * k], scale[row]))
             }
@@ -363,7 +488,7 @@ impl QMat {
                     scale[l] = s[row * cb + k0 / 128];
                 }
             }
-            Data::Int8 { q, scale: s } => {
+            Data::Int8 { q, scale: s, .. } => {
                 let done = byte_panel::<true>(q, (m * n + r0, k), lanes, (k0, len), out);
                 for l in 0..lanes {
                     let row = m * n + r0 + l;
@@ -539,7 +664,7 @@ impl QMat {
                     }
                 }
             }
-            Data::Int8 { q, scale } => {
+            Data::Int8 { q, scale, .. } => {
                 let s = scale[row];
                 for (o, &b) in out.iter_mut().zip(&q[row * k..(row + 1) * k]) {
                     *o = (b as i8) as f32 * s;
@@ -851,11 +976,23 @@ mod tests {
                 let sc: Vec<f32> = (0..k.div_ceil(128)).map(|b| 0.013 * (b + 1) as f32).collect();
                 let (x, xb) = bf16_activations(k);
                 // SAFETY: AVX-512 BF16 was detected above; the slices are one row of k inputs.
-                let (mut got, done) = unsafe { super::super::simd::e4m3_dot_bf16(&q, &sc, &xb, &table) };
+                let ([mut got], done) = unsafe { super::super::simd::e4m3_dot_bf16_rows::<1>(&q, &sc, &xb, k, &table) };
                 for i in done..k {
                     got += E4M3_LUT[q[i] as usize] * sc[i / 128] * x[i];
                 }
                 assert_exact_dot(got, k, |i| E4M3_LUT[q[i] as usize] as f64 * sc[i / 128] as f64 * x[i] as f64);
+                // Three activation rows at once (the second and third are the first reversed and
+                // negated): each row's bits as one row at a time.
+                let rev: Vec<u16> = xb.iter().rev().copied().collect();
+                let neg: Vec<u16> = xb.iter().map(|b| b ^ 0x8000).collect();
+                let rows: Vec<u16> = [&xb[..], &rev[..], &neg[..]].concat();
+                // SAFETY: as above; `rows` holds three rows of k.
+                let (three, _) = unsafe { super::super::simd::e4m3_dot_bf16_rows::<3>(&q, &sc, &rows, k, &table) };
+                for (r, x) in [&xb, &rev, &neg].into_iter().enumerate() {
+                    // SAFETY: as above.
+                    let ([one], _) = unsafe { super::super::simd::e4m3_dot_bf16_rows::<1>(&q, &sc, x, k, &table) };
+                    assert_eq!(three[r].to_bits(), one.to_bits(), "k={k} row {r}");
+                }
             }
         }
     }

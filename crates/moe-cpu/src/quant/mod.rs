@@ -235,8 +235,8 @@ impl QuantExperts {
         out: &mut [f32],
     ) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
-        if let Some(split) = self.int4_decode(layout, weights_on_input) {
-            return span!("cpu.q.decode").in_scope(|| self.run_int4_decode(x, layout, k, weights, out, split));
+        if let Some(split) = self.vnni_decode(layout, weights_on_input) {
+            return span!("cpu.q.decode").in_scope(|| self.run_vnni_decode(x, layout, k, weights, out, split));
         }
         let (h, i, rows) = (self.hidden, self.inter, layout.rows());
         grow(&mut self.a, rows * h);
@@ -494,6 +494,12 @@ fn bf16_rows<'b>(a: &[f32], s: Span, k: usize, buf: &'b mut Vec<u16>) -> &'b [u1
     &buf[..src.len()]
 }
 
+/// A per-row result of up to 4 rows as 4 (the rest zero).
+#[cfg(target_arch = "x86_64")]
+fn pad4<const R: usize>((y, done): ([f32; R], usize)) -> ([f32; 4], usize) {
+    (std::array::from_fn(|i| if i < R { y[i] } else { 0.0 }), done)
+}
+
 /// `half::bf16::from_f32(v).to_bits()` (round to nearest even, NaN stays NaN) without branches
 /// on the value, so row conversions vectorize: every task of a decode step converts its rows.
 #[inline(always)]
@@ -673,22 +679,32 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
     if mode.bf16_dot && s.rows <= 4 && w.fp8_row(s.expert, 0).is_some() {
         // Few tokens (decode): FP8 rows become bf16 in registers (exact) for `vdpbf16ps`; the
         // activations are bf16 already (`bf16_dot` needs bf16 activations), so nothing rounds.
+        // Each row's codes become bf16 once for all of the expert's tokens (the same bits as
+        // one token at a time).
         let table = simd::e4m3_bf16_magnitudes();
         let xb = bf16_rows(a, s, k, &mut sc.bf16);
-        each_output(t, n, bias, out, |c, r| {
-            let (bytes, sc) = w.fp8_row(s.expert, c).expect("fp8 stack");
-            if r == 0 {
-                prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+        for c in t.c0..t.c1 {
+            let (bytes, scale) = w.fp8_row(s.expert, c).expect("fp8 stack");
+            prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time; `xb`
+            // holds `s.rows` (1 ..= 4) rows of k, `bytes` and `scale` one full row.
+            let (ys, done) = unsafe {
+                match s.rows {
+                    1 => pad4(simd::e4m3_dot_bf16_rows::<1>(bytes, scale, xb, k, &table)),
+                    2 => pad4(simd::e4m3_dot_bf16_rows::<2>(bytes, scale, xb, k, &table)),
+                    3 => pad4(simd::e4m3_dot_bf16_rows::<3>(bytes, scale, xb, k, &table)),
+                    _ => simd::e4m3_dot_bf16_rows::<4>(bytes, scale, xb, k, &table),
+                }
+            };
+            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+            for (r, mut y) in ys.into_iter().take(s.rows).enumerate() {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                for i in done..k {
+                    y += E4M3_LUT[bytes[i] as usize] * scale[i / 128] * x[i];
+                }
+                out[(c - t.c0) * s.rows + r] = y + b;
             }
-            let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
-            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
-            // `bytes`, `xb`'s row and `sc` are one full row.
-            let (mut y, done) = unsafe { simd::e4m3_dot_bf16(bytes, sc, &xb[r * k..(r + 1) * k], &table) };
-            for i in done..k {
-                y += E4M3_LUT[bytes[i] as usize] * sc[i / 128] * x[i];
-            }
-            y
-        });
+        }
         return;
     }
     let row = &mut sc.row[..k];
@@ -817,6 +833,66 @@ mod tests {
                 simd::int4_dot_vnni(false, &codes[..64 * g], &s[..g], &zs[..g], &q, &unit, &xsum)
             };
             assert!(nan.is_nan());
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int8_codes_dot_exactly_what_the_activation_groups_encode() {
+        if !(vnni_available() && Isa::Avx512Bf16.available()) {
+            eprintln!("no AVX-512 VNNI / BF16 here: the int8 activation kernels cannot run");
+            return;
+        }
+        let (g, n) = (3usize, 5usize);
+        // Signed codes over the whole byte range (-128 and 127 included), one scale a row.
+        let codes: Vec<u8> = (0..n * 128 * g).map(|i| if i % 97 == 0 { 0x80 } else { (i * 37 % 256) as u8 }).collect();
+        let scale: Vec<f32> = (0..n).map(|r| 0.004 + 0.001 * r as f32).collect();
+        let sums: Vec<i32> = codes.chunks_exact(128).map(|c| c.iter().map(|&b| b as i8 as i32).sum()).collect();
+        let x: Vec<f32> = (0..128 * g)
+            .map(|i| if i >= 256 { 0.0 } else { ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1 + i % 5) as f32 })
+            .collect();
+        let mut ordered = vec![0.0f32; x.len()];
+        mats::VnniCodes::Int8.order_input(|j| x[j], &mut ordered);
+        for split in [false, true] {
+            let per = simd::i8_group_bytes(split);
+            let (mut q, mut unit, mut xsum) = (vec![0i8; per * g], vec![0.0f32; g], vec![0.0f32; g]);
+            // SAFETY: AVX-512 F/BW/VNNI detected above; buffers sized per the contracts.
+            unsafe { simd::quantize_i8_groups(split, &ordered, &mut q, &mut unit, &mut xsum) }
+            // The order leaves each group's bytes in natural input order.
+            let value = |j: usize| -> f64 {
+                let (gi, c) = (j / 128, j % 128);
+                let h = q[per * gi + c] as f64;
+                let lo = if split { q[per * gi + 128 + c] as f64 } else { 0.0 };
+                unit[gi] as f64 * if split { 256.0 * h + lo } else { h }
+            };
+            let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+            let step = amax / 127.0 / if split { 256.0 } else { 1.0 };
+            let err = (0..128 * g).map(|j| (value(j) - x[j] as f64).abs()).fold(0.0, f64::max);
+            assert!(err <= 0.51 * step, "split={split}: encoding error {err} (step {step})");
+            let want = |r: usize| -> f64 {
+                let row = &codes[r * 128 * g..(r + 1) * 128 * g];
+                scale[r] as f64 * row.iter().enumerate().map(|(j, &b)| b as i8 as f64 * value(j)).sum::<f64>()
+            };
+            for r in 0..n {
+                let rows = mats::VnniRows::Int8 {
+                    q: &codes[r * 128 * g..(r + 1) * 128 * g],
+                    scale: &scale[r..r + 1],
+                    sums: &sums[r * g..(r + 1) * g],
+                };
+                // SAFETY: as above; one row of g groups.
+                let got = unsafe { rows.dot::<1>(split, &q, &unit, &xsum)[0] } as f64;
+                let w = want(r);
+                assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()), "split={split} row {r}: {got} vs {w}");
+            }
+            // Four rows at a time: the same bits as one by one.
+            let four = mats::VnniRows::Int8 { q: &codes[128 * g..], scale: &scale[1..], sums: &sums[g..] };
+            // SAFETY: as above; rows 1 .. 5 hold 4 full rows of g groups.
+            let got4 = unsafe { four.dot::<4>(split, &q, &unit, &xsum) };
+            for (i, got) in got4.into_iter().enumerate() {
+                // SAFETY: as above.
+                let one = unsafe { four.row(i, g).dot::<1>(split, &q, &unit, &xsum)[0] };
+                assert_eq!(got.to_bits(), one.to_bits(), "split={split} row {}", i + 1);
+            }
         }
     }
 }

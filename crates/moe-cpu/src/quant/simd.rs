@@ -325,6 +325,101 @@ unsafe fn int4_dot_rows_vnni_as<const SPLIT: bool, const N: usize>(
     }
 }
 
+/// `N` consecutive int8 weight rows (signed codes, natural input order, one scale a row) times
+/// one activation row of [`quantize_i8_groups`]'s groups with `vpdpbusd`, 128 weights a step.
+/// `vpdpbusd` multiplies unsigned by signed bytes, so the activation bytes are flipped to
+/// `v + 128` (one xor, shared by the rows) and each group's integer dot loses
+/// `128 * sums[g]` (`257 * 128 * sums[g]` with `split`, whose integer is `256 h + l`), the
+/// group's code sum, subtracted from lane 0 in i32: exact before the conversion to f32. The
+/// activation bytes must hold the group's inputs in natural order (feed the quantizer
+/// [`int8_vnni_order`]).
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX-512 VNNI must be available; `q` holds `N * 128 * g` bytes
+/// (`g = unit.len()`), `scale` `N` values, `sums` `N * g`, `xq` `i8_group_bytes(split) * g`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn int8_dot_rows_vnni<const N: usize>(
+    split: bool,
+    q: &[u8],
+    scale: &[f32],
+    sums: &[i32],
+    xq: &[i8],
+    unit: &[f32],
+) -> [f32; N] {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if split {
+            int8_dot_rows_vnni_as::<true, N>(q, scale, sums, xq, unit)
+        } else {
+            int8_dot_rows_vnni_as::<false, N>(q, scale, sums, xq, unit)
+        }
+    }
+}
+
+/// [`int8_dot_rows_vnni`] for one activation form.
+///
+/// # Safety
+/// As [`int8_dot_rows_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn int8_dot_rows_vnni_as<const SPLIT: bool, const N: usize>(
+    q: &[u8],
+    scale: &[f32],
+    sums: &[i32],
+    xq: &[i8],
+    unit: &[f32],
+) -> [f32; N] {
+    let g = unit.len();
+    let per = i8_group_bytes(SPLIT);
+    debug_assert!(q.len() >= N * 128 * g && scale.len() >= N && sums.len() >= N * g);
+    debug_assert!(xq.len() >= per * g);
+    // Offset products a code sum stands for: 128 (v + 128), or 257 * 128 for 256 (h + 128) + (l + 128).
+    let offset = if SPLIT { 257 * 128 } else { 128 };
+    // SAFETY: every load is inside row r's group gi, in bounds by the contract.
+    unsafe {
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let mut tot = [[_mm512_setzero_ps(); 2]; N];
+        for gi in 0..g {
+            let xp = xq.as_ptr().add(per * gi);
+            let x = |o: usize| _mm512_xor_si512(_mm512_loadu_si512(xp.add(o) as *const _), flip);
+            let (x0, x1) = (x(0), x(64));
+            let (x2, x3) = if SPLIT { (x(128), x(192)) } else { (x0, x1) };
+            for (r, t) in tot.iter_mut().enumerate() {
+                let wp = q.as_ptr().add(128 * (r * g + gi));
+                let (w0, w1) = (_mm512_loadu_si512(wp as *const _), _mm512_loadu_si512(wp.add(64) as *const _));
+                let mut a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x0, w0);
+                a = _mm512_dpbusd_epi32(a, x1, w1);
+                if SPLIT {
+                    let mut b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x2, w0);
+                    b = _mm512_dpbusd_epi32(b, x3, w1);
+                    // |a| <= 128 * 255 * 128 in all: 256 a + b stays inside i32.
+                    a = _mm512_add_epi32(_mm512_slli_epi32::<8>(a), b);
+                }
+                let corr = _mm512_zextsi128_si512(_mm_cvtsi32_si128(offset * sums[r * g + gi]));
+                a = _mm512_sub_epi32(a, corr);
+                let t = &mut t[gi & 1];
+                *t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(unit[gi]), *t);
+            }
+        }
+        std::array::from_fn(|r| scale[r] * _mm512_reduce_add_ps(_mm512_add_ps(tot[r][0], tot[r][1])))
+    }
+}
+
+/// The activation order [`int8_dot_rows_vnni`] takes: `out` is `x` (natural order) permuted so
+/// that [`quantize_i8_groups`] (which writes its 16-value runs even ones first, for int4's
+/// nibbles) leaves each group's bytes in natural order.
+pub fn int8_vnni_order(x: impl Fn(usize) -> f32, out: &mut [f32]) {
+    for g0 in (0..out.len()).step_by(128) {
+        for i in 0..8 {
+            let src = g0 + (i & 1) * 64 + 16 * (i / 2);
+            for l in 0..16 {
+                out[g0 + 16 * i + l] = x(src + l);
+            }
+        }
+    }
+}
+
 /// Quantizes one activation row (`x`: `128 * unit.len()` inputs in the int4 pair order of
 /// [`super::mats`]) into [`int4_dot_vnni`]'s groups: per 128 inputs `unit = amax / 127` (with
 /// `split`, `/ 256` more), `h = round(x / (amax / 127))`, and with `split` the residual byte
@@ -466,46 +561,59 @@ pub fn e4m3_bf16_magnitudes() -> [u16; 128] {
     t
 }
 
-/// One FP8 (e4m3fn, block-scaled) row times one bf16 activation vector with `vdpbf16ps`:
-/// `sum_b scale[b] * sum_{c in block b} e4m3(q[c]) x[c]`. The codes become bf16 through a
-/// 128-entry table (two `vpermi2w` and a blend on bit 6, then the sign), 32 weights a step, in
-/// input order; each 128-block's partial sum is scaled once. Handles the whole 32-element
-/// chunks; the caller adds the rest (returns the sum and how many inputs it covered).
+/// One FP8 (e4m3fn, block-scaled) row times `R` bf16 activation rows (`xb`: row r at `r * ld`)
+/// with `vdpbf16ps`: per row `sum_b scale[b] * sum_{c in block b} e4m3(q[c]) x[c]`. The codes
+/// become bf16 through a 128-entry table (two `vpermi2w` and a blend on bit 6, then the sign),
+/// 32 weights a step in input order, once for all rows (the lookups cost more than the
+/// `vdpbf16ps`); each 128-block's partial sum is scaled once, so a row's bits do not depend on
+/// `R`. Handles the whole 32-element chunks; the caller adds the rest (returns the sums and how
+/// many inputs they cover).
 ///
 /// # Safety
-/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available; `xb.len() >= bytes.len()` and
-/// `scale` covers `ceil(bytes.len() / 128)` blocks.
+/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available; `xb.len() >= (R - 1) * ld +
+/// bytes.len()` with `ld >= bytes.len()`, and `scale` covers `ceil(bytes.len() / 128)` blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-pub unsafe fn e4m3_dot_bf16(bytes: &[u8], scale: &[f32], xb: &[u16], table: &[u16; 128]) -> (f32, usize) {
+pub unsafe fn e4m3_dot_bf16_rows<const R: usize>(
+    bytes: &[u8],
+    scale: &[f32],
+    xb: &[u16],
+    ld: usize,
+    table: &[u16; 128],
+) -> ([f32; R], usize) {
     let whole = bytes.len() / 32 * 32;
-    debug_assert!(xb.len() >= bytes.len() && scale.len() >= bytes.len().div_ceil(128));
-    // SAFETY: the table reads are 4 x 32 u16 of a 128-entry array; step c reads bytes and xb
-    // [c, c + 32) with c + 32 <= whole <= both lengths.
+    debug_assert!(ld >= bytes.len() && xb.len() >= (R - 1) * ld + bytes.len());
+    debug_assert!(scale.len() >= bytes.len().div_ceil(128));
+    // SAFETY: the table reads are 4 x 32 u16 of a 128-entry array; step c reads bytes [c, c + 32)
+    // and row r's xb [r ld + c, r ld + c + 32) with c + 32 <= whole <= bytes.len() <= ld.
     unsafe {
         let t: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(table.as_ptr().add(32 * i) as *const _));
         let (bit6, sign) = (_mm512_set1_epi16(0x40), _mm512_set1_epi16(0x80));
-        let mut tot = _mm512_setzero_ps();
-        let mut acc = _mm512_setzero_ps();
+        let mut tot = [_mm512_setzero_ps(); R];
+        let mut acc = [_mm512_setzero_ps(); R];
         for c in (0..whole).step_by(32) {
             let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes.as_ptr().add(c) as *const __m256i));
             // Codes 0..63 from tables 0/1, 64..127 from 2/3 (the index's low 6 bits pick).
             let lo = _mm512_permutex2var_epi16(t[0], v, t[1]);
             let hi = _mm512_permutex2var_epi16(t[2], v, t[3]);
             let mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(v, bit6), lo, hi);
-            let w = _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(v, sign), 8));
-            let x = _mm512_loadu_si512(xb.as_ptr().add(c) as *const _);
-            acc = _mm512_dpbf16_ps(
-                acc,
-                std::mem::transmute::<__m512i, __m512bh>(w),
-                std::mem::transmute::<__m512i, __m512bh>(x),
-            );
+            let w = std::mem::transmute::<__m512i, __m512bh>(_mm512_or_si512(
+                mag,
+                _mm512_slli_epi16(_mm512_and_si512(v, sign), 8),
+            ));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_loadu_si512(xb.as_ptr().add(r * ld + c) as *const _);
+                *acc = _mm512_dpbf16_ps(*acc, w, std::mem::transmute::<__m512i, __m512bh>(x));
+            }
             if (c + 32) % 128 == 0 || c + 32 == whole {
-                tot = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale[c / 128]), tot);
-                acc = _mm512_setzero_ps();
+                let sc = _mm512_set1_ps(scale[c / 128]);
+                for (tot, acc) in tot.iter_mut().zip(acc.iter_mut()) {
+                    *tot = _mm512_fmadd_ps(*acc, sc, *tot);
+                    *acc = _mm512_setzero_ps();
+                }
             }
         }
-        (_mm512_reduce_add_ps(tot), whole)
+        (std::array::from_fn(|r| _mm512_reduce_add_ps(tot[r])), whole)
     }
 }
 
