@@ -14,7 +14,7 @@
 //! int4: the same arithmetic as the register path of [`super::task`] (`simd::int4_dot_vnni`), so
 //! the results match it up to the order in which the experts' contributions are added. int8
 //! (`simd::int8_dot_rows_vnni`) has no register path of its own: elsewhere its rows are
-//! widened to bf16 (`simd::int8_dot_bf16`, the tiles).
+//! widened to bf16 (`simd::int8_dot_bf16_rows`, the tiles).
 //!
 //! The switches keep their int4 names (`MOE_CPU_INT4_ACT`, `MOE_CPU_QUANT_DECODE`): they
 //! choose the activation bytes and the path for both code forms.

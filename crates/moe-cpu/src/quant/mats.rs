@@ -1037,11 +1037,21 @@ mod tests {
                 let q: Vec<u8> = (0..k).map(|i| (i * 53 % 256) as u8).collect();
                 let (x, xb) = bf16_activations(k);
                 // SAFETY: AVX-512 BF16 was detected above; the slices are one row of k inputs.
-                let (mut got, done) = unsafe { super::super::simd::int8_dot_bf16(&q, &xb) };
+                let ([mut got], done) = unsafe { super::super::simd::int8_dot_bf16_rows::<1>(&q, &xb, k) };
                 for i in done..k {
                     got += (q[i] as i8) as f32 * x[i];
                 }
                 assert_exact_dot(got, k, |i| (q[i] as i8) as f64 * x[i] as f64);
+                // Two activation rows at once: each row's bits as one row at a time.
+                let neg: Vec<u16> = xb.iter().map(|b| b ^ 0x8000).collect();
+                let rows: Vec<u16> = [&xb[..], &neg[..]].concat();
+                // SAFETY: as above; `rows` holds two rows of k.
+                let (two, _) = unsafe { super::super::simd::int8_dot_bf16_rows::<2>(&q, &rows, k) };
+                for (r, x) in [&xb, &neg].into_iter().enumerate() {
+                    // SAFETY: as above.
+                    let ([one], _) = unsafe { super::super::simd::int8_dot_bf16_rows::<1>(&q, x, k) };
+                    assert_eq!(two[r].to_bits(), one.to_bits(), "k={k} row {r}");
+                }
             }
         }
     }

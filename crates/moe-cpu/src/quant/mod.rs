@@ -657,22 +657,31 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
     }
     #[cfg(target_arch = "x86_64")]
     if mode.bf16_dot && s.rows <= 4 && w.int8_row(s.expert, 0).is_some() {
-        // Few tokens: int8 codes are exact in bf16; the row's scale multiplies the sum once.
+        // Few tokens: int8 codes are exact in bf16, widened once for all of the expert's tokens;
+        // the row's scale multiplies each sum once.
         let xb = bf16_rows(a, s, k, &mut sc.bf16);
-        each_output(t, n, bias, out, |c, r| {
-            let (bytes, sc) = w.int8_row(s.expert, c).expect("int8 stack");
-            if r == 0 {
-                prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+        for c in t.c0..t.c1 {
+            let (bytes, scale) = w.int8_row(s.expert, c).expect("int8 stack");
+            prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
+            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time; `xb`
+            // holds `s.rows` (1 ..= 4) rows of k, `bytes` one full row.
+            let (ys, done) = unsafe {
+                match s.rows {
+                    1 => pad4(simd::int8_dot_bf16_rows::<1>(bytes, xb, k)),
+                    2 => pad4(simd::int8_dot_bf16_rows::<2>(bytes, xb, k)),
+                    3 => pad4(simd::int8_dot_bf16_rows::<3>(bytes, xb, k)),
+                    _ => simd::int8_dot_bf16_rows::<4>(bytes, xb, k),
+                }
+            };
+            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+            for (r, mut y) in ys.into_iter().take(s.rows).enumerate() {
+                let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
+                for i in done..k {
+                    y += (bytes[i] as i8) as f32 * x[i];
+                }
+                out[(c - t.c0) * s.rows + r] = y * scale + b;
             }
-            let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
-            // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time;
-            // `bytes` and `xb`'s row are one full row.
-            let (mut y, done) = unsafe { simd::int8_dot_bf16(bytes, &xb[r * k..(r + 1) * k]) };
-            for i in done..k {
-                y += (bytes[i] as i8) as f32 * x[i];
-            }
-            y * sc
-        });
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -679,29 +679,35 @@ pub unsafe fn e2m1_dot_bf16(bytes: &[u8], scale: &[f32], group: usize, xb: &[u16
     }
 }
 
-/// One int8 row times one bf16 activation vector with `vdpbf16ps` (int8 values are exact in
-/// bf16): the unscaled sum over the whole 32-byte steps (the caller applies the row's scale and
-/// adds the rest). Returns the sum and how many inputs it covered.
+/// One int8 row times `R` bf16 activation rows (`xb`: row r at `r * ld`) with `vdpbf16ps`
+/// (int8 values are exact in bf16): per row the unscaled sum over the whole 32-byte steps (the
+/// caller applies the row's scale and adds the rest). Each step's codes are widened to bf16 once
+/// for all rows, and a row's bits do not depend on `R`. Returns the sums and how many inputs
+/// they cover.
 ///
 /// # Safety
-/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available; `xb.len() >= bytes.len()`.
+/// AVX-512F, AVX-512BW and AVX-512 BF16 must be available; `ld >= bytes.len()` and
+/// `xb.len() >= (R - 1) * ld + bytes.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-pub unsafe fn int8_dot_bf16(bytes: &[u8], xb: &[u16]) -> (f32, usize) {
+pub unsafe fn int8_dot_bf16_rows<const R: usize>(bytes: &[u8], xb: &[u16], ld: usize) -> ([f32; R], usize) {
     let whole = bytes.len() / 32 * 32;
-    debug_assert!(xb.len() >= bytes.len());
-    // SAFETY: step c reads bytes and xb [c, c + 32) with c + 32 <= whole <= both lengths.
+    debug_assert!(ld >= bytes.len() && xb.len() >= (R - 1) * ld + bytes.len());
+    // SAFETY: step c reads bytes [c, c + 32) and row r's xb [r ld + c, r ld + c + 32) with
+    // c + 32 <= whole <= bytes.len() <= ld.
     unsafe {
-        let mut acc = _mm512_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); R];
         for c in (0..whole).step_by(32) {
             let p = bytes.as_ptr().add(c) as *const __m128i;
             let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
             let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1))));
             let w = _mm512_cvtne2ps_pbh(hi, lo);
-            let x = _mm512_loadu_si512(xb.as_ptr().add(c) as *const _);
-            acc = _mm512_dpbf16_ps(acc, w, std::mem::transmute::<__m512i, __m512bh>(x));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_loadu_si512(xb.as_ptr().add(r * ld + c) as *const _);
+                *acc = _mm512_dpbf16_ps(*acc, w, std::mem::transmute::<__m512i, __m512bh>(x));
+            }
         }
-        (_mm512_reduce_add_ps(acc), whole)
+        (std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r])), whole)
     }
 }
 
