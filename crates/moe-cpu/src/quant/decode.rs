@@ -88,7 +88,7 @@ fn quantize_tokens<S: WElem>(x: &[S], h: usize, tokens: usize, split: bool, code
             let (natural, row) = sc.row.split_at_mut(h);
             natural.iter_mut().zip(&x[t * h..(t + 1) * h]).for_each(|(d, v)| *d = v.to_f32());
             codes.order_input(|j| natural[j], &mut row[..h]);
-            // SAFETY: token t alone writes its ranges; the caller (`int4_decode` held) has
+            // SAFETY: token t alone writes its ranges; the caller (`vnni_decode` held) has
             // AVX-512F/BW.
             unsafe {
                 let (q, u, s) = (dst.q.slice(t * g * per, g * per), dst.unit.slice(t * g, g), dst.sum.slice(t * g, g));

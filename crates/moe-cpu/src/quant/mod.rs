@@ -656,7 +656,7 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if mode.bf16_dot && s.rows <= 4 && w.int8_row(s.expert, 0).is_some() {
+    if mode.bf16_dot && (1..=4).contains(&s.rows) && w.int8_row(s.expert, 0).is_some() {
         // Few tokens: int8 codes are exact in bf16, widened once for all of the expert's tokens;
         // the row's scale multiplies each sum once.
         let xb = bf16_rows(a, s, k, &mut sc.bf16);
@@ -685,7 +685,7 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if mode.bf16_dot && s.rows <= 4 && w.fp8_row(s.expert, 0).is_some() {
+    if mode.bf16_dot && (1..=4).contains(&s.rows) && w.fp8_row(s.expert, 0).is_some() {
         // Few tokens (decode): FP8 rows become bf16 in registers (exact) for `vdpbf16ps`; the
         // activations are bf16 already (`bf16_dot` needs bf16 activations), so nothing rounds.
         // Each row's codes become bf16 once for all of the expert's tokens (the same bits as
