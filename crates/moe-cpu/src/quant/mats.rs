@@ -60,15 +60,22 @@ impl VnniCodes {
     /// `simd::quantize_i8_groups` output these codes' dot takes.
     pub fn order_input(self, x: impl Fn(usize) -> f32, out: &mut [f32]) {
         match self {
-            VnniCodes::Int4 => {
-                for c0 in (0..out.len()).step_by(CHUNK) {
-                    for l in 0..CHUNK / 2 {
-                        out[c0 + l] = x(c0 + 2 * l);
-                        out[c0 + CHUNK / 2 + l] = x(c0 + 2 * l + 1);
-                    }
-                }
-            }
+            VnniCodes::Int4 => pair_order(x, out),
             VnniCodes::Int8 => super::simd::int8_vnni_order(x, out),
+        }
+    }
+}
+
+/// `x` (natural order, `out.len()` values) in the pair order of the two-codes-per-byte formats:
+/// per 32-input chunk (a shorter last one too), its even inputs, then its odd ones.
+#[inline(always)]
+fn pair_order(x: impl Fn(usize) -> f32, out: &mut [f32]) {
+    let k = out.len();
+    for c0 in (0..k).step_by(CHUNK) {
+        let half = CHUNK.min(k - c0) / 2;
+        for l in 0..half {
+            out[c0 + l] = x(c0 + 2 * l);
+            out[c0 + half + l] = x(c0 + 2 * l + 1);
         }
     }
 }
@@ -286,14 +293,7 @@ impl QMat {
             }
             return;
         }
-        for c0 in (0..k).step_by(CHUNK) {
-            let len = CHUNK.min(k - c0);
-            let half = len / 2;
-            for l in 0..half {
-                out[c0 + l] = at(c0 + 2 * l);
-                out[c0 + half + l] = at(c0 + 2 * l + 1);
-            }
-        }
+        pair_order(at, &mut out[..k]);
     }
 
     /// Whether [`QMat::order_input`] is the identity (no act-order permutation, no pair order).

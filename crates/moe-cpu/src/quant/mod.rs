@@ -452,6 +452,19 @@ fn each_output(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut y: 
     }
 }
 
+/// [`each_output`] for kernels that take all of the span's rows (1 ..= 4) at once: `ys(c)` gives
+/// output `c` of every row (the first `rows` of the four count).
+#[cfg(target_arch = "x86_64")]
+fn each_output_rows(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut ys: impl FnMut(usize) -> [f32; 4]) {
+    let s = t.span;
+    for c in t.c0..t.c1 {
+        let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
+        for (r, y) in ys(c).into_iter().take(s.rows).enumerate() {
+            out[(c - t.c0) * s.rows + r] = y + b;
+        }
+    }
+}
+
 /// The most rows an expert the int4 register path takes, and so the decode path's limit (every
 /// expert at most this many rows; docs/perf/quant.md, "Session 4"). Where some expert has more,
 /// experts from [`QMat::tile_rows`] (5) rows take the tile path instead ("Session 13 (CPU)").
@@ -660,12 +673,12 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         // Few tokens: int8 codes are exact in bf16, widened once for all of the expert's tokens;
         // the row's scale multiplies each sum once.
         let xb = bf16_rows(a, s, k, &mut sc.bf16);
-        for c in t.c0..t.c1 {
+        each_output_rows(t, n, bias, out, |c| {
             let (bytes, scale) = w.int8_row(s.expert, c).expect("int8 stack");
             prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
             // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time; `xb`
             // holds `s.rows` (1 ..= 4) rows of k, `bytes` one full row.
-            let (ys, done) = unsafe {
+            let (mut ys, done) = unsafe {
                 match s.rows {
                     1 => pad4(simd::int8_dot_bf16_rows::<1>(bytes, xb, k)),
                     2 => pad4(simd::int8_dot_bf16_rows::<2>(bytes, xb, k)),
@@ -673,15 +686,15 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                     _ => simd::int8_dot_bf16_rows::<4>(bytes, xb, k),
                 }
             };
-            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-            for (r, mut y) in ys.into_iter().take(s.rows).enumerate() {
+            for (r, y) in ys.iter_mut().take(s.rows).enumerate() {
                 let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
                 for i in done..k {
-                    y += (bytes[i] as i8) as f32 * x[i];
+                    *y += (bytes[i] as i8) as f32 * x[i];
                 }
-                out[(c - t.c0) * s.rows + r] = y * scale + b;
+                *y *= scale;
             }
-        }
+            ys
+        });
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -692,12 +705,12 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         // one token at a time).
         let table = simd::e4m3_bf16_magnitudes();
         let xb = bf16_rows(a, s, k, &mut sc.bf16);
-        for c in t.c0..t.c1 {
+        each_output_rows(t, n, bias, out, |c| {
             let (bytes, scale) = w.fp8_row(s.expert, c).expect("fp8 stack");
             prefetch_l1(bytes.as_ptr().wrapping_add(128 * crate::tuning::gemv_prefetch()), bytes.len());
             // SAFETY: `bf16_dot` is only set with `Isa::Avx512Bf16`, detected at run time; `xb`
             // holds `s.rows` (1 ..= 4) rows of k, `bytes` and `scale` one full row.
-            let (ys, done) = unsafe {
+            let (mut ys, done) = unsafe {
                 match s.rows {
                     1 => pad4(simd::e4m3_dot_bf16_rows::<1>(bytes, scale, xb, k, &table)),
                     2 => pad4(simd::e4m3_dot_bf16_rows::<2>(bytes, scale, xb, k, &table)),
@@ -705,15 +718,14 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
                     _ => simd::e4m3_dot_bf16_rows::<4>(bytes, scale, xb, k, &table),
                 }
             };
-            let b = bias.map_or(0.0, |b| b[s.expert * n + c]);
-            for (r, mut y) in ys.into_iter().take(s.rows).enumerate() {
+            for (r, y) in ys.iter_mut().take(s.rows).enumerate() {
                 let x = &a[(s.row0 + r) * k..(s.row0 + r + 1) * k];
                 for i in done..k {
-                    y += E4M3_LUT[bytes[i] as usize] * scale[i / 128] * x[i];
+                    *y += E4M3_LUT[bytes[i] as usize] * scale[i / 128] * x[i];
                 }
-                out[(c - t.c0) * s.rows + r] = y + b;
             }
-        }
+            ys
+        });
         return;
     }
     let row = &mut sc.row[..k];
