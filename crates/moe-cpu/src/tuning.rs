@@ -1,10 +1,10 @@
 //! Process-wide switches of the streaming paths, for measurements: whether packed weights ask
 //! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, how many
 //! tasks a thread gets in the split (few experts) schedule, from how many rows an expert the
-//! quantized experts run on dequantized bf16 panels, and from how many rows a bf16 tile runs on
+//! quantized experts run on dequantized bf16 panels (or integer tiles), and from how many rows a bf16 tile runs on
 //! AMX, and how the small bf16 tiles prefetch. Defaults come from `MOE_CPU_THP` /
 //! `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` / `MOE_CPU_QUANT_TILE_ROWS` /
-//! `MOE_CPU_AMX_ROWS` / `MOE_CPU_SMALL_TILE_PF`; moe-runtime's
+//! `MOE_CPU_QUANT_INT_TILES` / `MOE_CPU_AMX_ROWS` / `MOE_CPU_SMALL_TILE_PF`; moe-runtime's
 //! `examples/cpu_ab.rs` flips them between interleaved timing slices so both variants see the
 //! same host noise.
 
@@ -16,6 +16,7 @@ static HUGE_PAGES: AtomicUsize = AtomicUsize::new(UNSET);
 static GEMV_PREFETCH: AtomicUsize = AtomicUsize::new(UNSET);
 static SPLIT_TASKS: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_TILE_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
+static QUANT_INT_TILES: AtomicUsize = AtomicUsize::new(UNSET);
 static AMX_ROWS: AtomicUsize = AtomicUsize::new(UNSET);
 static INT4_ACT: AtomicUsize = AtomicUsize::new(UNSET);
 static QUANT_DECODE: AtomicUsize = AtomicUsize::new(UNSET);
@@ -111,6 +112,25 @@ pub fn quant_tile_rows(default: usize) -> usize {
 /// Overrides [`quant_tile_rows`] (0: back to the formats' defaults).
 pub fn set_quant_tile_rows(rows: usize) {
     QUANT_TILE_ROWS.store(rows, Ordering::Relaxed);
+}
+
+/// Whether int4 and int8 experts at or above the tile switch run the integer tiles of
+/// `quant::itiles` (int8 activations, `vpdpbusd`) where the CPU has AVX-512 VNNI and int8
+/// activations are on (`MOE_CPU_QUANT_INT_TILES`: 0 never, 1 always, unset or 2: unless `amx`,
+/// the bf16 tiles running on AMX, which is not measured against them yet). On the dev VM's Xeon
+/// (no AMX) int4 / int8 forwards took 0.35-0.55x the time of the bf16 tiles at T = 128 and 1024
+/// (docs/perf/quant.md, "CPU, integer tiles").
+pub fn quant_int_tiles(amx: bool) -> bool {
+    match get(&QUANT_INT_TILES, "MOE_CPU_QUANT_INT_TILES", 2) {
+        0 => false,
+        1 => true,
+        _ => !amx,
+    }
+}
+
+/// Overrides [`quant_int_tiles`] (0 never, 1 always, 2 the default).
+pub fn set_quant_int_tiles(mode: usize) {
+    QUANT_INT_TILES.store(mode, Ordering::Relaxed);
 }
 
 /// Rows from which a bf16 row tile runs on AMX tiles where the CPU has them (default 2; 0: never,

@@ -273,6 +273,43 @@ fn dequantized_bf16_tiles_on_both_sides_of_the_switch() {
 }
 
 #[test]
+fn integer_tiles_on_both_sides_of_the_switch() {
+    // int4, int8 and E2M1 stacks with whole 128-input groups on both projections, 4 experts: T = 17
+    // puts experts on both sides of the tile switch, T = 45 gives every expert 20+ rows. The
+    // integer tiles (int8 activations, two bytes or one) against the bf16 tiles on the same
+    // weights; where the CPU has no VNNI every setting runs the bf16 tiles or rows.
+    let _tuning = tuning_lock();
+    let (act0, decode0) = (moe_cpu::tuning::int4_act(), moe_cpu::tuning::quant_decode_splits());
+    let cases: Vec<(Box<dyn QuantMethod>, &str)> = vec![
+        (Box::new(Int4Group::with_zero_points()), "int4 zero points"),
+        (Box::new(Int4Group::symmetric()), "int4"),
+        (quant_method(QuantFormat::Int8Channel, DType::BF16).unwrap(), "int8"),
+        (quant_method(QuantFormat::Mxfp4, DType::BF16).unwrap(), "mxfp4"),
+        (quant_method(QuantFormat::Nvfp4, DType::BF16).unwrap(), "nvfp4"),
+    ];
+    for (m, label) in cases {
+        for (name, cfg) in families(384, 256, DType::BF16).into_iter().take(2) {
+            let mut cfg = cfg;
+            cfg.num_experts = 4;
+            let (c, w) = quantized(&cfg, m.as_ref(), 8);
+            for tokens in [17, 45] {
+                // (integer tiles, activation bytes, bound): one byte rounds to 1/254 of a
+                // group's largest value, coarser than bf16.
+                for (int_tiles, act, bound) in [(0, 2, 1e-2), (1, 2, 1e-2), (1, 1, 3e-2)] {
+                    moe_cpu::tuning::set_quant_int_tiles(int_tiles);
+                    moe_cpu::tuning::set_int4_act(act);
+                    let err = compare(&c, &w, Isa::best(), tokens, 9 + tokens as u64);
+                    assert!(err < bound, "{label} {name} T={tokens} int tiles {int_tiles} act {act}: rel L2 {err:e}");
+                }
+            }
+        }
+    }
+    moe_cpu::tuning::set_quant_int_tiles(2);
+    moe_cpu::tuning::set_int4_act(act0);
+    moe_cpu::tuning::set_quant_decode(decode0);
+}
+
+#[test]
 fn fp8_dispatched_activations_match_reference_on_the_same_payload() {
     // Post-quant dispatch hands run_moe the FP8 wire form (e4m3 bytes + per-token-group scales);
     // cpu dequantizes it as reference does, so both agree to f32 compute on that payload.

@@ -66,6 +66,57 @@ impl VnniCodes {
     }
 }
 
+/// The integer tiles' code forms ([`QMat::tile_form`]): which unsigned bytes a VNNI panel holds
+/// and how each 128-input group splits into sub-groups of one scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileForm {
+    /// int4 nibbles `q` (pair order), one scale and zero point a group.
+    Int4,
+    /// int8 codes plus 128 (natural order), one scale a row.
+    Int8,
+    /// E2M1 codes as `2 x value + 12` (pair order), one scale per 32 inputs (MXFP4).
+    E2m1Group32,
+    /// As [`TileForm::E2m1Group32`], one scale per 16 inputs (NVFP4).
+    E2m1Group16,
+}
+
+impl TileForm {
+    /// Panel quads of each half (even and odd inputs) a scale sub-group spans.
+    pub fn half_quads(self) -> usize {
+        match self {
+            TileForm::Int4 | TileForm::Int8 => 16,
+            TileForm::E2m1Group32 => 4,
+            TileForm::E2m1Group16 => 2,
+        }
+    }
+
+    /// Rows an expert from which the integer tiles beat this form's register paths (measured on
+    /// qwen3-30b-a3b at T = 32 / 64, docs/perf/quant.md "Session 21"): int4 5 (its VNNI register
+    /// rows are fast), int8 2 (its register rows widen to bf16), E2M1 3.
+    pub fn tile_rows(self) -> usize {
+        match self {
+            TileForm::Int4 => 5,
+            TileForm::Int8 => 2,
+            TileForm::E2m1Group32 | TileForm::E2m1Group16 => 3,
+        }
+    }
+
+    /// Scale sub-groups a 128-input group holds.
+    pub fn subs(self) -> usize {
+        16 / self.half_quads()
+    }
+
+    /// Writes `x` (the matrix's input order, a multiple of 128 values) in the order whose
+    /// `simd::quantize_i8_groups` bytes a panel of this form meets quad for quad.
+    pub fn order_input(self, x: &[f32], out: &mut [f32]) {
+        match self {
+            // The pair order of the 4-bit codes is what the quantizer takes.
+            TileForm::Int4 | TileForm::E2m1Group32 | TileForm::E2m1Group16 => out.copy_from_slice(x),
+            TileForm::Int8 => super::simd::int8_vnni_order(|j| x[j], out),
+        }
+    }
+}
+
 /// `x` (natural order, `out.len()` values) in the pair order of the two-codes-per-byte formats:
 /// per 32-input chunk (a shorter last one too), its even inputs, then its odd ones.
 #[inline(always)]
@@ -533,6 +584,107 @@ impl QMat {
                 }
             }
         }
+    }
+
+    /// The integer tiles' code form of this stack (`quant::itiles`): int4 without an act-order
+    /// permutation, int8 and E2M1, each with whole 128-input groups (the activations' int8
+    /// groups); `None` for FP8 and other shapes.
+    pub fn tile_form(&self) -> Option<TileForm> {
+        if self.perm.is_some() || !self.k.is_multiple_of(128) {
+            return None;
+        }
+        match &self.data {
+            Data::Int4 { .. } => Some(TileForm::Int4),
+            Data::Int8 { .. } => Some(TileForm::Int8),
+            Data::E2m1 { group: 32, .. } => Some(TileForm::E2m1Group32),
+            Data::E2m1 { group: 16, .. } => Some(TileForm::E2m1Group16),
+            _ => None,
+        }
+    }
+
+    /// Writes columns `r0 .. r0 + lanes` (`lanes <= 32`) of matrix `m` at 128-input group `gi` as
+    /// a VNNI panel (`simd::VNNI_QUADS` quads x 32 columns of unsigned code bytes, see
+    /// [`TileForm`]; columns past `lanes` are zero) and its per-column factors (`simd::TileScales`)
+    /// for a stack with a [`QMat::tile_form`], and prefetches the next group's codes. False
+    /// (nothing written) for other stacks or columns / groups outside the matrix.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub fn vnni_panel(
+        &self,
+        m: usize,
+        (r0, lanes): (usize, usize),
+        gi: usize,
+        out: &mut [u32],
+        sc: &mut super::simd::TileScales,
+    ) -> bool {
+        const QUADS: usize = super::simd::VNNI_QUADS;
+        let (n, k, g) = (self.n, self.k, self.k / 128);
+        let out = &mut out[..QUADS * 32];
+        let Some(form) = self.tile_form() else { return false };
+        if lanes > 32 || r0 + lanes > n || (gi + 1) * 128 > k {
+            return false;
+        }
+        let simd = std::arch::is_x86_feature_detected!("avx512bw");
+        let (bytes, row_bytes, group_bytes) = match &self.data {
+            Data::Int4 { codes, .. } | Data::E2m1 { codes, .. } => (codes, k / 2, 64),
+            Data::Int8 { q, .. } => (q, k, 128),
+            Data::Fp8 { .. } => return false,
+        };
+        let mut done = 0;
+        while simd && done + 16 <= lanes {
+            let first = (m * n + r0 + done) * row_bytes + gi * group_bytes;
+            for l in 0..16 {
+                super::prefetch_l1(bytes.as_ptr().wrapping_add(first + l * row_bytes + group_bytes), group_bytes);
+            }
+            // SAFETY: AVX-512F/BW were detected; columns done .. done + 16 are rows of this
+            // matrix, each with the group's `group_bytes` bytes at stride `row_bytes`; `out`
+            // holds QUADS x 32 words.
+            unsafe {
+                let (src, dst) = (bytes.as_ptr().add(first), out.as_mut_ptr().add(done));
+                match form {
+                    TileForm::Int4 => super::simd::nibble_vnni_panel16::<false>(src, row_bytes, dst),
+                    TileForm::Int8 => super::simd::int8_vnni_panel16(src, row_bytes, dst),
+                    TileForm::E2m1Group32 | TileForm::E2m1Group16 => {
+                        super::simd::nibble_vnni_panel16::<true>(src, row_bytes, dst)
+                    }
+                }
+            }
+            done += 16;
+        }
+        let nibble = |v: u8| match form {
+            TileForm::Int4 => v,
+            _ => super::simd::E2M1_VNNI[v as usize],
+        };
+        for l in done..32 {
+            let row = m * n + r0 + l;
+            let b = (l < lanes).then(|| &bytes[row * row_bytes + gi * group_bytes..][..group_bytes]);
+            for p in 0..QUADS {
+                let word: [u8; 4] = match (b, form) {
+                    (None, _) => [0; 4],
+                    (Some(b), TileForm::Int8) => std::array::from_fn(|i| b[4 * p + i] ^ 0x80),
+                    (Some(b), _) => {
+                        let w = &b[4 * (p % 16)..4 * (p % 16) + 4];
+                        std::array::from_fn(|i| nibble(if p < 16 { w[i] & 15 } else { w[i] >> 4 }))
+                    }
+                };
+                out[p * 32 + l] = u32::from_le_bytes(word);
+            }
+        }
+        let subs = form.subs();
+        for l in 0..32 {
+            let row = m * n + r0 + l.min(lanes.saturating_sub(1));
+            match &self.data {
+                Data::Int4 { scale, zs, .. } => (sc.s[l], sc.zs[l]) = (scale[row * g + gi], zs[row * g + gi]),
+                Data::Int8 { scale, .. } => sc.s[l] = scale[row],
+                Data::E2m1 { scale, .. } => {
+                    for t in 0..subs {
+                        sc.s[32 * t + l] = 0.5 * scale[(row * g + gi) * subs + t];
+                    }
+                }
+                Data::Fp8 { .. } => return false,
+            }
+        }
+        true
     }
 
     /// Activation row `x` in [`QMat::order_input`]'s order as bf16 bits in packed-position order

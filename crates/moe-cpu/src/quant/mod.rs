@@ -12,12 +12,16 @@
 //! From [`QMat::tile_rows`] rows an expert (AVX-512 BF16, bf16 activations), a
 //! task instead dequantizes 32-row x 128..256-input panels into the dense kernels' pair-packed
 //! bf16 layout in a reused per-thread buffer and runs the dense `vdpbf16ps` tile on them
-//! ([`tiles`]): one decode serves every token of the expert.
+//! ([`tiles`]): one decode serves every token of the expert. int4 and int8 stacks on AVX-512
+//! VNNI instead quantize the activations to int8 groups and run integer tiles on panels of code
+//! bytes (`itiles`), where the CPU's bf16 tiles would not run on AMX.
 //!
 //! The shared expert is not quantized: it runs on the dense kernels ([`crate::experts`]).
 
 #[cfg(target_arch = "x86_64")]
 mod decode;
+#[cfg(target_arch = "x86_64")]
+mod itiles;
 pub mod mats;
 mod simd;
 mod tiles;
@@ -74,6 +78,9 @@ pub struct QuantExperts {
     mid: Vec<f32>,
     /// bf16 activations of the projection being run, in packed-position order (tile path).
     xb: Vec<u16>,
+    /// int8 activation groups of the projection being run (integer tile path).
+    #[cfg(target_arch = "x86_64")]
+    xi: itiles::IntBufs,
     /// down outputs, per group transposed `[H][rows]`, then `[rows, H]`.
     yt: Vec<f32>,
     y: Vec<f32>,
@@ -156,6 +163,8 @@ impl QuantExperts {
             gu: Vec::new(),
             mid: Vec::new(),
             xb: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            xi: Default::default(),
             yt: Vec::new(),
             y: Vec::new(),
             spans: Vec::new(),
@@ -188,6 +197,8 @@ impl QuantExperts {
             b.iter_mut().for_each(|v| *v = f32::NAN);
         }
         self.xb.iter_mut().for_each(|v| *v = 0x7FC0);
+        #[cfg(target_arch = "x86_64")]
+        self.xi.poison();
         match &mut self.shared {
             Some(Shared::F32(x)) => x.poison(),
             Some(Shared::Bf16(x)) => x.poison(),
@@ -267,9 +278,14 @@ impl QuantExperts {
             });
             &self.ao
         };
-        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, vnni: self.vnni, xb: (&[], 0) };
+        let mode = Mode::new(self);
+        let bufs = TileBufs {
+            xb: &mut self.xb,
+            #[cfg(target_arch = "x86_64")]
+            xi: &mut self.xi,
+        };
         span!("cpu.q.gate_up")
-            .in_scope(|| project(mode, &self.w13, spans, x13, (&mut self.gu, &mut self.xb), self.b13.as_deref()));
+            .in_scope(|| project(mode, &self.w13, spans, x13, (&mut self.gu, bufs), self.b13.as_deref()));
         // Activation, then the intermediate in w2's input order.
         let (act, w2, gu) = (self.act, &self.w2, &self.gu);
         let act_span = span!("cpu.q.act").entered();
@@ -292,10 +308,15 @@ impl QuantExperts {
                 w2.order_input(sp.expert, v, o);
             })
         });
-        let mode = Mode { isa: self.isa, bf16_dot: self.bf16_dot, vnni: self.vnni, xb: (&[], 0) };
+        let mode = Mode::new(self);
         drop(act_span);
+        let bufs = TileBufs {
+            xb: &mut self.xb,
+            #[cfg(target_arch = "x86_64")]
+            xi: &mut self.xi,
+        };
         span!("cpu.q.down")
-            .in_scope(|| project(mode, &self.w2, spans, &self.mid, (&mut self.yt, &mut self.xb), self.b2.as_deref()));
+            .in_scope(|| project(mode, &self.w2, spans, &self.mid, (&mut self.yt, bufs), self.b2.as_deref()));
         // [H][rows] per span -> [rows, H].
         let yt = &self.yt;
         let out_span = span!("cpu.q.combine").entered();
@@ -310,6 +331,20 @@ impl QuantExperts {
         drop(out_span);
         Ok(())
     }
+}
+
+/// Whether a projection of a stack of `form` runs the integer tiles ([`itiles`]) for its experts
+/// of [`mats::TileForm::tile_rows`] rows or more (some expert has that many): VNNI, int8
+/// activations chosen ([`crate::tuning::int4_act`]), and [`crate::tuning::quant_int_tiles`]
+/// given whether the bf16 tiles would run on AMX.
+#[cfg(target_arch = "x86_64")]
+fn int_tiles(mode: Mode, form: mats::TileForm, spans: &[Span]) -> bool {
+    let from = crate::tuning::quant_tile_rows(form.tile_rows());
+    let amx = crate::kernels::DotBf16::new().is_some_and(|d| d.uses_amx());
+    mode.vnni
+        && crate::tuning::int4_act() != 0
+        && spans.iter().any(|s| s.rows >= from)
+        && crate::tuning::quant_int_tiles(amx)
 }
 
 /// Whether the CPU has AVX-512 VNNI (`vpdpbusd` on zmm).
@@ -336,6 +371,30 @@ struct Mode<'a> {
     /// The activations as bf16 in packed-position order and their row stride, when the tile
     /// path runs (empty otherwise).
     xb: (&'a [u16], usize),
+    /// The activations as int8 groups, when the integer tile path runs.
+    #[cfg(target_arch = "x86_64")]
+    xi: Option<itiles::IntActs<'a>>,
+}
+
+impl Mode<'_> {
+    /// The kernels of `q`'s projections, before any activations are prepared.
+    fn new(q: &QuantExperts) -> Self {
+        Mode {
+            isa: q.isa,
+            bf16_dot: q.bf16_dot,
+            vnni: q.vnni,
+            xb: (&[], 0),
+            #[cfg(target_arch = "x86_64")]
+            xi: None,
+        }
+    }
+}
+
+/// The reused activation buffers of the tile paths.
+struct TileBufs<'a> {
+    xb: &'a mut Vec<u16>,
+    #[cfg(target_arch = "x86_64")]
+    xi: &'a mut itiles::IntBufs,
 }
 
 /// The rows of one expert.
@@ -355,22 +414,32 @@ pub(crate) struct Task {
 }
 
 /// `out` (per span transposed: `out[span.row0 * n + c * span.rows + r]`) = `W_e a_r (+ bias)` for
-/// every span; `a` is `[rows, k]` in the matrix's input order. `xb` is the reused buffer of the
-/// tile path's bf16 activations.
+/// every span; `a` is `[rows, k]` in the matrix's input order. `bufs` are the reused buffers of
+/// the tile paths' activations.
 fn project<'a>(
     mut mode: Mode<'a>,
     w: &QMat,
     spans: &[Span],
     a: &[f32],
-    (out, xb): (&mut [f32], &'a mut Vec<u16>),
+    (out, bufs): (&mut [f32], TileBufs<'a>),
     bias: Option<&[f32]>,
 ) {
     let (n, k) = (w.n, w.k);
     let tile_rows = crate::tuning::quant_tile_rows(w.tile_rows());
-    if mode.bf16_dot && spans.iter().any(|s| s.rows >= tile_rows) {
+    let rows = spans.iter().map(|s| s.row0 + s.rows).max().unwrap_or(0);
+    let xb = bufs.xb;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(form) = w.tile_form().filter(|&f| int_tiles(mode, f, spans)) {
+        // SAFETY: `vnni` is only set with `Isa::Avx512Bf16` (AVX-512F/BW) and VNNI detected.
+        mode.xi = Some(unsafe { itiles::quantize_rows(form, crate::tuning::int4_act() == 2, (a, k, rows), bufs.xi) });
+    }
+    #[cfg(target_arch = "x86_64")]
+    let bf16_tiles = mode.xi.is_none();
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16_tiles = true;
+    if mode.bf16_dot && bf16_tiles && spans.iter().any(|s| s.rows >= tile_rows) {
         // Every row once, as bf16 in packed-position order (rows padded to whole cache lines, an
         // odd number of them: the tiles load many rows at this stride).
-        let rows = spans.iter().map(|s| s.row0 + s.rows).max().unwrap_or(0);
         let kp = crate::engine::row_stride::<u16>(k.div_ceil(2) * 2);
         grow(xb, rows * kp);
         each_row(xb, kp, rows, |r, o| w.natural_bf16(&a[r * k..(r + 1) * k], o));
@@ -381,8 +450,12 @@ fn project<'a>(
     // About four tasks per thread, at least 8 rows each (12 a thread, as the bf16 split schedule
     // uses, measured 1.27x the time at T = 1 on 16 cores: every task converts its activations).
     let per = (total / (4 * threads)).clamp(8, n.max(8));
-    // The tile path decodes whole 32-row panels: keep task boundaries on them.
-    let per = if mode.xb.0.is_empty() { per } else { per.next_multiple_of(crate::pack::NB) };
+    // The tile paths decode whole 32-row panels: keep task boundaries on them.
+    #[cfg(target_arch = "x86_64")]
+    let panels = !mode.xb.0.is_empty() || mode.xi.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let panels = !mode.xb.0.is_empty();
+    let per = if panels { per.next_multiple_of(crate::pack::NB) } else { per };
     let per_span = n.div_ceil(per);
     // Task i: output rows [c0, c1) of span i / per_span, written to its own range of `out`.
     let out = Out::new(out);
@@ -557,6 +630,12 @@ fn int4_rows(
 fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<&[f32]>, sc: &mut Scratch) {
     let isa = mode.isa;
     let (n, k, s) = (w.n, w.k, t.span);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(xi) = mode.xi.filter(|xi| s.rows >= crate::tuning::quant_tile_rows(xi.form().tile_rows())) {
+        // SAFETY: `xi` is only built with `vnni` (AVX-512F/BW and VNNI detected) for a stack with
+        // VNNI codes, from every span's rows.
+        return unsafe { itiles::run(w, t, xi, out, bias) };
+    }
     if s.rows >= crate::tuning::quant_tile_rows(w.tile_rows()) && !mode.xb.0.is_empty() {
         if let Some(fam) = crate::kernels::DotBf16::new() {
             // Enough tokens to reuse a decoded panel: the dense bf16 tile on dequantized panels.

@@ -711,15 +711,15 @@ pub unsafe fn int8_dot_bf16_rows<const R: usize>(bytes: &[u8], xb: &[u16], ld: u
     }
 }
 
-/// Transposes 16 vectors of 16 words (`r[i]` = lane `i`'s words `0..16`) and stores word `p` of
-/// every lane as 16 consecutive words at `out + p * 32` (the pair-packed panel layout).
+/// Transposes 16 vectors of 16 words (`r[i]` = lane `i`'s words `0..16`): word `p` of every
+/// lane as one vector, returned as element `p`.
 ///
 /// # Safety
-/// AVX-512F must be available; `out + p * 32 .. + 16` must be writable for `p < 16`.
+/// AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_store16(r: &[__m512i; 16], out: *mut u32) {
+unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
     let mut a = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
         a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -733,16 +733,31 @@ unsafe fn transpose_store16(r: &[__m512i; 16], out: *mut u32) {
         b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
         b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
     }
+    let mut t = [_mm512_setzero_si512(); 16];
     for j in 0..4 {
         let c0 = _mm512_shuffle_i32x4::<0x88>(b[j], b[4 + j]);
         let c1 = _mm512_shuffle_i32x4::<0xdd>(b[j], b[4 + j]);
         let c2 = _mm512_shuffle_i32x4::<0x88>(b[8 + j], b[12 + j]);
         let c3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + j], b[12 + j]);
-        let st = |p: usize, v: __m512i| _mm512_storeu_si512(out.add(p * 32) as *mut _, v);
-        st(j, _mm512_shuffle_i32x4::<0x88>(c0, c2));
-        st(8 + j, _mm512_shuffle_i32x4::<0xdd>(c0, c2));
-        st(4 + j, _mm512_shuffle_i32x4::<0x88>(c1, c3));
-        st(12 + j, _mm512_shuffle_i32x4::<0xdd>(c1, c3));
+        t[j] = _mm512_shuffle_i32x4::<0x88>(c0, c2);
+        t[8 + j] = _mm512_shuffle_i32x4::<0xdd>(c0, c2);
+        t[4 + j] = _mm512_shuffle_i32x4::<0x88>(c1, c3);
+        t[12 + j] = _mm512_shuffle_i32x4::<0xdd>(c1, c3);
+    }
+    t
+}
+
+/// [`transpose16`], storing word `p` of every lane as 16 consecutive words at `out + p * 32`
+/// (the pair-packed panel layout).
+///
+/// # Safety
+/// AVX-512F must be available; `out + p * 32 .. + 16` must be writable for `p < 16`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_store16(r: &[__m512i; 16], out: *mut u32) {
+    for (p, v) in transpose16(r).into_iter().enumerate() {
+        _mm512_storeu_si512(out.add(p * 32) as *mut _, v);
     }
 }
 
@@ -860,5 +875,241 @@ pub unsafe fn e2m1_panel16(
             );
         }
         transpose_store16(&r, out.add(16 * st * 32));
+    }
+}
+
+/// Code quads a 128-input group of a VNNI panel holds: `panel[q * 32 + l]` is quad `q` of
+/// column `l`, four unsigned code bytes that meet the activation quad at byte `4 q` of the
+/// group's [`quantize_i8_groups`] bytes.
+pub const VNNI_QUADS: usize = 32;
+
+/// 4-bit VNNI panel for 16 columns, one 128-input group: column `l`'s 64 code bytes at
+/// `codes + l * stride` (byte `j`: inputs `2 j` low, `2 j + 1` high nibble) become quad `p` =
+/// the low nibbles of its bytes `4 p .. 4 p + 4` (the even inputs `8 p, 8 p + 2, ..`) and quad
+/// `16 + p` = their high nibbles (the odd inputs), stored at `out + q * 32 + l`: the order of
+/// [`quantize_i8_groups`] (the group's 64 even inputs, then its 64 odd ones). int4 keeps the
+/// nibble; E2M1 (`E2M1 = true`) stores `2 x value + 12` (0 ..= 24).
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; every column's 64 bytes must be readable and
+/// `out + q * 32 .. + 16` writable for `q < 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn nibble_vnni_panel16<const E2M1: bool>(codes: *const u8, stride: usize, out: *mut u32) {
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (l, v) in r.iter_mut().enumerate() {
+        *v = _mm512_loadu_si512(codes.add(l * stride) as *const _);
+    }
+    let nib = _mm512_set1_epi8(15);
+    let lut = _mm512_broadcast_i32x4(_mm_loadu_si128(E2M1_VNNI.as_ptr() as *const _));
+    let code = |v: __m512i| if E2M1 { _mm512_shuffle_epi8(lut, v) } else { v };
+    for (p, v) in transpose16(&r).into_iter().enumerate() {
+        let (lo, hi) = (_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib));
+        _mm512_storeu_si512(out.add(p * 32) as *mut _, code(lo));
+        _mm512_storeu_si512(out.add((16 + p) * 32) as *mut _, code(hi));
+    }
+}
+
+/// E2M1 codes as the integer tiles' unsigned bytes: `2 x value + 12` (values 0, 0.5 .. 6, sign
+/// in bit 3).
+pub const E2M1_VNNI: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
+
+/// int8 VNNI panel for 16 columns, one 128-input group: column `l`'s 128 signed codes at
+/// `q + l * stride` become quad `p` = its bytes `4 p .. 4 p + 4` plus 128 (unsigned for
+/// `vpdpbusd`; the kernel takes the offset back), stored at `out + p * 32 + l`.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; every column's 128 bytes must be readable and
+/// `out + p * 32 .. + 16` writable for `p < 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn int8_vnni_panel16(q: *const u8, stride: usize, out: *mut u32) {
+    let flip = _mm512_set1_epi8(i8::MIN);
+    for half in 0..2 {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (l, v) in r.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(q.add(l * stride + 64 * half) as *const _);
+        }
+        for (p, v) in transpose16(&r).into_iter().enumerate() {
+            _mm512_storeu_si512(out.add((16 * half + p) * 32) as *mut _, _mm512_xor_si512(v, flip));
+        }
+    }
+}
+
+/// A VNNI tile's activation rows at one 128-input group, from [`quantize_i8_groups`]: row `m`'s
+/// group bytes at `q + m * ldq`, its unit and value sum (`unit x` the group's integer sum) at
+/// `unit / xsum + m * ldg`, and the integer sums of its scale sub-groups at `vsum + m * ldv`.
+#[derive(Debug, Clone, Copy)]
+pub struct VnniTileRows {
+    pub q: *const i8,
+    pub ldq: usize,
+    pub unit: *const f32,
+    pub xsum: *const f32,
+    pub ldg: usize,
+    pub vsum: *const i32,
+    pub ldv: usize,
+}
+
+/// A panel's per-column factors: `s[t * 32 + l]` for sub-group `t` (int4: the group's scale;
+/// int8: the row's scale; E2M1: half the sub-group's scale), `zs[l]` int4's zero * scale.
+#[derive(Debug, Clone)]
+pub struct TileScales {
+    pub s: [f32; 256],
+    pub zs: [f32; 32],
+}
+
+impl Default for TileScales {
+    fn default() -> Self {
+        TileScales { s: [0.0; 256], zs: [0.0; 32] }
+    }
+}
+
+/// One 128-input group of `m` (1 ..= 8) activation rows times a 32-column VNNI panel of `form`
+/// with `vpdpbusd`, added into `acc` (`[m][32]` f32). Per row, column and scale sub-group the
+/// integer dot `A` (with `split`: `256 x` the first bytes' dot plus the residual bytes', exact
+/// in i32) becomes
+/// - int4 (codes `q`, `w = s (q - z)`): `acc += s unit A - zs xsum`;
+/// - int8 (codes `c + 128`): `acc += s unit (A - 128 V)`;
+/// - E2M1 (codes `2 e + 12`, one scale per 32 or 16 inputs): `acc += (s / 2) unit (A - 12 V)`,
+///
+/// with `V` the sub-group's integer activation sum.
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX-512 VNNI must be available; `panel` holds [`VNNI_QUADS`] x 32
+/// words; the rows' group bytes ([`i8_group_bytes`]) and sums are readable; `acc` holds
+/// `m * 32` values.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn vnni_tile(
+    (form, split): (super::mats::TileForm, bool),
+    m: usize,
+    panel: *const u32,
+    x: VnniTileRows,
+    sc: &TileScales,
+    acc: *mut f32,
+) {
+    use super::mats::TileForm;
+    macro_rules! rows {
+        ($split:literal, $form:literal, $hq:literal) => {
+            match m {
+                1 => vnni_tile_as::<1, $split, $form, $hq>(panel, x, sc, acc),
+                2 => vnni_tile_as::<2, $split, $form, $hq>(panel, x, sc, acc),
+                3 => vnni_tile_as::<3, $split, $form, $hq>(panel, x, sc, acc),
+                4 => vnni_tile_as::<4, $split, $form, $hq>(panel, x, sc, acc),
+                5 => vnni_tile_as::<5, $split, $form, $hq>(panel, x, sc, acc),
+                6 => vnni_tile_as::<6, $split, $form, $hq>(panel, x, sc, acc),
+                7 => vnni_tile_as::<7, $split, $form, $hq>(panel, x, sc, acc),
+                _ => vnni_tile_as::<8, $split, $form, $hq>(panel, x, sc, acc),
+            }
+        };
+    }
+    macro_rules! forms {
+        ($split:literal) => {
+            match form {
+                TileForm::Int4 => rows!($split, 0, 16),
+                TileForm::Int8 => rows!($split, 1, 16),
+                TileForm::E2m1Group32 => rows!($split, 2, 4),
+                TileForm::E2m1Group16 => rows!($split, 2, 2),
+            }
+        };
+    }
+    // SAFETY: forwarded contract.
+    unsafe {
+        if split {
+            forms!(true)
+        } else {
+            forms!(false)
+        }
+    }
+}
+
+/// [`vnni_tile`] for `M` rows, one activation form and one code form (`FORM` 0 int4, 1 int8,
+/// 2 E2M1; `HQ` quads of each panel half a scale sub-group spans: 16, or 4 / 2 for E2M1
+/// groups of 32 / 16 inputs).
+///
+/// # Safety
+/// As [`vnni_tile`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn vnni_tile_as<const M: usize, const SPLIT: bool, const FORM: u8, const HQ: usize>(
+    panel: *const u32,
+    x: VnniTileRows,
+    sc: &TileScales,
+    acc: *mut f32,
+) {
+    let offset = if FORM == 1 { 128 } else { 12 };
+    // SAFETY: every load is a panel word or a row's group byte, sum or unit, in bounds by the
+    // contract; the stores are `acc`'s `M * 32` values.
+    unsafe {
+        for t in 0..16 / HQ {
+            // 2 M accumulators (16 at M = 8) plus the two panel vectors fit the 32 registers.
+            let mut a = [[_mm512_setzero_si512(); 2]; M];
+            for pass in 0..if SPLIT { 2 } else { 1 } {
+                if pass == 1 {
+                    // 256 x the first bytes' dot, then the residual bytes' dot on top.
+                    for r in a.iter_mut() {
+                        r[0] = _mm512_slli_epi32::<8>(r[0]);
+                        r[1] = _mm512_slli_epi32::<8>(r[1]);
+                    }
+                }
+                let xq = x.q.add(128 * pass);
+                for p in (0..2 * HQ).map(|i| 16 * (i / HQ) + HQ * t + i % HQ) {
+                    let w0 = _mm512_loadu_si512(panel.add(p * 32) as *const _);
+                    let w1 = _mm512_loadu_si512(panel.add(p * 32 + 16) as *const _);
+                    for (m, r) in a.iter_mut().enumerate() {
+                        let v = _mm512_set1_epi32((xq.add(m * x.ldq + 4 * p) as *const i32).read_unaligned());
+                        r[0] = _mm512_dpbusd_epi32(r[0], w0, v);
+                        r[1] = _mm512_dpbusd_epi32(r[1], w1, v);
+                    }
+                }
+            }
+            for (m, r) in a.iter().enumerate() {
+                let unit = _mm512_set1_ps(*x.unit.add(m * x.ldg));
+                for (h, &v) in r.iter().enumerate() {
+                    let y = acc.add(m * 32 + 16 * h);
+                    let su = _mm512_mul_ps(_mm512_loadu_ps(sc.s.as_ptr().add(32 * t + 16 * h)), unit);
+                    let out = if FORM == 0 {
+                        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), su, _mm512_loadu_ps(y));
+                        let xsum = _mm512_set1_ps(*x.xsum.add(m * x.ldg));
+                        _mm512_fnmadd_ps(_mm512_loadu_ps(sc.zs.as_ptr().add(16 * h)), xsum, t)
+                    } else {
+                        // int8: |A| <= 128 x 255 x 32640 < 2^31 and 128 |V| < 2^30; E2M1 far
+                        // less: exact.
+                        let off = _mm512_set1_epi32(offset * *x.vsum.add(m * x.ldv + t));
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, off)), su, _mm512_loadu_ps(y))
+                    };
+                    _mm512_storeu_ps(y, out);
+                }
+            }
+        }
+    }
+}
+
+/// The integer activation sums `V` of the scale sub-groups of one 128-input group of
+/// [`quantize_i8_groups`] bytes at `q` (`split`: `256 x` the first bytes' sum plus the residual
+/// bytes'): sub-group `t` is quads `hq t .. hq (t + 1)` of both halves (the panel quads it
+/// meets), `out[t]` for `t < 16 / hq`.
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX-512 VNNI must be available; `q` holds [`i8_group_bytes`] bytes;
+/// `hq` is 16, 4 or 2 and `out` holds `16 / hq` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn group_sub_sums(split: bool, hq: usize, q: *const i8, out: &mut [i32]) {
+    // SAFETY: the loads are the group's bytes, in bounds by the contract.
+    unsafe {
+        // Lane l: the sum of quads l and 16 + l (one byte times 1 four times, twice).
+        let ones = _mm512_set1_epi8(1);
+        let quads = |o: usize| {
+            let a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q.add(o) as *const _));
+            _mm512_dpbusd_epi32(a, ones, _mm512_loadu_si512(q.add(o + 64) as *const _))
+        };
+        let mut v = quads(0);
+        if split {
+            v = _mm512_add_epi32(_mm512_slli_epi32::<8>(v), quads(128));
+        }
+        let run = (1u32 << hq) - 1;
+        for (t, o) in out.iter_mut().take(16 / hq).enumerate() {
+            *o = _mm512_mask_reduce_add_epi32((run << (hq * t)) as u16, v);
+        }
     }
 }
