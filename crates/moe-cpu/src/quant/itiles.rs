@@ -73,8 +73,9 @@ impl IntActs<'_> {
     }
 }
 
-/// Quantizes `rows` activation rows of `a` (`[rows, k]` in the matrix's input order, `k` a
-/// multiple of 128) for stacks of `form`, in parallel, into `bufs`.
+/// Quantizes `rows` activation rows of `a` (`[rows, k]` in the matrix's input order; a last
+/// group shorter than 128 inputs is padded with zeros) for stacks of `form`, in parallel, into
+/// `bufs`.
 ///
 /// # Safety
 /// AVX-512F, AVX-512BW and AVX-512 VNNI must be available.
@@ -84,8 +85,8 @@ pub(super) unsafe fn quantize_rows<'a>(
     (a, k, rows): (&[f32], usize, usize),
     bufs: &'a mut IntBufs,
 ) -> IntActs<'a> {
-    let (g, per, subs) = (k / 128, simd::i8_group_bytes(split), form.subs());
-    let hq = form.half_quads();
+    let (g, per, subs) = (k.div_ceil(128), simd::i8_group_bytes(split), form.subs());
+    let (hq, kg) = (form.half_quads(), 128 * k.div_ceil(128));
     grow(&mut bufs.q, rows * g * per);
     grow(&mut bufs.unit, rows * g);
     grow(&mut bufs.xsum, rows * g);
@@ -94,8 +95,8 @@ pub(super) unsafe fn quantize_rows<'a>(
         (Out::new(&mut bufs.q), Out::new(&mut bufs.unit), Out::new(&mut bufs.xsum), Out::new(&mut bufs.vsum));
     pool::for_each(rows, |r, _| {
         scratch::with(|sc| {
-            grow(&mut sc.row, k);
-            let x = &mut sc.row[..k];
+            grow(&mut sc.row, kg);
+            let x = &mut sc.row[..kg];
             form.order_input(&a[r * k..(r + 1) * k], x);
             // SAFETY: row r alone writes its ranges of the four buffers (grown above); AVX-512F/BW
             // and VNNI by the caller's contract; group gi's bytes are `per` from `gi * per`.
@@ -131,7 +132,7 @@ pub(super) unsafe fn quantize_rows<'a>(
 /// inputs.
 pub(super) unsafe fn run(w: &QMat, t: Task, x: IntActs, out: &mut [f32], bias: Option<&[f32]>) {
     let (n, k, s) = (w.n, w.k, t.span);
-    let (g, per, subs) = (k / 128, simd::i8_group_bytes(x.split), x.form.subs());
+    let (g, per, subs) = (k.div_ceil(128), simd::i8_group_bytes(x.split), x.form.subs());
     WS.with_borrow_mut(|ws| {
         grow(&mut ws.panel, VNNI_QUADS * NB);
         grow(&mut ws.acc, s.rows * NB);
@@ -180,14 +181,22 @@ mod tests {
     use moe_core::quant::{quant_method, Int4Group, QuantMethod};
     use moe_core::{DType, QuantFormat};
 
-    /// Byte of a row's group holding activation position `p` (the matrix's input order) of
-    /// that group: the quantizer writes 16-value run `i` at `(i & 1) * 64 + 16 (i / 2)`, and
-    /// int8 rows were permuted by `simd::int8_vnni_order`, its inverse.
-    fn byte_of(form: TileForm, p: usize) -> usize {
-        match form {
-            TileForm::Int8 => p,
-            _ => ((p / 16) & 1) * 64 + 16 * (p / 32) + p % 16,
+    /// Where each activation position of the matrix's input order lands in a row's bytes: the
+    /// position in [`TileForm::order_input`]'s output (traced with an index vector), then the
+    /// quantizer's layout (16-value run `i` of a group at `(i & 1) * 64 + 16 (i / 2)`).
+    fn bytes_of(form: TileForm, k: usize, per: usize) -> Vec<usize> {
+        let iota: Vec<f32> = (0..k).map(|j| (j + 1) as f32).collect();
+        let mut ordered = vec![0.0f32; k.div_ceil(128) * 128];
+        form.order_input(&iota, &mut ordered);
+        let mut at = vec![usize::MAX; k];
+        for (pos, &v) in ordered.iter().enumerate() {
+            if v > 0.0 {
+                let p = pos % 128;
+                at[v as usize - 1] = (pos / 128) * per + ((p / 16) & 1) * 64 + 16 * (p / 32) + p % 16;
+            }
         }
+        assert!(at.iter().all(|&b| b != usize::MAX), "every input lands somewhere");
+        at
     }
 
     #[test]
@@ -197,19 +206,26 @@ mod tests {
             eprintln!("no AVX-512 VNNI / BF16 here: the integer tiles cannot run");
             return;
         }
-        // 2 experts of [40, 384]: a SIMD 16-column half, a ragged scalar block (8 of 32
-        // columns); 11 token rows: an 8-row tile and a 3-row one.
-        let (e, n, k, rows) = (2usize, 40usize, 384usize, 11usize);
-        let g = k / 128;
-        let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
-        let methods: Vec<(Box<dyn QuantMethod>, &str)> = vec![
-            (Box::new(Int4Group::with_zero_points()), "int4 zero points"),
-            (Box::new(Int4Group::symmetric()), "int4"),
-            (quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(), "int8"),
-            (quant_method(QuantFormat::Mxfp4, DType::F32).unwrap(), "mxfp4"),
-            (quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(), "nvfp4"),
+        // 2 experts of [40, k]: a SIMD 16-column half, a ragged scalar block (8 of 32
+        // columns); 11 token rows: an 8-row tile and a 3-row one. k = 384: whole groups; 352,
+        // 336 and 330: a last group of 96 / 80 / 74 inputs (padded; 336 ends in a 16-input
+        // chunk of NVFP4 codes).
+        let (e, n, rows) = (2usize, 40usize, 11usize);
+        let cases: Vec<(Box<dyn QuantMethod>, &str, usize)> = vec![
+            (Box::new(Int4Group::with_zero_points()), "int4 zero points", 384),
+            (Box::new(Int4Group::symmetric()), "int4", 384),
+            (quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(), "int8", 384),
+            (quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(), "int8", 330),
+            (quant_method(QuantFormat::Mxfp4, DType::F32).unwrap(), "mxfp4", 384),
+            (quant_method(QuantFormat::Mxfp4, DType::F32).unwrap(), "mxfp4", 352),
+            (quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(), "nvfp4", 384),
+            (quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(), "nvfp4", 352),
+            (quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(), "nvfp4", 336),
         ];
-        for (m, label) in methods {
+        for (m, label, k) in cases {
+            let g = k.div_ceil(128);
+            let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
+            let label = format!("{label} k={k}");
             let t = m.quantize(&w, e, n, k).unwrap();
             let q = QMat::from_tensor(&t).unwrap();
             let form = q.tile_form().expect("whole 128-input groups take the integer tiles");
@@ -232,8 +248,9 @@ mod tests {
                 // SAFETY: AVX-512F/BW detected above.
                 let acts = unsafe { quantize_rows(form, split, (&ordered, k, rows), &mut bufs) };
                 let per = simd::i8_group_bytes(split);
+                let at = bytes_of(form, k, per);
                 let value = |r: usize, j: usize| -> f64 {
-                    let (gi, b) = (j / 128, r * g * per + (j / 128) * per + byte_of(form, j % 128));
+                    let (gi, b) = (at[j] / per, r * g * per + at[j]);
                     let h = acts.q[b] as f64;
                     let v = if split { 256.0 * h + acts.q[b + 128] as f64 } else { h };
                     acts.unit[r * g + gi] as f64 * v
@@ -266,19 +283,21 @@ mod tests {
             eprintln!("no AVX-512 BW here: only the scalar panel exists");
             return;
         }
-        let (e, n, k) = (1usize, 64usize, 256usize);
-        let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
+        let (e, n) = (1usize, 64usize);
+        // k = 256: whole groups; 224 / 212: a last group of 96 / 84 inputs.
         let methods = [
-            Box::new(Int4Group::with_zero_points()) as Box<dyn QuantMethod>,
-            quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(),
-            quant_method(QuantFormat::Mxfp4, DType::F32).unwrap(),
-            quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(),
+            (Box::new(Int4Group::with_zero_points()) as Box<dyn QuantMethod>, 256),
+            (quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(), 256),
+            (quant_method(QuantFormat::Int8Channel, DType::F32).unwrap(), 212),
+            (quant_method(QuantFormat::Mxfp4, DType::F32).unwrap(), 224),
+            (quant_method(QuantFormat::Nvfp4, DType::F32).unwrap(), 224),
         ];
-        for m in methods {
+        for (m, k) in methods {
+            let w: Vec<f32> = (0..e * n * k).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-3).collect();
             let q = QMat::from_tensor(&m.quantize(&w, e, n, k).unwrap()).unwrap();
             let (mut simd, mut scalar) = (vec![0u32; VNNI_QUADS * NB], vec![0u32; VNNI_QUADS * NB]);
             let (mut s, mut s2) = (TileScales::default(), TileScales::default());
-            for gi in 0..k / 128 {
+            for gi in 0..k.div_ceil(128) {
                 // 32 lanes take the SIMD halves; 15 lanes (of the same rows) the scalar path.
                 assert!(q.vnni_panel(0, (16, 32), gi, &mut simd, &mut s));
                 assert!(q.vnni_panel(0, (16, 15), gi, &mut scalar, &mut s2));

@@ -106,13 +106,26 @@ impl TileForm {
         16 / self.half_quads()
     }
 
-    /// Writes `x` (the matrix's input order, a multiple of 128 values) in the order whose
-    /// `simd::quantize_i8_groups` bytes a panel of this form meets quad for quad.
+    /// Writes `x` (the matrix's input order, `k` values) into `out` (`k` rounded up to a
+    /// multiple of 128, the rest zeros) in the order whose `simd::quantize_i8_groups` bytes a
+    /// panel of this form meets quad for quad.
     pub fn order_input(self, x: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        debug_assert!(out.len() == k.div_ceil(128) * 128);
         match self {
-            // The pair order of the 4-bit codes is what the quantizer takes.
-            TileForm::Int4 | TileForm::E2m1Group32 | TileForm::E2m1Group16 => out.copy_from_slice(x),
-            TileForm::Int8 => super::simd::int8_vnni_order(|j| x[j], out),
+            // The 4-bit codes' pair order is what the quantizer takes, with one exception: a
+            // short last chunk (NVFP4 with k % 32 == 16) holds its `h` even then its `h` odd
+            // inputs, where a whole chunk's odd inputs start at 16.
+            TileForm::Int4 | TileForm::E2m1Group32 | TileForm::E2m1Group16 => {
+                out[..k].copy_from_slice(x);
+                out[k..].fill(0.0);
+                let (c0, h) = (k - k % CHUNK, k % CHUNK / 2);
+                if h > 0 {
+                    out.copy_within(c0 + h..c0 + 2 * h, c0 + 16);
+                    out[c0 + h..c0 + 16].fill(0.0);
+                }
+            }
+            TileForm::Int8 => super::simd::int8_vnni_order(|j| if j < k { x[j] } else { 0.0 }, out),
         }
     }
 }
@@ -587,10 +600,10 @@ impl QMat {
     }
 
     /// The integer tiles' code form of this stack (`quant::itiles`): int4 without an act-order
-    /// permutation, int8 and E2M1, each with whole 128-input groups (the activations' int8
-    /// groups); `None` for FP8 and other shapes.
+    /// permutation, int8 and E2M1 (a last activation group shorter than 128 inputs is padded
+    /// with zeros); `None` for FP8.
     pub fn tile_form(&self) -> Option<TileForm> {
-        if self.perm.is_some() || !self.k.is_multiple_of(128) {
+        if self.perm.is_some() {
             return None;
         }
         match &self.data {
@@ -604,9 +617,10 @@ impl QMat {
 
     /// Writes columns `r0 .. r0 + lanes` (`lanes <= 32`) of matrix `m` at 128-input group `gi` as
     /// a VNNI panel (`simd::VNNI_QUADS` quads x 32 columns of unsigned code bytes, see
-    /// [`TileForm`]; columns past `lanes` are zero) and its per-column factors (`simd::TileScales`)
-    /// for a stack with a [`QMat::tile_form`], and prefetches the next group's codes. False
-    /// (nothing written) for other stacks or columns / groups outside the matrix.
+    /// [`TileForm`]; columns past `lanes` are zero, as are the inputs past `k` of a last, shorter
+    /// group: code 0 and scale 0) and its per-column factors (`simd::TileScales`) for a stack
+    /// with a [`QMat::tile_form`], and prefetches the next group's codes. False (nothing
+    /// written) for other stacks or columns / groups outside the matrix.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub fn vnni_panel(
@@ -618,16 +632,17 @@ impl QMat {
         sc: &mut super::simd::TileScales,
     ) -> bool {
         const QUADS: usize = super::simd::VNNI_QUADS;
-        let (n, k, g) = (self.n, self.k, self.k / 128);
+        let (n, k, g) = (self.n, self.k, self.k.div_ceil(128));
         let out = &mut out[..QUADS * 32];
         let Some(form) = self.tile_form() else { return false };
-        if lanes > 32 || r0 + lanes > n || (gi + 1) * 128 > k {
+        if lanes > 32 || r0 + lanes > n || gi * 128 >= k {
             return false;
         }
+        let len = (k - gi * 128).min(128);
         let simd = std::arch::is_x86_feature_detected!("avx512bw");
-        let (bytes, row_bytes, group_bytes) = match &self.data {
-            Data::Int4 { codes, .. } | Data::E2m1 { codes, .. } => (codes, k / 2, 64),
-            Data::Int8 { q, .. } => (q, k, 128),
+        let (bytes, row_bytes, group_bytes, valid) = match &self.data {
+            Data::Int4 { codes, .. } | Data::E2m1 { codes, .. } => (codes, k / 2, 64, len / 2),
+            Data::Int8 { q, .. } => (q, k, 128, len),
             Data::Fp8 { .. } => return false,
         };
         let mut done = 0;
@@ -637,15 +652,15 @@ impl QMat {
                 super::prefetch_l1(bytes.as_ptr().wrapping_add(first + l * row_bytes + group_bytes), group_bytes);
             }
             // SAFETY: AVX-512F/BW were detected; columns done .. done + 16 are rows of this
-            // matrix, each with the group's `group_bytes` bytes at stride `row_bytes`; `out`
-            // holds QUADS x 32 words.
+            // matrix, each with the group's `valid` bytes at stride `row_bytes`; `out` holds
+            // QUADS x 32 words.
             unsafe {
                 let (src, dst) = (bytes.as_ptr().add(first), out.as_mut_ptr().add(done));
                 match form {
-                    TileForm::Int4 => super::simd::nibble_vnni_panel16::<false>(src, row_bytes, dst),
-                    TileForm::Int8 => super::simd::int8_vnni_panel16(src, row_bytes, dst),
+                    TileForm::Int4 => super::simd::nibble_vnni_panel16::<false>(src, row_bytes, valid, dst),
+                    TileForm::Int8 => super::simd::int8_vnni_panel16(src, row_bytes, valid, dst),
                     TileForm::E2m1Group32 | TileForm::E2m1Group16 => {
-                        super::simd::nibble_vnni_panel16::<true>(src, row_bytes, dst)
+                        super::simd::nibble_vnni_panel16::<true>(src, row_bytes, valid, dst)
                     }
                 }
             }
@@ -657,15 +672,17 @@ impl QMat {
         };
         for l in done..32 {
             let row = m * n + r0 + l;
-            let b = (l < lanes).then(|| &bytes[row * row_bytes + gi * group_bytes..][..group_bytes]);
+            let b = (l < lanes).then(|| &bytes[row * row_bytes + gi * group_bytes..][..valid]);
+            // Byte j of the column's group, 0 past the matrix's inputs.
+            let at = |b: &[u8], j: usize| b.get(j).copied().unwrap_or(0);
             for p in 0..QUADS {
                 let word: [u8; 4] = match (b, form) {
                     (None, _) => [0; 4],
-                    (Some(b), TileForm::Int8) => std::array::from_fn(|i| b[4 * p + i] ^ 0x80),
-                    (Some(b), _) => {
-                        let w = &b[4 * (p % 16)..4 * (p % 16) + 4];
-                        std::array::from_fn(|i| nibble(if p < 16 { w[i] & 15 } else { w[i] >> 4 }))
-                    }
+                    (Some(b), TileForm::Int8) => std::array::from_fn(|i| at(b, 4 * p + i) ^ 0x80),
+                    (Some(b), _) => std::array::from_fn(|i| {
+                        let v = at(b, 4 * (p % 16) + i);
+                        nibble(if p < 16 { v & 15 } else { v >> 4 })
+                    }),
                 };
                 out[p * 32 + l] = u32::from_le_bytes(word);
             }
@@ -676,9 +693,12 @@ impl QMat {
             match &self.data {
                 Data::Int4 { scale, zs, .. } => (sc.s[l], sc.zs[l]) = (scale[row * g + gi], zs[row * g + gi]),
                 Data::Int8 { scale, .. } => sc.s[l] = scale[row],
-                Data::E2m1 { scale, .. } => {
+                Data::E2m1 { scale, group, .. } => {
+                    // Sub-groups past the matrix's inputs hold zero codes and scale 0.
+                    let per = k / group;
                     for t in 0..subs {
-                        sc.s[32 * t + l] = 0.5 * scale[(row * g + gi) * subs + t];
+                        let j = gi * subs + t;
+                        sc.s[32 * t + l] = if j < per { 0.5 * scale[row * per + j] } else { 0.0 };
                     }
                 }
                 Data::Fp8 { .. } => return false,

@@ -884,21 +884,23 @@ pub unsafe fn e2m1_panel16(
 pub const VNNI_QUADS: usize = 32;
 
 /// 4-bit VNNI panel for 16 columns, one 128-input group: column `l`'s 64 code bytes at
-/// `codes + l * stride` (byte `j`: inputs `2 j` low, `2 j + 1` high nibble) become quad `p` =
+/// `codes + l * stride` (byte `j`: inputs `2 j` low, `2 j + 1` high nibble; only the first
+/// `valid` are read, the rest count as code 0) become quad `p` =
 /// the low nibbles of its bytes `4 p .. 4 p + 4` (the even inputs `8 p, 8 p + 2, ..`) and quad
 /// `16 + p` = their high nibbles (the odd inputs), stored at `out + q * 32 + l`: the order of
 /// [`quantize_i8_groups`] (the group's 64 even inputs, then its 64 odd ones). int4 keeps the
 /// nibble; E2M1 (`E2M1 = true`) stores `2 x value + 12` (0 ..= 24).
 ///
 /// # Safety
-/// AVX-512F and AVX-512BW must be available; every column's 64 bytes must be readable and
-/// `out + q * 32 .. + 16` writable for `q < 32`.
+/// AVX-512F and AVX-512BW must be available; `valid <= 64` bytes of every column must be
+/// readable and `out + q * 32 .. + 16` writable for `q < 32`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn nibble_vnni_panel16<const E2M1: bool>(codes: *const u8, stride: usize, out: *mut u32) {
+pub unsafe fn nibble_vnni_panel16<const E2M1: bool>(codes: *const u8, stride: usize, valid: usize, out: *mut u32) {
     let mut r = [_mm512_setzero_si512(); 16];
+    let mask = bytes_mask(valid);
     for (l, v) in r.iter_mut().enumerate() {
-        *v = _mm512_loadu_si512(codes.add(l * stride) as *const _);
+        *v = _mm512_maskz_loadu_epi8(mask, codes.add(l * stride) as *const i8);
     }
     let nib = _mm512_set1_epi8(15);
     let lut = _mm512_broadcast_i32x4(_mm_loadu_si128(E2M1_VNNI.as_ptr() as *const _));
@@ -910,25 +912,38 @@ pub unsafe fn nibble_vnni_panel16<const E2M1: bool>(codes: *const u8, stride: us
     }
 }
 
+/// The load mask of the first `n` (saturating at 64) bytes of a vector.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bytes_mask(n: usize) -> __mmask64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
 /// E2M1 codes as the integer tiles' unsigned bytes: `2 x value + 12` (values 0, 0.5 .. 6, sign
 /// in bit 3).
 pub const E2M1_VNNI: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
 
 /// int8 VNNI panel for 16 columns, one 128-input group: column `l`'s 128 signed codes at
-/// `q + l * stride` become quad `p` = its bytes `4 p .. 4 p + 4` plus 128 (unsigned for
-/// `vpdpbusd`; the kernel takes the offset back), stored at `out + p * 32 + l`.
+/// `q + l * stride` (only the first `valid` are read, the rest count as 0) become quad `p` =
+/// its bytes `4 p .. 4 p + 4` plus 128 (unsigned for `vpdpbusd`; the kernel takes the offset
+/// back), stored at `out + p * 32 + l`.
 ///
 /// # Safety
-/// AVX-512F and AVX-512BW must be available; every column's 128 bytes must be readable and
-/// `out + p * 32 .. + 16` writable for `p < 32`.
+/// AVX-512F and AVX-512BW must be available; `valid <= 128` bytes of every column must be
+/// readable and `out + p * 32 .. + 16` writable for `p < 32`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn int8_vnni_panel16(q: *const u8, stride: usize, out: *mut u32) {
+pub unsafe fn int8_vnni_panel16(q: *const u8, stride: usize, valid: usize, out: *mut u32) {
     let flip = _mm512_set1_epi8(i8::MIN);
     for half in 0..2 {
         let mut r = [_mm512_setzero_si512(); 16];
+        let mask = bytes_mask(valid.saturating_sub(64 * half));
         for (l, v) in r.iter_mut().enumerate() {
-            *v = _mm512_loadu_si512(q.add(l * stride + 64 * half) as *const _);
+            *v = _mm512_maskz_loadu_epi8(mask, q.add(l * stride + 64 * half) as *const i8);
         }
         for (p, v) in transpose16(&r).into_iter().enumerate() {
             _mm512_storeu_si512(out.add((16 * half + p) * 32) as *mut _, _mm512_xor_si512(v, flip));
