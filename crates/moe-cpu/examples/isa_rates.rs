@@ -14,26 +14,34 @@ mod rates {
     const CHAINS: usize = 12;
     const STEPS: usize = 4_000_000;
 
-    /// Instructions a nanosecond of `vpdpbusd`.
-    ///
-    /// # Safety
-    /// AVX-512F and AVX-512 VNNI must be available.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub unsafe fn vpdpbusd() -> f64 {
-        // Opaque inputs: nothing folds at compile time, and the chains stay in registers.
-        let (b, c) = std::hint::black_box((_mm512_set1_epi32(0x0102_0304), _mm512_set1_epi32(0x0101_0101)));
-        let mut a = std::hint::black_box([_mm512_setzero_si512(); CHAINS]);
+    /// Instructions a nanosecond of `step` over `CHAINS` accumulators starting at `zero`
+    /// (`#[inline(always)]` into each caller, so it runs with that caller's target features).
+    /// The inputs come through `black_box`, so nothing folds at compile time, and the chains
+    /// stay in registers.
+    #[inline(always)]
+    fn rate<T: Copy>(zero: T, step: impl Fn(T) -> T) -> f64 {
+        let mut a = std::hint::black_box([zero; CHAINS]);
         let t = Instant::now();
         for _ in 0..STEPS {
             for v in a.iter_mut() {
-                *v = _mm512_dpbusd_epi32(*v, b, c);
+                *v = step(*v);
             }
         }
         std::hint::black_box(a);
         (STEPS * CHAINS) as f64 / t.elapsed().as_nanos() as f64
     }
 
-    /// Instructions a nanosecond of `vdpbf16ps`.
+    /// `vpdpbusd` a nanosecond.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 VNNI must be available.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn vpdpbusd() -> f64 {
+        let (b, c) = std::hint::black_box((_mm512_set1_epi32(0x0102_0304), _mm512_set1_epi32(0x0101_0101)));
+        rate(_mm512_setzero_si512(), |v| _mm512_dpbusd_epi32(v, b, c))
+    }
+
+    /// `vdpbf16ps` a nanosecond.
     ///
     /// # Safety
     /// AVX-512F and AVX-512 BF16 must be available.
@@ -42,33 +50,17 @@ mod rates {
         // SAFETY: __m512i and __m512bh are both 64 plain bytes.
         let x =
             std::hint::black_box(unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3F80_3F80)) });
-        let mut a = std::hint::black_box([_mm512_setzero_ps(); CHAINS]);
-        let t = Instant::now();
-        for _ in 0..STEPS {
-            for v in a.iter_mut() {
-                *v = _mm512_dpbf16_ps(*v, x, x);
-            }
-        }
-        std::hint::black_box(a);
-        (STEPS * CHAINS) as f64 / t.elapsed().as_nanos() as f64
+        rate(_mm512_setzero_ps(), |v| _mm512_dpbf16_ps(v, x, x))
     }
 
-    /// Instructions a nanosecond of 512-bit `vfmadd`.
+    /// 512-bit `vfmadd` a nanosecond.
     ///
     /// # Safety
     /// AVX-512F must be available.
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn fma() -> f64 {
         let p = std::hint::black_box(_mm512_set1_ps(1.000_1));
-        let mut a = std::hint::black_box([_mm512_setzero_ps(); CHAINS]);
-        let t = Instant::now();
-        for _ in 0..STEPS {
-            for v in a.iter_mut() {
-                *v = _mm512_fmadd_ps(*v, p, p);
-            }
-        }
-        std::hint::black_box(a);
-        (STEPS * CHAINS) as f64 / t.elapsed().as_nanos() as f64
+        rate(_mm512_setzero_ps(), |v| _mm512_fmadd_ps(v, p, p))
     }
 }
 
