@@ -340,7 +340,7 @@ impl QuantExperts {
 #[cfg(target_arch = "x86_64")]
 fn int_tiles(mode: Mode, form: mats::TileForm, spans: &[Span]) -> bool {
     let from = crate::tuning::quant_tile_rows(form.tile_rows());
-    let amx = crate::kernels::DotBf16::new().is_some_and(|d| d.uses_amx());
+    let amx = crate::tuning::amx_rows() > 0 && crate::kernels::DotBf16::new().is_some_and(|d| d.uses_amx());
     mode.vnni
         && crate::tuning::int4_act() != 0
         && spans.iter().any(|s| s.rows >= from)
