@@ -12,9 +12,9 @@
 //! From [`QMat::tile_rows`] rows an expert (AVX-512 BF16, bf16 activations), a
 //! task instead dequantizes 32-row x 128..256-input panels into the dense kernels' pair-packed
 //! bf16 layout in a reused per-thread buffer and runs the dense `vdpbf16ps` tile on them
-//! ([`tiles`]): one decode serves every token of the expert. int4 and int8 stacks on AVX-512
-//! VNNI instead quantize the activations to int8 groups and run integer tiles on panels of code
-//! bytes (`itiles`), where the CPU's bf16 tiles would not run on AMX.
+//! ([`tiles`]): one decode serves every token of the expert. int4, int8, MXFP4 and NVFP4 stacks
+//! on AVX-512 VNNI instead quantize the activations to int8 groups and run integer tiles on
+//! panels of code bytes (`itiles`), where the CPU's bf16 tiles would not run on AMX.
 //!
 //! The shared expert is not quantized: it runs on the dense kernels ([`crate::experts`]).
 
