@@ -58,7 +58,9 @@ impl IntBufs {
 /// A projection's activation rows as int8 groups ([`quantize_rows`]).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct IntActs<'a> {
+    /// Row `r`'s groups at `q[r * ldq..]`.
     q: &'a [i8],
+    ldq: usize,
     unit: &'a [f32],
     xsum: &'a [f32],
     vsum: &'a [i32],
@@ -87,7 +89,10 @@ pub(super) unsafe fn quantize_rows<'a>(
 ) -> IntActs<'a> {
     let (g, per, subs) = (k.div_ceil(128), simd::i8_group_bytes(split), form.subs());
     let (hq, kg) = (form.half_quads(), 128 * k.div_ceil(128));
-    grow(&mut bufs.q, rows * g * per);
+    // Whole cache lines, an odd number: at a multiple of 4 KiB (hidden 2048, two bytes a value)
+    // a tile's 8 rows would share one L1 set.
+    let ldq = crate::engine::row_stride::<i8>(g * per);
+    grow(&mut bufs.q, rows * ldq);
     grow(&mut bufs.unit, rows * g);
     grow(&mut bufs.xsum, rows * g);
     grow(&mut bufs.vsum, rows * g * subs);
@@ -102,7 +107,7 @@ pub(super) unsafe fn quantize_rows<'a>(
             // and VNNI by the caller's contract; group gi's bytes are `per` from `gi * per`.
             unsafe {
                 let (q, u, s, v) = (
-                    q.slice(r * g * per, g * per),
+                    q.slice(r * ldq, g * per),
                     unit.slice(r * g, g),
                     xsum.slice(r * g, g),
                     vsum.slice(r * g * subs, g * subs),
@@ -115,7 +120,8 @@ pub(super) unsafe fn quantize_rows<'a>(
         })
     });
     IntActs {
-        q: &bufs.q[..rows * g * per],
+        q: &bufs.q[..rows * ldq],
+        ldq,
         unit: &bufs.unit[..rows * g],
         xsum: &bufs.xsum[..rows * g],
         vsum: &bufs.vsum[..rows * g * subs],
@@ -147,8 +153,8 @@ pub(super) unsafe fn run(w: &QMat, t: Task, x: IntActs, out: &mut [f32], bias: O
                 for r0 in (0..s.rows).step_by(MR) {
                     let (m, row) = ((s.rows - r0).min(MR), s.row0 + r0);
                     let rows = VnniTileRows {
-                        q: x.q[(row * g + gi) * per..].as_ptr(),
-                        ldq: g * per,
+                        q: x.q[row * x.ldq + gi * per..].as_ptr(),
+                        ldq: x.ldq,
                         unit: x.unit[row * g + gi..].as_ptr(),
                         xsum: x.xsum[row * g + gi..].as_ptr(),
                         ldg: g,
@@ -250,7 +256,7 @@ mod tests {
                 let per = simd::i8_group_bytes(split);
                 let at = bytes_of(form, k, per);
                 let value = |r: usize, j: usize| -> f64 {
-                    let (gi, b) = (at[j] / per, r * g * per + at[j]);
+                    let (gi, b) = (at[j] / per, r * acts.ldq + at[j]);
                     let h = acts.q[b] as f64;
                     let v = if split { 256.0 * h + acts.q[b + 128] as f64 } else { h };
                     acts.unit[r * g + gi] as f64 * v
