@@ -16,6 +16,9 @@
 //! `--{a,b}-qdecode N`: the two-step int4 decode path, 0 off, else its gate_up tasks per
 //! 128-wide group (1, 2, 4, 8; default 4; `moe_cpu::tuning::quant_decode_splits`).
 //! `--{a,b}-int4-rows N`: weight rows a dot of that path takes together (4 or 1; default 4).
+//! `--{a,b}-int-tiles N`: quantized experts' tile path as integer tiles (0 never, 1 always, 2
+//! unless the bf16 tiles run on AMX; default 2; `moe_cpu::tuning::quant_int_tiles`), e.g. on an
+//! AMX host: `--a-quant int4-group --b-quant int4-group --a-int-tiles 0 --b-int-tiles 1`.
 //! `--{a,b}-kc N`: inputs per k-chunk of the dense engine (default 2048; `moe_cpu::tuning::k_chunk`).
 //! `--{a,b}-tile-pf N`: how bf16 tiles of 2-8 rows prefetch (0, 1, 2; default 2;
 //! `moe_cpu::tuning::small_tile_prefetch`).
@@ -49,6 +52,7 @@ struct Variant {
     int4_act: usize,
     qdecode: usize,
     int4_rows: usize,
+    int_tiles: usize,
     kc: usize,
     tile_pf: usize,
     team: bool,
@@ -79,6 +83,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             int4_act: opt(&format!("--{p}-int4-act"), "2").parse()?,
             qdecode: opt(&format!("--{p}-qdecode"), "4").parse()?,
             int4_rows: opt(&format!("--{p}-int4-rows"), "4").parse()?,
+            int_tiles: opt(&format!("--{p}-int-tiles"), "2").parse()?,
             kc: opt(&format!("--{p}-kc"), "2048").parse()?,
             tile_pf: opt(&format!("--{p}-tile-pf"), "2").parse()?,
             team: match opt(&format!("--{p}-pool"), "team").as_str() {
@@ -127,6 +132,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 moe_cpu::tuning::set_int4_act(var.int4_act);
                 moe_cpu::tuning::set_quant_decode(var.qdecode);
                 moe_cpu::tuning::set_int4_dot_rows(var.int4_rows);
+                moe_cpu::tuning::set_quant_int_tiles(var.int_tiles);
                 moe_cpu::tuning::set_k_chunk(var.kc);
                 moe_cpu::tuning::set_small_tile_prefetch(var.tile_pf);
                 moe_cpu::pool::set_use_team(var.team);
@@ -147,11 +153,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             paired.push(slice_median[1] / slice_median[0]);
         }
-        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, int4_rows, kc, tile_pf, team }) in variants.iter().enumerate() {
+        for (v, Variant { thp, prefetch: pf, split, amx, quant, int4_act, qdecode, int4_rows, int_tiles, kc, tile_pf, team }) in
+            variants.iter().enumerate()
+        {
             let pool = if *team { "team" } else { "rayon" };
             let med = median(&mut times[v]);
             println!(
-                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, int4 rows {int4_rows}, k chunk {kc}, tile pf {tile_pf}, pool {pool}): median {:.3} ms over {} forwards",
+                "variant {} (thp {thp}, gemv prefetch {pf}, split tasks {split}, amx rows {amx}, quant {quant}, int4 act {int4_act}, int4 decode path {qdecode}, int4 rows {int4_rows}, int tiles {int_tiles}, k chunk {kc}, tile pf {tile_pf}, pool {pool}): median {:.3} ms over {} forwards",
                 ["A", "B"][v],
                 med * 1e3,
                 times[v].len()
