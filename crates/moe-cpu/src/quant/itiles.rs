@@ -58,9 +58,10 @@ impl IntBufs {
 /// A projection's activation rows as int8 groups ([`quantize_rows`]).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct IntActs<'a> {
-    /// Row `r`'s groups at `q[r * ldq..]`.
+    /// Row `r`'s `groups` groups at `q[r * ldq..]`.
     q: &'a [i8],
     ldq: usize,
+    groups: usize,
     unit: &'a [f32],
     xsum: &'a [f32],
     vsum: &'a [i32],
@@ -68,10 +69,22 @@ pub(super) struct IntActs<'a> {
     split: bool,
 }
 
-impl IntActs<'_> {
+impl<'a> IntActs<'a> {
     /// The code form the rows were quantized for.
     pub(super) fn form(&self) -> TileForm {
         self.form
+    }
+
+    /// Whether each value took two bytes.
+    pub(super) fn split(&self) -> bool {
+        self.split
+    }
+
+    /// Row `r`'s group bytes, units and value sums, as `simd::quantize_i8_groups` wrote them.
+    pub(super) fn row(&self, r: usize) -> (&'a [i8], &'a [f32], &'a [f32]) {
+        let g = self.groups;
+        let bytes = g * simd::i8_group_bytes(self.split);
+        (&self.q[r * self.ldq..][..bytes], &self.unit[r * g..][..g], &self.xsum[r * g..][..g])
     }
 }
 
@@ -122,6 +135,7 @@ pub(super) unsafe fn quantize_rows<'a>(
     IntActs {
         q: &bufs.q[..rows * ldq],
         ldq,
+        groups: g,
         unit: &bufs.unit[..rows * g],
         xsum: &bufs.xsum[..rows * g],
         vsum: &bufs.vsum[..rows * g * subs],
@@ -169,13 +183,7 @@ pub(super) unsafe fn run(w: &QMat, t: Task, x: IntActs, out: &mut [f32], bias: O
                     }
                 }
             }
-            for l in 0..lanes {
-                let col = b0 + l;
-                let b = bias.map_or(0.0, |b| b[s.expert * n + col]);
-                for r in 0..s.rows {
-                    out[(col - t.c0) * s.rows + r] = acc[r * NB + l] + b;
-                }
-            }
+            super::store_block(t, n, bias, (b0, lanes), acc, out);
         }
     });
 }

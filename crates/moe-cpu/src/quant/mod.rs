@@ -525,6 +525,19 @@ fn each_output(t: Task, n: usize, bias: Option<&[f32]>, out: &mut [f32], mut y: 
     }
 }
 
+/// `out[(c - c0) * rows + r] = acc[r * NB + c - b0] + bias[c]` for the `NB`-column (32) block of
+/// a tile path's task from column `b0` (`lanes` of them) over the span's tokens `r`.
+fn store_block(t: Task, n: usize, bias: Option<&[f32]>, (b0, lanes): (usize, usize), acc: &[f32], out: &mut [f32]) {
+    let s = t.span;
+    for l in 0..lanes {
+        let col = b0 + l;
+        let b = bias.map_or(0.0, |b| b[s.expert * n + col]);
+        for r in 0..s.rows {
+            out[(col - t.c0) * s.rows + r] = acc[r * crate::pack::NB + l] + b;
+        }
+    }
+}
+
 /// [`each_output`] for kernels that take all of the span's rows (1 ..= 4) at once: `ys(c)` gives
 /// output `c` of every row (the first `rows` of the four count).
 #[cfg(target_arch = "x86_64")]
@@ -650,6 +663,17 @@ fn task(mode: Mode, w: &QMat, t: Task, a: &[f32], out: &mut [f32], bias: Option<
         let xs = &mut xsum[..s.rows * g.min(64)];
         if g <= 64 {
             let int8 = crate::tuning::int4_act();
+            if let Some(xi) = mode.xi {
+                // The projection's rows are quantized already (its other experts run the integer
+                // tiles): the same quantizer on the same rows as below, so the same bits.
+                int4_rows(w, t, bias, true, out, |bytes, sc, zs, r| {
+                    let (q, unit, xs) = xi.row(s.row0 + r);
+                    // SAFETY: `xi` is only built with `vnni` (AVX-512F/BW and VNNI detected), for
+                    // this int4 stack: one full row of `g` groups.
+                    unsafe { simd::int4_dot_vnni(xi.split(), bytes, sc, zs, q, unit, xs) }
+                });
+                return;
+            }
             if mode.vnni && int8 != 0 {
                 let split = int8 == 2;
                 let per = simd::i8_group_bytes(split);

@@ -60,13 +60,7 @@ pub(super) fn run(fam: &DotBf16, w: &QMat, t: Task, (xb, kp): (&[u16], usize), o
                     }
                 }
             }
-            for l in 0..lanes {
-                let col = b0 + l;
-                let b = bias.map_or(0.0, |b| b[s.expert * n + col]);
-                for r in 0..s.rows {
-                    out[(col - t.c0) * s.rows + r] = ws.acc[r * NB + l] + b;
-                }
-            }
+            super::store_block(t, n, bias, (b0, lanes), &ws.acc, out);
         }
     });
 }
