@@ -1,8 +1,8 @@
 //! Process-wide switches of the streaming paths, for measurements: whether packed weights ask
 //! for transparent huge pages, how far ahead the bf16 matrix-vector kernel prefetches, how many
 //! tasks a thread gets in the split (few experts) schedule, from how many rows an expert the
-//! quantized experts run on dequantized bf16 panels (or integer tiles), and from how many rows a bf16 tile runs on
-//! AMX, and how the small bf16 tiles prefetch. Defaults come from `MOE_CPU_THP` /
+//! quantized experts run a tile path and whether it is the integer tiles, from how many rows a
+//! bf16 tile runs on AMX, and how the small bf16 tiles prefetch. Defaults come from `MOE_CPU_THP` /
 //! `MOE_CPU_GEMV_PREFETCH` / `MOE_CPU_SPLIT_TASKS` / `MOE_CPU_QUANT_TILE_ROWS` /
 //! `MOE_CPU_QUANT_INT_TILES` / `MOE_CPU_AMX_ROWS` / `MOE_CPU_SMALL_TILE_PF`; moe-runtime's
 //! `examples/cpu_ab.rs` flips them between interleaved timing slices so both variants see the
@@ -114,7 +114,7 @@ pub fn set_quant_tile_rows(rows: usize) {
     QUANT_TILE_ROWS.store(rows, Ordering::Relaxed);
 }
 
-/// Whether int4 and int8 experts at or above the tile switch run the integer tiles of
+/// Whether int4, int8, MXFP4 and NVFP4 experts at or above the tile switch run the integer tiles of
 /// `quant::itiles` (int8 activations, `vpdpbusd`) where the CPU has AVX-512 VNNI and int8
 /// activations are on (`MOE_CPU_QUANT_INT_TILES`: 0 never, 1 always, unset or 2: unless `amx`,
 /// the bf16 tiles running on AMX, which is not measured against them yet). On the dev VM's Xeon
